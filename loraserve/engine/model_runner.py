@@ -1,0 +1,90 @@
+"""Turns a scheduled step into a ForwardBatch, runs the model and samples."""
+from __future__ import annotations
+
+import torch
+
+from loraserve.engine.forward_batch import ForwardBatch
+from loraserve.engine.scheduler import ScheduledSeq
+from loraserve.layers.attention import AttentionMetadata, PrefillSpan
+from loraserve.layers.sampler import Sampler, SamplerOutput, SamplingBatch
+from loraserve.lora.ops import LoRABatch
+from loraserve.model.llama import CausalLM
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, block_size: int, eos_token_ids: list[int]) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.eos_token_ids = eos_token_ids
+        self.device = model.model.embed_tokens.weight.device
+        self.sampler = Sampler()
+
+    def run(self, scheduled: list[ScheduledSeq], lora_slots: dict[int, int]) -> tuple[list[ScheduledSeq], SamplerOutput | None]:
+        """Run one step. `lora_slots` maps lora_int_id -> slot for the adapters of this step. Returns the
+        scheduled entries that sampled a token (in sampler row order) and the sampler's output."""
+        batch, sampled = self.build_batch(scheduled, lora_slots)
+        logits = self.model(batch)
+        if not sampled:
+            return [], None
+        seqs = [s.seq for s in sampled]
+        sampling = SamplingBatch.build(
+            [s.params for s in seqs], [s.generator for s in seqs], [s.token_ids[:s.prompt_len] for s in seqs],
+            [s.output_token_ids for s in seqs], self.eos_token_ids, self.device)
+        return sampled, self.sampler(logits, sampling)
+
+    def build_batch(self, scheduled: list[ScheduledSeq], lora_slots: dict[int, int]) -> tuple[ForwardBatch, list[ScheduledSeq]]:
+        """Prefill chunks first, then decodes; each group ordered by adapter slot so a slot's tokens form
+        one contiguous run for the LoRA kernels."""
+        def slot_of(s: ScheduledSeq) -> int:
+            return lora_slots[s.seq.lora_id] if s.seq.lora else -1
+
+        # A single token with context already cached is attended exactly like a decode.
+        is_decode = [s.num_tokens == 1 and s.seq.num_computed_tokens > 0 for s in scheduled]
+        prefills = sorted((s for s, d in zip(scheduled, is_decode) if not d), key=slot_of)
+        decodes = sorted((s for s, d in zip(scheduled, is_decode) if d), key=slot_of)
+        device = self.device
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        token_slots: list[int] = []
+        spans: list[PrefillSpan] = []
+        logits_rows: list[int] = []
+        sampled: list[ScheduledSeq] = []
+        bs = self.block_size
+        for i, s in enumerate(prefills + decodes):
+            seq, start = s.seq, s.seq.num_computed_tokens
+            end = start + s.num_tokens
+            row = len(input_ids)
+            input_ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            table = seq.block_table
+            slot_mapping += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            token_slots += [slot_of(s)] * s.num_tokens
+            if i < len(prefills):
+                blocks = torch.tensor(table[:-(-end // bs)], dtype=torch.long, device=device)
+                spans.append(PrefillSpan(row, row + s.num_tokens, end, blocks))
+            if s.samples:
+                logits_rows.append(len(input_ids) - 1)
+                sampled.append(s)
+        decode_tables = decode_mask = None
+        if decodes:
+            width = max(len(s.seq.block_table) for s in decodes)
+            decode_tables = torch.tensor([s.seq.block_table + [0] * (width - len(s.seq.block_table)) for s in decodes],
+                                         dtype=torch.long)
+            context = torch.tensor([s.seq.num_computed_tokens + 1 for s in decodes])
+            decode_mask = (torch.arange(width * bs)[None, :] < context[:, None])[:, None, None, :]
+        attention = AttentionMetadata(
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
+            prefills=spans,
+            decode_start=len(input_ids) - len(decodes),
+            decode_block_tables=None if decode_tables is None else decode_tables.to(device),
+            decode_mask=None if decode_mask is None else decode_mask.to(device),
+        )
+        batch = ForwardBatch(
+            input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
+            positions=torch.tensor(positions, dtype=torch.long, device=device),
+            attention=attention,
+            logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=device),
+            lora=LoRABatch.from_token_slots(token_slots),
+        )
+        return batch, sampled

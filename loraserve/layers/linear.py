@@ -1,0 +1,54 @@
+"""Linear layer that may pack several checkpoint matrices (q/k/v, gate/up) into one matmul and may carry
+LoRA slots that add a per-token adapter term to its output."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from loraserve.lora.layers import LoRASlots
+    from loraserve.lora.ops import LoRABatch
+
+
+class Linear(nn.Module):
+    """y = x Wᵀ + b, where W stacks the checkpoint's `parts` (name -> out features) row-wise.
+
+    `parts` names are the checkpoint's leaf module names (e.g. q_proj, k_proj, v_proj for a packed qkv),
+    so weights and adapters written for the unpacked modules map onto slices of this one matmul.
+    """
+
+    def __init__(self, in_features: int, parts: dict[str, int], bias: bool = False) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.parts = dict(parts)
+        self.out_features = sum(parts.values())
+        self.weight = nn.Parameter(torch.empty(self.out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(self.out_features), requires_grad=False) if bias else None
+        self.lora: LoRASlots | None = None
+
+    def part_slice(self, part: str) -> slice:
+        start = 0
+        for name, size in self.parts.items():
+            if name == part:
+                return slice(start, start + size)
+            start += size
+        raise KeyError(part)
+
+    def load_part(self, part: str, param: str, tensor: torch.Tensor) -> None:
+        target = self.weight if param == "weight" else self.bias
+        if target is None:
+            raise ValueError(f"checkpoint has a {param} for {part}, but the model config says it has none")
+        rows = self.part_slice(part)
+        expected = target[rows].shape
+        if tensor.shape != expected:
+            raise ValueError(f"{part}.{param}: checkpoint shape {tuple(tensor.shape)}, model expects {tuple(expected)}")
+        target.data[rows].copy_(tensor)
+
+    def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.lora is not None and lora is not None:
+            self.lora.add_to(y, x, lora)
+        return y

@@ -1,0 +1,154 @@
+"""The Llama-family decoder, driven by a DecoderSpec: Llama (SmolLM2, Llama-3), Mistral, Qwen2, Qwen3,
+Gemma and Phi-3 differ only in flags of the spec. Module paths mirror Hugging Face's so checkpoint names
+map onto them; q/k/v and gate/up are packed into one matmul each."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from loraserve.engine.forward_batch import ForwardBatch
+from loraserve.layers.activation import gated, get_activation
+from loraserve.layers.attention import PagedAttention
+from loraserve.layers.linear import Linear
+from loraserve.layers.norm import RMSNorm
+from loraserve.layers.rotary import RotaryEmbedding, apply_rotary
+from loraserve.model.registry import DecoderSpec
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: DecoderSpec) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        parts = {"qkv_proj": q + 2 * kv} if spec.packed_checkpoint else {"q_proj": q, "k_proj": kv, "v_proj": kv}
+        self.qkv_proj = Linear(spec.hidden_size, parts, bias=spec.qkv_bias)
+        self.o_proj = Linear(q, {"o_proj": spec.hidden_size}, bias=spec.o_bias)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
+            self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
+        self.qk_norm = spec.qk_norm
+        self.attn = PagedAttention(spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.attention_scale)
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        qkv = self.qkv_proj(x, batch.lora)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q = qkv[:, :q_size].view(-1, self.num_heads, self.head_dim)
+        k = qkv[:, q_size:q_size + kv_size].view(-1, self.num_kv_heads, self.head_dim)
+        v = qkv[:, q_size + kv_size:].view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = self.attn(q, k, v, self.k_cache, self.v_cache, batch.attention)
+        return self.o_proj(out, batch.lora)
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: DecoderSpec) -> None:
+        super().__init__()
+        size = spec.intermediate_size
+        parts = {"gate_up_proj": 2 * size} if spec.packed_checkpoint else {"gate_proj": size, "up_proj": size}
+        self.gate_up_proj = Linear(spec.hidden_size, parts, bias=spec.mlp_bias)
+        self.down_proj = Linear(size, {"down_proj": spec.hidden_size}, bias=spec.mlp_bias)
+        self.act = get_activation(spec.activation)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        return self.down_proj(gated(self.act, self.gate_up_proj(x, batch.lora)), batch.lora)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: DecoderSpec) -> None:
+        super().__init__()
+        self.self_attn = Attention(spec)
+        self.mlp = MLP(spec)
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_offset)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_offset)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch)
+        return x + self.mlp(self.post_attention_layernorm(x), batch)
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, spec: DecoderSpec) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_offset)
+
+
+class CausalLM(nn.Module):
+    """Decoder + LM head. `forward(batch)` returns float32 logits for batch.logits_indices only."""
+
+    def __init__(self, spec: DecoderSpec, config: PretrainedConfig, max_positions: int) -> None:
+        super().__init__()
+        self.spec = spec
+        self.model = DecoderModel(spec)
+        self.rotary = RotaryEmbedding(config, spec.head_dim, max_positions)
+        if not spec.tie_word_embeddings:
+            self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+            self.lm_head.weight.requires_grad_(False)
+
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.spec.tie_word_embeddings else self.lm_head.weight
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        h = self.model.embed_tokens(batch.input_ids)
+        if self.spec.embed_scale is not None:
+            h = h * torch.tensor(self.spec.embed_scale, dtype=h.dtype)
+        cos, sin = self.rotary.lookup(batch.positions, h.dtype)
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, batch)
+        h = self.model.norm(h[batch.logits_indices])
+        return (h @ self.lm_head_weight().T).float()
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        dtype, device = self.model.embed_tokens.weight.dtype, self.model.embed_tokens.weight.device
+        shape = (num_blocks, block_size, self.spec.num_kv_heads, self.spec.head_dim)
+        for layer in self.model.layers:
+            layer.self_attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+            layer.self_attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+
+    def linear_modules(self) -> dict[str, tuple[Linear, str]]:
+        """Checkpoint module name (e.g. model.layers.0.self_attn.q_proj) -> (packed Linear, part)."""
+        found = {}
+        for path, module in self.named_modules():
+            if isinstance(module, Linear):
+                parent = path.rsplit(".", 1)[0]
+                for part in module.parts:
+                    found[f"{parent}.{part}"] = (module, part)
+        return found
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint tensors into the modules; every parameter must be covered exactly once."""
+        linears = self.linear_modules()
+        params = dict(self.named_parameters())
+        linear_params = {id(p) for linear, _ in linears.values() for p in linear.parameters()}
+        expected = {f"{name}.{p}" for name, (lin, _) in linears.items() for p in ("weight", "bias")
+                    if getattr(lin, p) is not None}
+        expected |= {name for name, p in params.items() if id(p) not in linear_params}
+        loaded = set()
+        for name, tensor in weights:
+            if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.spec.tie_word_embeddings):
+                continue
+            module_name, _, param = name.rpartition(".")
+            if module_name in linears:
+                linear, part = linears[module_name]
+                linear.load_part(part, param, tensor)
+            elif name in params:
+                if params[name].shape != tensor.shape:
+                    raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)}, "
+                                     f"model expects {tuple(params[name].shape)}")
+                params[name].data.copy_(tensor)
+            else:
+                raise ValueError(f"checkpoint tensor {name!r} does not belong to this architecture")
+            loaded.add(name)
+        missing = sorted(expected - loaded)
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {', '.join(missing[:5])}")

