@@ -1,7 +1,8 @@
-"""The batched sampler against per-row references written plainly with Python floats and loops."""
+"""The sampler against a plain per-row Python reference of vLLM's sampling semantics."""
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -10,209 +11,214 @@ from loraserve.layers.sampler import Sampler, SamplingBatch, apply_penalties
 from loraserve.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")
-sampler = Sampler()
 
 
-def make_batch(params, outputs=None, prompts=None, generators=None, eos=(0,)):
+def make_batch(params, generators=None, prompts=None, outputs=None, eos=(0,)):
     n = len(params)
-    return SamplingBatch.build(params, generators or [None] * n, prompts or [[]] * n,
-                               outputs or [[]] * n, list(eos), CPU)
+    return SamplingBatch.build(params, generators or [None] * n, prompts or [[] for _ in range(n)],
+                               outputs or [[] for _ in range(n)], list(eos), CPU)
 
 
-def seeded(seed):
-    return torch.Generator().manual_seed(seed)
+# ---- reference, one row at a time in Python floats ----
+
+def ref_penalised(row: list[float], p: SamplingParams, prompt: list[int], output: list[int]) -> list[float]:
+    x = list(row)
+    for t in set(prompt) | set(output):
+        x[t] = x[t] / p.repetition_penalty if x[t] > 0 else x[t] * p.repetition_penalty
+    for t, count in Counter(output).items():
+        x[t] -= p.frequency_penalty * count + p.presence_penalty
+    return x
 
 
-def reference_distribution(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
-    """The renormalised distribution a random row samples from: temperature, min_p, top-k, top-p."""
-    z = [v / temperature for v in logits]
-    peak = max(z)
-    p = [math.exp(v - peak) for v in z]
-    total = sum(p)
-    p = [v / total for v in p]
-    kept = [i for i in range(len(p)) if p[i] >= min_p * max(p)]
-    kept.sort(key=lambda i: -z[i])
-    if top_k:
-        kept = kept[:top_k]
-    mass = sum(p[i] for i in kept)
-    nucleus, before = [], 0.0
-    for i in kept:
-        if before < top_p:
-            nucleus.append(i)
-        before += p[i] / mass
-    mass = sum(p[i] for i in nucleus)
-    return {i: p[i] / mass for i in nucleus}
+def ref_distribution(row: list[float], p: SamplingParams) -> dict[int, float]:
+    """token -> probability after temperature, min_p, top_k, top_p (vLLM's order), renormalised."""
+    scaled = [v / p.temperature for v in row]
+    top = max(scaled)
+    weights = [math.exp(v - top) for v in scaled]
+    probs = [w / sum(weights) for w in weights]
+    allowed = [t for t in range(len(row)) if probs[t] >= p.min_p * max(probs)]
+    allowed.sort(key=lambda t: -probs[t])
+    if p.top_k > 0:
+        allowed = allowed[:p.top_k]
+    mass = sum(probs[t] for t in allowed)
+    nucleus, cum = [], 0.0
+    for t in allowed:
+        if cum >= p.top_p:
+            break
+        nucleus.append(t)
+        cum += probs[t] / mass
+    total = sum(probs[t] for t in nucleus)
+    return {t: probs[t] / total for t in nucleus}
 
 
-def test_greedy_and_top_k_one_are_argmax():
+# ---- greedy ----
+
+def test_greedy_and_top_k_one_are_argmax_including_in_mixed_batches():
     torch.manual_seed(0)
-    for dtype in (torch.float32, torch.bfloat16):
-        logits = torch.randn(6, 50).to(dtype)
-        params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, top_k=1)] * 3
-        out = sampler(logits, make_batch(params))
-        assert out.token_ids.tolist() == [max(range(50), key=lambda j: float(row[j])) for row in logits]
+    logits = torch.randn(6, 50).bfloat16()
+    greedy = [SamplingParams(temperature=0), SamplingParams(temperature=0.8, top_k=1)] * 3
+    batch = make_batch(greedy)
+    assert batch.plain_greedy
+    out = Sampler()(logits, batch)
+    assert out.token_ids.tolist() == [max(range(50), key=lambda t: r[t]) for r in logits.float().tolist()]
+    assert out.logprobs is None and out.top_ids is None
+
+    mixed = greedy[:2] + [SamplingParams(temperature=1.0, top_p=0.5), SamplingParams(min_p=0.1)]
+    out = Sampler()(logits[:4], make_batch(mixed))
+    assert out.token_ids[:2].tolist() == logits[:2].float().argmax(dim=-1).tolist()
 
 
-def test_greedy_rows_in_a_mixed_batch_stay_argmax():
+# ---- seeds ----
+
+def run_steps(logits: torch.Tensor, params, seeds, steps: int) -> list[list[int]]:
+    """Sample `steps` times with fresh generators for the seeded rows; returns tokens per row."""
+    gens = [None if s is None else torch.Generator().manual_seed(s) for s in seeds]
+    batch = make_batch(params, gens)
+    rows = [Sampler()(logits, batch).token_ids.tolist() for _ in range(steps)]
+    return [list(col) for col in zip(*rows)]
+
+
+def test_seeded_row_does_not_depend_on_its_batch():
     torch.manual_seed(1)
-    logits = torch.randn(4, 30)
-    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.5, top_p=0.9)] * 2
-    for _ in range(5):
-        out = sampler(logits, make_batch(params))
-        assert out.token_ids[0::2].tolist() == logits[0::2].argmax(-1).tolist()
+    vocab = 500
+    row = torch.randn(1, vocab)
+    mine = SamplingParams(temperature=1.3, top_k=100, top_p=0.95, seed=7)
+    alone = run_steps(row, [mine], [7], steps=8)[0]
 
-
-def test_sampler_does_not_modify_the_logits():
-    torch.manual_seed(2)
-    logits = torch.randn(3, 20)
-    before = logits.clone()
-    params = [SamplingParams(temperature=0.8, top_k=5, top_p=0.7, min_p=0.1, repetition_penalty=1.3,
-                             frequency_penalty=0.5, min_tokens=3)] * 3
-    sampler(logits, make_batch(params, outputs=[[1, 2], [3], []], prompts=[[4], [5], [6]]))
-    assert torch.equal(logits, before)
-
-
-def test_seeded_row_is_independent_of_its_batch_mates():
-    torch.manual_seed(3)
-    row_logits = torch.randn(1, 200)
-    params = SamplingParams(temperature=1.0, top_p=0.95, seed=7)
-    alone_gen = seeded(7)
-    alone = [sampler(row_logits, make_batch([params], generators=[alone_gen])).token_ids.item()
-             for _ in range(10)]
-
-    others = torch.randn(5, 200)
-    logits = torch.cat([others[:3], row_logits, others[3:]])
-    mates = [SamplingParams(temperature=0.5, top_k=20), SamplingParams(temperature=0.0),
-             SamplingParams(temperature=1.2, seed=11), params, SamplingParams(min_p=0.2),
-             SamplingParams(temperature=0.9, top_p=0.5, frequency_penalty=1.0)]
-    gens = [None, None, seeded(11), seeded(7), None, None]
-    in_batch = [sampler(logits, make_batch(mates, generators=gens, outputs=[[1, 2]] * 6)).token_ids[3].item()
-                for _ in range(10)]
+    others = [SamplingParams(temperature=0.5, min_p=0.05), SamplingParams(temperature=0),
+              SamplingParams(temperature=1.0, seed=3), SamplingParams(top_k=3)]
+    logits = torch.cat([torch.randn(2, vocab), row, torch.randn(2, vocab)])
+    params = others[:2] + [mine] + others[2:]
+    in_batch = run_steps(logits, params, [None, None, 7, 3, None], steps=8)[2]
     assert in_batch == alone
-    assert len(set(alone)) > 1  # a real random stream, not a constant
+    assert len(set(alone)) > 1  # the row really samples
 
 
-def test_different_seeds_give_different_streams():
-    logits = torch.zeros(2, 1000)
-    params = [SamplingParams(seed=1), SamplingParams(seed=2)]
-    gens = [seeded(1), seeded(2)]
-    draws = [sampler(logits, make_batch(params, generators=gens)).token_ids.tolist() for _ in range(5)]
-    assert [d[0] for d in draws] != [d[1] for d in draws]
+def test_different_seeds_and_unseeded_rows_differ():
+    logits = torch.zeros(4, 1000)  # uniform: two streams agreeing on 10 draws by chance is ~1e-30
+    params = [SamplingParams(temperature=1.0)] * 4
+    seeded = run_steps(logits, params, [1, 2, 1, None], steps=10)
+    assert seeded[0] != seeded[1]
+    assert seeded[0] == seeded[2]
+    unseeded = run_steps(logits[:2], params[:2], [None, None], steps=10)
+    assert unseeded[0] != unseeded[1]
 
+
+# ---- top-k / top-p / min-p ----
 
 FILTERS = [
-    dict(temperature=0.7, top_k=3),
-    dict(temperature=1.3, top_p=0.6),
-    dict(temperature=1.0, min_p=0.3),
-    dict(temperature=0.9, top_k=5, top_p=0.8, min_p=0.05),
+    SamplingParams(temperature=1.0, top_k=3),
+    SamplingParams(temperature=0.7, top_p=0.6),
+    SamplingParams(temperature=1.5, min_p=0.3),
+    SamplingParams(temperature=0.9, top_k=6, top_p=0.8, min_p=0.05),
+    SamplingParams(temperature=1.0),
 ]
 
 
-@pytest.mark.parametrize("settings", FILTERS)
-def test_filtered_sampling_matches_the_reference_distribution(settings):
+def chi_square(observed: Counter, expected: dict[int, float], draws: int) -> float:
+    return sum((observed[t] - draws * q) ** 2 / (draws * q) for t, q in expected.items())
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_filtered_sampling_matches_reference_distribution(seeded):
+    """Each row keeps its own filters in one batch; draws stay in the allowed set with the right odds."""
+    torch.manual_seed(2)
+    vocab, draws = 10, 3000
+    base = torch.randn(len(FILTERS), vocab) * 1.5
+    logits = base.repeat(draws, 1)
+    params = FILTERS * draws
+    seeds = list(range(len(params))) if seeded else [None] * len(params)
+    tokens = run_steps(logits, params, seeds, steps=1)
+    for i, p in enumerate(FILTERS):
+        expected = ref_distribution(base[i].tolist(), p)
+        observed = Counter(tokens[j][0] for j in range(i, len(params), len(FILTERS)))
+        assert set(observed) <= set(expected), f"row {i} sampled outside its allowed set"
+        # 99.9% quantile of chi-square with 9 degrees of freedom is 27.9
+        assert chi_square(observed, expected, draws) < 27.9, f"row {i}: {observed} vs {expected}"
+
+
+def test_filters_on_a_large_vocab_stay_in_the_allowed_set():
+    torch.manual_seed(3)
+    vocab, repeats = 2000, 50
+    base = torch.randn(len(FILTERS), vocab) * 3
+    tokens = run_steps(base.repeat(repeats, 1), FILTERS * repeats, [None] * len(FILTERS) * repeats, steps=2)
+    for i, p in enumerate(FILTERS[:4]):
+        allowed = set(ref_distribution(base[i].tolist(), p))
+        drawn = {t for j in range(i, len(tokens), len(FILTERS)) for t in tokens[j]}
+        assert drawn <= allowed
+
+
+# ---- penalties ----
+
+def test_penalties_match_reference_formula():
     torch.manual_seed(4)
-    row = torch.randn(8) * 1.5
-    expected = reference_distribution(row.tolist(), **settings)
-    draws = 20000
-    logits = row.expand(draws, -1).contiguous()
-    params = [SamplingParams(**settings)] * draws
-    tokens = sampler(logits, make_batch(params)).token_ids
-    counts = torch.bincount(tokens, minlength=8).tolist()
-    assert {i for i, c in enumerate(counts) if c} <= set(expected)
-    chi2 = sum((counts[i] - draws * p) ** 2 / (draws * p) for i, p in expected.items())
-    assert chi2 < 30.0, (counts, expected)  # ~p=1e-4 for the at most 7 degrees of freedom here
+    vocab = 30
+    params = [SamplingParams(repetition_penalty=1.3), SamplingParams(frequency_penalty=0.5),
+              SamplingParams(presence_penalty=-0.7), SamplingParams(temperature=0),
+              SamplingParams(repetition_penalty=0.8, frequency_penalty=0.3, presence_penalty=0.4)]
+    prompts = [[1, 2, 2, 9], [3, 4], [5], [1, 1, 1], [7, 8, 9, 10, 11]]
+    outputs = [[4, 4, 20], [3, 3, 3, 6], [5, 29, 29], [], [7, 12, 12, 0]]
+    logits = torch.randn(len(params), vocab).bfloat16()
+    before = logits.clone()
+    got = apply_penalties(logits, make_batch(params, prompts=prompts, outputs=outputs))
+    want = [ref_penalised(r, p, pr, out) for r, p, pr, out in zip(logits.float().tolist(), params, prompts, outputs)]
+    torch.testing.assert_close(got, torch.tensor(want), rtol=1e-6, atol=1e-6)
+    assert torch.equal(logits, before)
+    assert make_batch(params[3:4]).penalties is None  # no penalty row, no penalty tensors
 
 
-def test_filters_are_per_row_in_a_mixed_batch():
+def test_penalties_change_the_greedy_choice():
+    logits = torch.tensor([[0.0, 2.0, 1.9, 1.0]])
+    out = [[1, 1]]
+    greedy = SamplingParams(temperature=0, frequency_penalty=0.1)
+    assert Sampler()(logits, make_batch([greedy], outputs=out)).token_ids.tolist() == [2]
+
+
+# ---- min_tokens ----
+
+def test_min_tokens_masks_eos_and_stop_ids():
+    vocab = 20
+    logits = torch.zeros(1, vocab)
+    logits[0, [3, 5, 7, 11]] = torch.tensor([9.0, 8.0, 7.0, 6.0])  # eos 3 and 7, stop id 5
+    rules = dict(min_tokens=3, stop_token_ids=[5], ignore_eos=True)
+    params = [SamplingParams(temperature=0, **rules), SamplingParams(temperature=0, **rules),
+              SamplingParams(temperature=1.0, **rules)]
+    outputs = [[1], [1, 2, 3], [1, 2]]
+    out = Sampler()(logits.repeat(3, 1), make_batch(params, outputs=outputs, eos=(3, 7)))
+    assert out.token_ids[:2].tolist() == [11, 3]
+
+    sampled = make_batch(params[2:] * 2000, outputs=outputs[2:] * 2000, eos=(3, 7))
+    drawn = set(Sampler()(logits.repeat(2000, 1), sampled).token_ids.tolist())
+    assert drawn.isdisjoint({3, 5, 7}) and 11 in drawn
+
+
+# ---- logprobs ----
+
+def test_logprobs_ranks_and_top_k_come_from_raw_logits():
     torch.manual_seed(5)
-    rows = torch.randn(len(FILTERS), 40) * 2
-    params = [SamplingParams(**s) for s in FILTERS] + [SamplingParams(temperature=0.0)]
-    logits = torch.cat([rows, rows[:1]])
-    allowed = [set(reference_distribution(r, **s)) for r, s in zip(rows.tolist(), FILTERS)]
-    for _ in range(300):
-        tokens = sampler(logits, make_batch(params)).token_ids.tolist()
-        assert all(t in a for t, a in zip(tokens, allowed))
-        assert tokens[-1] == rows[0].argmax().item()
+    vocab = 40
+    params = [SamplingParams(temperature=0), SamplingParams(logprobs=0, temperature=0.5),
+              SamplingParams(logprobs=3, repetition_penalty=1.5), SamplingParams(logprobs=5, top_k=4),
+              SamplingParams(logprobs=2, temperature=0, presence_penalty=1.0)]
+    # distinct bf16 values, so the top-k order has no ties to break
+    logits = torch.stack([torch.linspace(-3, 3, vocab)[torch.randperm(vocab)] for _ in params]).bfloat16()
+    outputs = [[1], [2], [3, 3], [], [int(logits[4].float().argmax())]]
+    out = Sampler()(logits, make_batch(params, outputs=outputs, prompts=[[4]] * len(params)))
+
+    ref = torch.log_softmax(logits.float(), dim=-1)
+    for row, token in enumerate(out.token_ids.tolist()):
+        lp = ref[row].tolist()
+        assert out.logprobs[row].item() == pytest.approx(lp[token], abs=1e-6)
+        assert out.ranks[row].item() == 1 + sum(v > lp[token] for v in lp)
+        top = sorted(range(vocab), key=lambda t: -lp[t])[:5]
+        assert out.top_ids[row].tolist() == top
+        torch.testing.assert_close(out.top_logprobs[row], ref[row, top])
+    assert out.ranks[4].item() == 2  # the presence penalty moved the greedy pick off the raw argmax
+
+    only_sampled = Sampler()(logits, make_batch([SamplingParams(logprobs=0)] * len(params)))
+    assert only_sampled.top_ids is None and only_sampled.logprobs is not None
 
 
-def reference_penalties(logits, prompt, output, repetition, frequency, presence):
-    row = list(logits)
-    for t in range(len(row)):
-        if t in prompt or t in output:
-            row[t] = row[t] / repetition if row[t] > 0 else row[t] * repetition
-        row[t] -= frequency * output.count(t)
-        row[t] -= presence * (1.0 if t in output else 0.0)
-    return row
-
-
-@pytest.mark.parametrize("penalty", [dict(repetition_penalty=1.7), dict(repetition_penalty=0.6),
-                                     dict(frequency_penalty=0.8), dict(presence_penalty=-1.1),
-                                     dict(repetition_penalty=1.2, frequency_penalty=-0.4,
-                                          presence_penalty=1.5)])
-def test_penalties_match_the_formula(penalty):
-    torch.manual_seed(6)
-    logits = torch.randn(3, 12)
-    prompts = [[1, 2, 2, 5], [0, 11], [3]]
-    outputs = [[2, 7, 7, 7, 9], [], [3, 4, 4]]
-    params = [SamplingParams(**penalty), SamplingParams(**penalty), SamplingParams(temperature=0.0)]
-    got = apply_penalties(logits, make_batch(params, outputs=outputs, prompts=prompts))
-    plain = dict(repetition=1.0, frequency=0.0, presence=0.0)
-    for r in range(3):
-        settings = {**plain, **{k.split("_")[0]: v for k, v in penalty.items()}} if r < 2 else plain
-        want = reference_penalties(logits[r].tolist(), prompts[r], outputs[r], **settings)
-        torch.testing.assert_close(got[r], torch.tensor(want))
-
-
-def test_penalties_steer_greedy_choice():
-    logits = torch.tensor([[0.0, 3.0, 2.5, 1.0]])
-    params = [SamplingParams(temperature=0.0, frequency_penalty=1.0)]
-    assert sampler(logits, make_batch(params, outputs=[[1]])).token_ids.item() == 2
-    assert sampler(logits, make_batch(params, outputs=[[]])).token_ids.item() == 1
-
-
-def test_min_tokens_masks_eos_and_stop_ids_until_reached():
-    logits = torch.tensor([[9.0, 1.0, 8.0, 2.0, 0.5]] * 3)
-    params = [SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=[2]),
-              SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=[2], ignore_eos=True),
-              SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=[2])]
-    outputs = [[3], [], [3, 3]]
-    tokens = sampler(logits, make_batch(params, outputs=outputs, eos=(0,))).token_ids.tolist()
-    assert tokens == [3, 3, 0]
-
-    random_params = [SamplingParams(temperature=2.0, min_tokens=5, stop_token_ids=[2])] * 2000
-    tokens = sampler(logits[:1].expand(2000, -1), make_batch(random_params, eos=(0, 4))).token_ids
-    assert not set(tokens.tolist()) & {0, 2, 4}
-    assert set(tokens.tolist()) == {1, 3}
-
-
-def test_logprobs_ranks_and_top_logprobs_come_from_raw_logits():
-    torch.manual_seed(7)
-    logits = torch.randn(4, 25).to(torch.bfloat16)
-    params = [SamplingParams(temperature=0.0, logprobs=3), SamplingParams(temperature=1.5, logprobs=5),
-              SamplingParams(temperature=0.5, top_k=4, repetition_penalty=1.5),
-              SamplingParams(temperature=0.0, logprobs=0)]
-    out = sampler(logits, make_batch(params, outputs=[[1]] * 4, prompts=[[2]] * 4))
-    reference = torch.log_softmax(logits.float(), dim=-1)
-    for r, token in enumerate(out.token_ids.tolist()):
-        row = reference[r].tolist()
-        assert out.logprobs[r].item() == pytest.approx(row[token], abs=1e-6)
-        assert out.ranks[r].item() == sum(1 for v in row if v >= row[token])
-        best = sorted(range(25), key=lambda j: -row[j])[:5]
-        torch.testing.assert_close(out.top_logprobs[r], torch.tensor([row[j] for j in best]))
-        assert sorted(out.top_ids[r].tolist()) == sorted(best)
-    assert out.ranks[0].item() == 1
-
-
-def test_logprob_outputs_are_absent_unless_asked():
-    logits = torch.randn(2, 10)
-    out = sampler(logits, make_batch([SamplingParams(temperature=0.0)] * 2))
-    assert out.logprobs is None and out.ranks is None and out.top_ids is None
-    out = sampler(logits, make_batch([SamplingParams(temperature=0.0, logprobs=0), SamplingParams()]))
-    assert out.logprobs is not None and out.ranks is not None and out.top_ids is None
-
-
-def test_build_rejects_lists_of_the_wrong_length():
-    with pytest.raises(ValueError, match="one entry per sampled row"):
-        SamplingBatch.build([SamplingParams()] * 2, [None], [[], []], [[], []], [0], CPU)
-    with pytest.raises(ValueError, match="num_rows=2"):
-        sampler(torch.zeros(3, 5), make_batch([SamplingParams()] * 2))
+def test_build_rejects_mismatched_rows():
+    with pytest.raises(ValueError, match="output_token_ids has 1 rows but params has 2"):
+        SamplingBatch.build([SamplingParams()] * 2, [None, None], [[], []], [[]], [0], CPU)

@@ -7,7 +7,7 @@ from loraserve.model.registry import DecoderSpec
 # Without an explicit size the cache takes this share of the memory available at start, up to a cap that
 # already holds hundreds of long sequences of a small model.
 DEFAULT_MEMORY_FRACTION = 0.25
-DEFAULT_MEMORY_CAP_GB = 4.0
+DEFAULT_MEMORY_CAP_GB = 1.0
 
 
 def available_memory_bytes() -> int:

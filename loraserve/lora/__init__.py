@@ -1,0 +1,1 @@
+"""LoRA adapters: reading PEFT checkpoints, per-layer adapter slots and the batched LoRA matmuls."""

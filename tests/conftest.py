@@ -1,0 +1,14 @@
+"""Shared fixtures. Tests never reach the hub; the default model is converted once per machine into the real
+cache (or $LORASERVE_CACHE when set) and reused by every later run."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+from loraserve.model.loader import resolve_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def default_model_path():
+    return resolve_model(None)

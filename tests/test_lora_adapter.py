@@ -1,0 +1,324 @@
+"""load_adapter against PEFT's own reading of the same saved adapters, and every refusal by its message."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import constants as hf_constants
+from peft import IA3Config, get_peft_model
+from safetensors.torch import load_file, save_file
+
+from lora_fixtures import make_peft_adapter, peft_lora_layers, target_spec, tiny_gpt2, tiny_llama
+from loraserve.lora.adapter import AdapterNotFoundError, LoRAError, load_adapter, resolve_adapter_path
+from loraserve.lora.request import LoRARequest
+
+QV = ["q_proj", "v_proj"]
+ALL_LEAVES = "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def spec(llama):
+    return target_spec(llama)
+
+
+def load(path: Path, spec, *, max_lora_rank: int = 64, dtype: torch.dtype = torch.float32, name: str = "x"):
+    return load_adapter(LoRARequest(name, 1, str(path)), spec, max_lora_rank, dtype)
+
+
+def expect_error(path: Path, spec, message: str, error: type[Exception] = LoRAError, **kwargs) -> None:
+    with pytest.raises(error, match=re.escape(message)):
+        load(path, spec, **kwargs)
+
+
+def edit_config(path: Path, **changes) -> None:
+    config_file = path / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config.update(changes)
+    config_file.write_text(json.dumps(config))
+
+
+def edit_weights(path: Path, edit) -> None:
+    weights_file = path / "adapter_model.safetensors"
+    tensors = load_file(weights_file)
+    edit(tensors)
+    save_file(tensors, weights_file)
+
+
+def assert_matches_peft(adapter, model, path: Path, dtype: torch.dtype = torch.float32) -> None:
+    """Same modules, A, scaling-folded B and rank as PEFT loading the same folder."""
+    reference = peft_lora_layers(model, path)
+    assert set(adapter.modules) == set(reference)
+    for name, layer in reference.items():
+        ref_a = layer.lora_A["default"].weight.detach()
+        ref_b = layer.lora_B["default"].weight.detach()
+        got = adapter.modules[name]
+        assert got.rank == ref_a.shape[0] == ref_b.shape[1]
+        assert got.lora_a.dtype == got.lora_b.dtype == dtype
+        torch.testing.assert_close(got.lora_a, ref_a.to(dtype), rtol=0, atol=0)
+        torch.testing.assert_close(got.lora_b, (ref_b.float() * layer.scaling["default"]).to(dtype), rtol=0, atol=0)
+    assert adapter.max_rank == max(w.rank for w in adapter.modules.values())
+    assert adapter.nbytes == sum(w.lora_a.numel() + w.lora_b.numel() for w in adapter.modules.values()) * (
+        torch.finfo(dtype).bits // 8
+    )
+
+
+CASES = {
+    "r8": dict(r=8, lora_alpha=16, target_modules=QV),
+    "r16_all_leaves": dict(r=16, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                               "gate_proj", "up_proj", "down_proj"]),
+    "r64": dict(r=64, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    "rslora": dict(r=16, lora_alpha=8, use_rslora=True, target_modules=QV),
+    "rank_alpha_pattern": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                               rank_pattern={"layers.0.self_attn.q_proj": 4, "down_proj": 12},
+                               alpha_pattern={"v_proj": 32, r"layers\.1\.mlp\.down_proj": 3}),
+    "layers_to_transform": dict(r=8, target_modules=QV, layers_to_transform=[1]),
+    "layers_pattern": dict(r=8, target_modules=["o_proj"], layers_to_transform=0, layers_pattern="layers"),
+    "exclude_modules": dict(r=8, target_modules=QV, exclude_modules=["layers.0.self_attn.q_proj"]),
+    "subset": dict(r=4, lora_alpha=4, target_modules=["o_proj"]),
+    "all_linear": dict(r=8, lora_alpha=16, target_modules="all-linear"),
+    "regex": dict(r=8, lora_alpha=16, target_modules=r".*\.layers\.1\.mlp\.(up|down)_proj"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_matches_peft(case, llama, spec, tmp_path):
+    path = make_peft_adapter(llama, tmp_path / case, **CASES[case])
+    adapter = load(path, spec)
+    assert_matches_peft(adapter, llama, path)
+    assert adapter.path == str(path.resolve()) and adapter.name == "x" and adapter.int_id == 1
+    assert adapter.base_model_name == "tiny-llama"
+
+
+def test_rank_and_alpha_patterns_pick_per_module_values(llama, spec, tmp_path):
+    """The PEFT reference above could share a misreading with us; pin the formula alpha/r per module."""
+    adapter = load(make_peft_adapter(llama, tmp_path / "a", **CASES["rank_alpha_pattern"]), spec)
+    raw = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    expected = {  # module: (rank, alpha)
+        "model.layers.0.self_attn.q_proj": (4, 16), "model.layers.1.self_attn.q_proj": (8, 16),
+        "model.layers.0.self_attn.v_proj": (8, 32), "model.layers.0.mlp.down_proj": (12, 16),
+        "model.layers.1.mlp.down_proj": (12, 3),
+    }
+    for module, (rank, alpha) in expected.items():
+        b = raw[f"base_model.model.{module}.lora_B.weight"]
+        assert adapter.modules[module].rank == rank
+        torch.testing.assert_close(adapter.modules[module].lora_b, b * (alpha / rank))
+
+
+def test_rslora_scale_is_alpha_over_sqrt_rank(llama, spec, tmp_path):
+    path = make_peft_adapter(llama, tmp_path / "a", r=16, lora_alpha=8, use_rslora=True, target_modules=QV)
+    adapter = load(path, spec)
+    raw = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    module = "model.layers.1.self_attn.v_proj"
+    torch.testing.assert_close(adapter.modules[module].lora_b, raw[f"base_model.model.{module}.lora_B.weight"] * 2.0)
+
+
+def test_bfloat16_folds_scale_in_float32(llama, spec, tmp_path):
+    path = make_peft_adapter(llama, tmp_path / "a", r=8, lora_alpha=24, target_modules=QV)
+    assert_matches_peft(load(path, spec, dtype=torch.bfloat16), llama, path, dtype=torch.bfloat16)
+
+
+def test_legacy_bin(llama, spec, tmp_path):
+    path = make_peft_adapter(llama, tmp_path / "a", r=8, target_modules=QV, safe_serialization=False)
+    assert (path / "adapter_model.bin").is_file() and not (path / "adapter_model.safetensors").exists()
+    assert_matches_peft(load(path, spec), llama, path)
+
+
+def test_keys_with_adapter_name(llama, spec, tmp_path):
+    path = make_peft_adapter(llama, tmp_path / "a", r=8, target_modules=QV)
+
+    def add_default(tensors):
+        for key in list(tensors):
+            tensors[key.replace(".weight", ".default.weight")] = tensors.pop(key)
+
+    edit_weights(path, add_default)
+    assert_matches_peft(load(path, spec), llama, path)
+
+
+def test_delta_matches_peft_forward(llama, spec, tmp_path):
+    """x @ A.T @ B.T is exactly what PEFT's layer adds to the base layer's output."""
+    path = make_peft_adapter(llama, tmp_path / "a", **CASES["rank_alpha_pattern"])
+    adapter = load(path, spec)
+    x = torch.randn(3, 128)
+    for name, layer in peft_lora_layers(llama, path).items():
+        inputs = x[:, : spec.modules[name][0]]
+        with torch.no_grad():
+            peft_delta = layer(inputs) - layer.get_base_layer()(inputs)
+        weights = adapter.modules[name]
+        torch.testing.assert_close(inputs @ weights.lora_a.T @ weights.lora_b.T, peft_delta)
+
+
+def test_fan_in_fan_out_conv1d(tmp_path):
+    """GPT-2's Conv1D stores its base weight [in, out]; PEFT still saves A [r, in] and B [out, r]."""
+    gpt2 = tiny_gpt2()
+    spec = target_spec(gpt2)
+    path = make_peft_adapter(gpt2, tmp_path / "a", r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],
+                             fan_in_fan_out=True)
+    assert json.loads((path / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    adapter = load(path, spec)
+    assert_matches_peft(adapter, gpt2, path)
+    x = torch.randn(3, 32)
+    layer = peft_lora_layers(gpt2, path)["transformer.h.0.attn.c_attn"]
+    with torch.no_grad():
+        peft_delta = layer(x) - layer.get_base_layer()(x)
+    weights = adapter.modules["transformer.h.0.attn.c_attn"]
+    torch.testing.assert_close(x @ weights.lora_a.T @ weights.lora_b.T, peft_delta)
+
+
+def test_hub_id_from_local_cache(llama, spec, tmp_path, monkeypatch):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--tiny-lora"
+    make_peft_adapter(llama, repo / "snapshots" / commit, r=8, target_modules=QV)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert resolve_adapter_path("someone/tiny-lora") == repo / "snapshots" / commit
+    assert_matches_peft(load(Path("someone/tiny-lora"), spec), llama, repo / "snapshots" / commit)
+    with pytest.raises(AdapterNotFoundError, match="neither an existing folder nor a hub id in the local"):
+        resolve_adapter_path("someone/not-cached")
+
+
+# ---- refusals -------------------------------------------------------------------------------------------
+
+
+def test_rank_above_max(llama, spec, tmp_path):
+    path = make_peft_adapter(llama, tmp_path / "a", r=64, target_modules=QV)
+    expect_error(path, spec, "LoRA rank 64 of adapter 'x' exceeds max_lora_rank=16; restart with --max-lora-rank 64",
+                 max_lora_rank=16)
+    path = make_peft_adapter(llama, tmp_path / "b", r=8, target_modules=QV, rank_pattern={"v_proj": 32})
+    expect_error(path, spec, "LoRA rank 32 of adapter 'x' exceeds max_lora_rank=16", max_lora_rank=16)
+
+
+def test_target_entry_matching_nothing(llama, spec, tmp_path):
+    path = make_peft_adapter(llama, tmp_path / "a", r=8, target_modules=QV)
+    edit_config(path, target_modules=["q_proj", "query_key_value"])
+    expect_error(path, spec, "target_modules entry 'query_key_value' of adapter 'x' matches no module of model "
+                 f"'tiny-llama'; its adaptable modules are: {ALL_LEAVES}")
+    edit_config(path, target_modules=r".*\.attention\.dense")
+    expect_error(path, spec, r"target_modules regex '.*\\.attention\\.dense' of adapter 'x' matches no module")
+
+
+def test_weights_for_module_model_lacks(spec, tmp_path):
+    deeper = tiny_llama("deep-llama", num_hidden_layers=3)
+    path = make_peft_adapter(deeper, tmp_path / "a", r=8, target_modules=QV)
+    expect_error(path, spec, "adapter 'x' has LoRA weights for module 'model.layers.2.self_attn.q_proj', which model "
+                 "'tiny-llama' does not have")
+    expect_error(path, spec, "likely trained for another base model (base_model_name_or_path='deep-llama'), this "
+                 "server runs 'tiny-llama'")
+
+
+def test_shapes_of_another_base_model(spec, tmp_path):
+    narrow = tiny_llama("narrow-llama", hidden_size=32)
+    path = make_peft_adapter(narrow, tmp_path / "a", r=8, target_modules=QV)
+    expect_error(path, spec, "expected lora_A (8, 64) and lora_B (64, 8), got (8, 32) and (32, 8); the adapter was "
+                 "likely trained for another base model (base_model_name_or_path='narrow-llama'), this server runs "
+                 "'tiny-llama'")
+
+
+def test_config_rank_disagreeing_with_weights(llama, spec, tmp_path):
+    path = make_peft_adapter(llama, tmp_path / "a", r=8, target_modules=QV)
+    edit_config(path, r=4)
+    expect_error(path, spec, "got (8, 64) and (64, 8); the rank r=4 that adapter_config.json gives this module")
+
+
+def test_missing_files(llama, spec, tmp_path):
+    expect_error(tmp_path / "nowhere", spec, "'" + str(tmp_path / "nowhere") + "' is neither an existing folder",
+                 AdapterNotFoundError)
+    path = make_peft_adapter(llama, tmp_path / "a", r=8, target_modules=QV)
+    expect_error(path / "adapter_config.json", spec, "is a file; pass the folder holding adapter_config.json",
+                 AdapterNotFoundError)
+    (path / "adapter_model.safetensors").unlink()
+    expect_error(path, spec, "has adapter_config.json but no weights; expected adapter_model.safetensors (or legacy "
+                 "adapter_model.bin)", AdapterNotFoundError)
+    (path / "adapter_config.json").unlink()
+    expect_error(path, spec, f"adapter 'x': {path} has no adapter_config.json", AdapterNotFoundError)
+
+
+def test_invalid_json(llama, spec, tmp_path):
+    path = make_peft_adapter(llama, tmp_path / "a", r=8, target_modules=QV)
+    (path / "adapter_config.json").write_text('{"r": 8,')
+    expect_error(path, spec, "adapter_config.json is not valid JSON")
+
+
+def test_truncated_weights(llama, spec, tmp_path):
+    path = make_peft_adapter(llama, tmp_path / "a", r=8, target_modules=QV)
+    data = (path / "adapter_model.safetensors").read_bytes()
+    (path / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    expect_error(path, spec, "adapter_model.safetensors is corrupt or truncated")
+    path = make_peft_adapter(llama, tmp_path / "b", r=8, target_modules=QV, safe_serialization=False)
+    data = (path / "adapter_model.bin").read_bytes()
+    (path / "adapter_model.bin").write_bytes(data[: len(data) // 2])
+    expect_error(path, spec, "adapter_model.bin is corrupt or not a PyTorch state dict")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(use_dora=True), "adapter 'x' uses DoRA (use_dora=True in adapter_config.json), which loraserve does not "
+                          "support"),
+    (dict(lora_bias=True), "uses a trained bias on lora_B (lora_bias=True"),
+    (dict(modules_to_save=["lm_head"]), "adapter_config.json has modules_to_save=['lm_head'], but fully trained "
+                                        "copies"),
+    (dict(bias="lora_only"), "has bias='lora_only', but adapters that train base-layer biases are not supported"),
+    (dict(target_modules=["q_proj", "embed_tokens"]), "adapter 'x' targets 'embed_tokens': LoRA on embeddings or "
+                                                      "lm_head is not supported"),
+    (dict(target_modules=["v_proj", "lm_head"]), "targets 'lm_head': LoRA on embeddings or lm_head"),
+])
+def test_refused_features(kwargs, message, llama, spec, tmp_path):
+    lora = dict(r=8, target_modules=QV) | kwargs
+    expect_error(make_peft_adapter(llama, tmp_path / "a", **lora), spec, message)
+
+
+def test_embedding_tensors_refused_even_if_config_hides_them(llama, spec, tmp_path):
+    path = make_peft_adapter(llama, tmp_path / "a", r=8, target_modules=["q_proj", "embed_tokens"])
+    assert any("lora_embedding_A" in key for key in load_file(path / "adapter_model.safetensors"))
+    edit_config(path, target_modules=["q_proj"])
+    expect_error(path, spec, "adapter 'x' targets 'model.embed_tokens': LoRA on embeddings or lm_head")
+
+
+def test_other_peft_type(llama, spec, tmp_path):
+    get_peft_model(tiny_llama(), IA3Config(target_modules=["k_proj", "down_proj"],
+                                           feedforward_modules=["down_proj"])).save_pretrained(tmp_path / "a")
+    expect_error(tmp_path / "a", spec, "adapter 'x' has peft_type 'IA3'; only LoRA adapters (peft_type 'LORA')")
+
+
+def test_selects_no_module(llama, spec, tmp_path):
+    path = make_peft_adapter(llama, tmp_path / "a", r=8, target_modules=QV)
+    edit_config(path, layers_to_transform=[5])
+    expect_error(path, spec, "adapter 'x' selects no module of model 'tiny-llama'")
+    expect_error(path, spec, "so it would change nothing")
+
+
+def test_no_tensors_for_targets(llama, spec, tmp_path):
+    path = make_peft_adapter(llama, tmp_path / "a", r=8, target_modules=QV)
+    edit_weights(path, dict.clear)
+    expect_error(path, spec, "adapter 'x' targets 4 modules of model 'tiny-llama' but its weights file holds no LoRA "
+                 "tensors for any of them, so it would change nothing")
+    path = make_peft_adapter(llama, tmp_path / "b", r=8, target_modules=QV)
+    edit_weights(path, lambda t: [t.pop(k) for k in list(t) if ".layers.1." in k])
+    expect_error(path, spec, "adapter 'x': its weights file holds no LoRA tensors for 2 of the 4 modules it targets "
+                 "(first: 'model.layers.1.self_attn.q_proj'); the weights file is incomplete")
+
+
+def test_weights_for_untargeted_module(llama, spec, tmp_path):
+    path = make_peft_adapter(llama, tmp_path / "a", r=8, target_modules=QV)
+    edit_config(path, target_modules=["q_proj"])
+    expect_error(path, spec, "adapter 'x' has LoRA weights for module 'model.layers.0.self_attn.v_proj', which its "
+                 "adapter_config.json does not target")
+
+
+def test_missing_partner(llama, spec, tmp_path):
+    path = make_peft_adapter(llama, tmp_path / "a", r=8, target_modules=QV)
+    edit_weights(path, lambda t: t.pop("base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"))
+    expect_error(path, spec, "adapter 'x' has lora_A but no lora_B for module 'model.layers.1.self_attn.v_proj'")
+
+
+def test_unknown_tensor(llama, spec, tmp_path):
+    path = make_peft_adapter(llama, tmp_path / "a", r=8, target_modules=QV)
+    edit_weights(path, lambda t: t.update({"base_model.model.model.norm.weight": torch.ones(64)}))
+    expect_error(path, spec, "holds tensor 'base_model.model.model.norm.weight', which is not a LoRA A/B weight")
