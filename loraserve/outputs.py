@@ -42,3 +42,4 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     lora_name: str | None = None
+    error: str | None = None  # set when the request was stopped by a failure (e.g. its adapter broke)

@@ -70,11 +70,12 @@ def test_greedy_and_top_k_one_are_argmax_including_in_mixed_batches():
 
 # ---- seeds ----
 
-def run_steps(logits: torch.Tensor, params, seeds, steps: int) -> list[list[int]]:
+def run_steps(logits: torch.Tensor, params, seeds, steps: int, sampler: Sampler | None = None) -> list[list[int]]:
     """Sample `steps` times with fresh generators for the seeded rows; returns tokens per row."""
     gens = [None if s is None else torch.Generator().manual_seed(s) for s in seeds]
     batch = make_batch(params, gens)
-    rows = [Sampler()(logits, batch).token_ids.tolist() for _ in range(steps)]
+    sampler = sampler or Sampler()
+    rows = [sampler(logits, batch).token_ids.tolist() for _ in range(steps)]
     return [list(col) for col in zip(*rows)]
 
 
@@ -111,6 +112,7 @@ FILTERS = [
     SamplingParams(temperature=0.7, top_p=0.6),
     SamplingParams(temperature=1.5, min_p=0.3),
     SamplingParams(temperature=0.9, top_k=6, top_p=0.8, min_p=0.05),
+    SamplingParams(temperature=1.2, top_p=0.99),  # wider than 6 tokens: window=1 must fall back to sorting
     SamplingParams(temperature=1.0),
 ]
 
@@ -119,8 +121,8 @@ def chi_square(observed: Counter, expected: dict[int, float], draws: int) -> flo
     return sum((observed[t] - draws * q) ** 2 / (draws * q) for t, q in expected.items())
 
 
-@pytest.mark.parametrize("seeded", [False, True])
-def test_filtered_sampling_matches_reference_distribution(seeded):
+@pytest.mark.parametrize("seeded, window", [(False, 1024), (True, 1024), (False, 1)])
+def test_filtered_sampling_matches_reference_distribution(seeded, window):
     """Each row keeps its own filters in one batch; draws stay in the allowed set with the right odds."""
     torch.manual_seed(2)
     vocab, draws = 10, 3000
@@ -128,7 +130,7 @@ def test_filtered_sampling_matches_reference_distribution(seeded):
     logits = base.repeat(draws, 1)
     params = FILTERS * draws
     seeds = list(range(len(params))) if seeded else [None] * len(params)
-    tokens = run_steps(logits, params, seeds, steps=1)
+    tokens = run_steps(logits, params, seeds, steps=1, sampler=Sampler(nucleus_window=window))
     for i, p in enumerate(FILTERS):
         expected = ref_distribution(base[i].tolist(), p)
         observed = Counter(tokens[j][0] for j in range(i, len(params), len(FILTERS)))
@@ -142,10 +144,31 @@ def test_filters_on_a_large_vocab_stay_in_the_allowed_set():
     vocab, repeats = 2000, 50
     base = torch.randn(len(FILTERS), vocab) * 3
     tokens = run_steps(base.repeat(repeats, 1), FILTERS * repeats, [None] * len(FILTERS) * repeats, steps=2)
-    for i, p in enumerate(FILTERS[:4]):
+    for i, p in enumerate(FILTERS[:-1]):
         allowed = set(ref_distribution(base[i].tolist(), p))
         drawn = {t for j in range(i, len(tokens), len(FILTERS)) for t in tokens[j]}
         assert drawn <= allowed
+
+
+@pytest.mark.parametrize("scale", [0.3, 4.0])  # flat rows: nuclei of thousands of tokens; peaked: a few
+def test_window_and_full_sort_give_the_same_draws(scale):
+    """Whichever way the top-p nucleus is found (top-k window or full sort), masks and draws agree."""
+    torch.manual_seed(6)
+    vocab, repeats = 3000, 30
+    params = [SamplingParams(top_p=0.9), SamplingParams(top_k=50, top_p=0.8),
+              SamplingParams(temperature=1.5, top_p=0.5), SamplingParams(top_k=20),
+              SamplingParams(temperature=0), SamplingParams(min_p=0.2, top_p=0.95), SamplingParams()]
+    base = torch.randn(len(params), vocab) * scale
+    batch_params = params * repeats
+    draws = []
+    for window in (1, 32, vocab):
+        gens = [torch.Generator().manual_seed(i) for i in range(len(batch_params))]
+        batch = make_batch(batch_params, gens)
+        draws.append(Sampler(nucleus_window=window)(base.repeat(repeats, 1), batch).token_ids.tolist())
+    assert draws[0] == draws[1] == draws[2]
+    for i, p in enumerate(params[:-1]):
+        allowed = set(ref_distribution(base[i].tolist(), p)) if not p.greedy else {int(base[i].argmax())}
+        assert set(draws[0][i::len(params)]) <= allowed
 
 
 # ---- penalties ----

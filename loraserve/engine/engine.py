@@ -14,12 +14,14 @@ from loraserve.engine.block_manager import BlockManager
 from loraserve.engine.detokenizer import IncrementalDetokenizer
 from loraserve.engine.kv_cache import choose_num_blocks
 from loraserve.engine.model_runner import ModelRunner
-from loraserve.engine.scheduler import Scheduler
+from loraserve.engine.scheduler import ScheduledSeq, Scheduler
 from loraserve.engine.sequence import Sequence
 from loraserve.layers.sampler import SamplerOutput
+from loraserve.lora.adapter import LoRAAdapter
+from loraserve.lora.manager import LoRAManager
 from loraserve.lora.request import LoRARequest
 from loraserve.model.builder import build_model, load_hf_config
-from loraserve.model.loader import load_tokenizer, resolve_model
+from loraserve.model.loader import DEFAULT_MODEL_NAME, load_tokenizer, resolve_model
 from loraserve.outputs import CompletionOutput, Logprob, RequestOutput
 from loraserve.sampling_params import SamplingParams
 
@@ -64,6 +66,10 @@ class LLMEngine:
                                    config.lora.max_loras if config.enable_lora else None)
         self.eos_token_ids = self._eos_token_ids()
         self.runner = ModelRunner(self.model, config.block_size, self.eos_token_ids)
+        self.lora_manager = None
+        if config.enable_lora:
+            self.lora_manager = LoRAManager(self.model.linear_modules(), config.lora, config.lora_torch_dtype,
+                                            config.model or DEFAULT_MODEL_NAME)
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         logger.info("model %s: %d layers, dtype %s, max_model_len %d, %d KV blocks of %d tokens",
@@ -103,8 +109,7 @@ class LLMEngine:
             prompt_token_ids = self.tokenizer.encode(prompt)
         prompt_token_ids = self._check_prompt(prompt_token_ids, params)
         if lora_request is not None:
-            raise ValueError("LoRA adapters are not enabled; start the engine with enable_lora=True "
-                             "(server: --enable-lora)")
+            self.prepare_lora(lora_request)
         seqs = []
         for index in range(params.n):
             generator = None
@@ -134,6 +139,13 @@ class LLMEngine:
                              f"lower max_tokens to at most {room}")
         return list(prompt_token_ids)
 
+    def prepare_lora(self, lora_request: LoRARequest) -> LoRAAdapter:
+        """Read and validate an adapter into host memory (raises LoRAError saying what is wrong)."""
+        if self.lora_manager is None:
+            raise ValueError(f"adapter {lora_request.lora_name!r} requested but LoRA is not enabled; start the "
+                             f"engine with enable_lora=True (server: --enable-lora)")
+        return self.lora_manager.prepare(lora_request)
+
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free its KV blocks at once; returns its final output, None if unknown."""
         request = self.requests.pop(request_id, None)
@@ -155,18 +167,37 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        sampled, result = self.runner.run(scheduled, {})
+        scheduled, lora_slots, failed = self._activate_adapters(scheduled)
+        outputs = [self._fail(request_id, reason) for request_id, reason in failed.items()]
+        if not scheduled:
+            return outputs
+        sampled, result = self.runner.run(scheduled, lora_slots)
         for s in scheduled:
             s.seq.num_computed_tokens += s.num_tokens
         if result is None:
-            return []
+            return outputs
         touched = self._append_tokens([s.seq for s in sampled], result)
-        outputs = []
         for request in touched:
             outputs.append(self._output(request))
             if request.finished:
                 del self.requests[request.request_id]
         return outputs
+
+    def _activate_adapters(self, scheduled: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], dict[int, int], dict[str, str]]:
+        """Slots for this step's adapters; requests whose adapter cannot be loaded are dropped from the
+        step (returned with the reason) and the rest run."""
+        if self.lora_manager is None:
+            return scheduled, {}, {}
+        lora_slots, errors = self.lora_manager.activate(s.seq.lora for s in scheduled if s.seq.lora)
+        if not errors:
+            return scheduled, lora_slots, {}
+        failed = {s.seq.request_id: str(errors[s.seq.lora_id]) for s in scheduled if s.seq.lora_id in errors}
+        return [s for s in scheduled if s.seq.request_id not in failed], lora_slots, failed
+
+    def _fail(self, request_id: str, reason: str) -> RequestOutput:
+        output = self.abort_request(request_id)
+        output.error = reason
+        return output
 
     def _append_tokens(self, seqs: list[Sequence], result: SamplerOutput) -> list[_Request]:
         now = time.monotonic()

@@ -198,7 +198,7 @@ def _mask_top_k_top_p_by_sort(logits: torch.Tensor, k: torch.Tensor, top_p: torc
     vocab = logits.shape[-1]
     ascending, order = logits.sort(dim=-1)
     kth = ascending.gather(1, (vocab - k).unsqueeze(1))
-    ascending.masked_fill_(ascending < kth, float("-inf"))
+    ascending.masked_fill_(ascending <= kth, float("-inf"))
     # Drop the low tail whose mass is at most 1 - p; the most likely token always survives.
     drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p).unsqueeze(1)
     drop[:, -1] = False
