@@ -21,6 +21,12 @@ def _generate(args: argparse.Namespace) -> None:
         print(f"> {prompt}\n{output.outputs[0].text}\n")
 
 
+def _merge(args: argparse.Namespace) -> None:
+    from loraserve.lora.merge import merge_adapter
+
+    print(merge_adapter(args.model, args.adapter, args.out))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraserve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -33,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--dtype", default="auto")
     generate.add_argument("--max-tokens", type=int, default=64)
     generate.set_defaults(func=_generate)
+    merge = commands.add_parser("merge", help="fold a PEFT LoRA adapter into the base weights; save a model folder")
+    merge.add_argument("--model", default=None, help="base model (default: SmolLM2-135M-Instruct)")
+    merge.add_argument("--adapter", required=True, help="PEFT adapter folder or hub id")
+    merge.add_argument("--out", required=True, help="new output folder")
+    merge.set_defaults(func=_merge)
     return parser
 
 

@@ -112,7 +112,8 @@ FILTERS = [
     SamplingParams(temperature=0.7, top_p=0.6),
     SamplingParams(temperature=1.5, min_p=0.3),
     SamplingParams(temperature=0.9, top_k=6, top_p=0.8, min_p=0.05),
-    SamplingParams(temperature=1.2, top_p=0.99),  # wider than 6 tokens: window=1 must fall back to sorting
+    SamplingParams(temperature=1.2, top_p=0.99),
+    SamplingParams(temperature=0.8, top_p=0.1),  # nucleus of the top token alone  # wider than 6 tokens: window=1 must fall back to sorting
     SamplingParams(temperature=1.0),
 ]
 

@@ -168,8 +168,10 @@ def _mask_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: t
     fraction of sorting the vocabulary; only if some nucleus is wider than that does it sort every row.
     """
     rows, vocab = logits.shape
-    no_k = torch.full((rows,), vocab, dtype=torch.int64, device=logits.device)
-    k = no_k if top_k is None else torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
+    if top_k is None:
+        k = torch.full((rows,), vocab, dtype=torch.int64, device=logits.device)
+    else:
+        k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
     bounded = k < vocab  # rows whose kept set is known to lie inside the window
     width = int(torch.where(bounded, k, 1).max())
     if top_p is not None:
@@ -198,7 +200,7 @@ def _mask_top_k_top_p_by_sort(logits: torch.Tensor, k: torch.Tensor, top_p: torc
     vocab = logits.shape[-1]
     ascending, order = logits.sort(dim=-1)
     kth = ascending.gather(1, (vocab - k).unsqueeze(1))
-    ascending.masked_fill_(ascending <= kth, float("-inf"))
+    ascending.masked_fill_(ascending < kth, float("-inf"))
     # Drop the low tail whose mass is at most 1 - p; the most likely token always survives.
     drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p).unsqueeze(1)
     drop[:, -1] = False

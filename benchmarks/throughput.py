@@ -1,0 +1,93 @@
+"""Offline throughput: this engine vs transformers `generate` on the same prompts, in one run.
+
+    python benchmarks/throughput.py [--model PATH] [--dtype bfloat16] [--num-prompts 64] [--output-len 128]
+
+Prints output tokens/s for the engine at several concurrencies (max_num_seqs) and for transformers'
+batched, padded generate, and the ratio between them.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from loraserve import LLM, SamplingParams
+from loraserve.model.loader import load_tokenizer, resolve_model
+
+
+def make_prompts(tokenizer, count: int, seed: int) -> list[list[int]]:
+    """Chat prompts of varied length (about 20-60 tokens), the shape of a chatbot workload."""
+    rng = random.Random(seed)
+    topics = ["the sea", "a city at night", "bread", "volcanoes", "chess", "the moon", "rivers", "music",
+              "bicycles", "winter", "coffee", "robots", "forests", "libraries", "trains", "gardens"]
+    prompts = []
+    for i in range(count):
+        words = " ".join(rng.choice(topics) for _ in range(rng.randint(1, 12)))
+        messages = [{"role": "user", "content": f"Request {i}: write a short story that mentions {words}."}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prompts.append(tokenizer.encode(text, add_special_tokens=False))
+    return prompts
+
+
+def engine_throughput(llm: LLM, prompts: list[list[int]], output_len: int) -> float:
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    start = time.perf_counter()
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    assert all(len(o.outputs[0].token_ids) == output_len for o in outputs)
+    return len(prompts) * output_len / elapsed
+
+
+def transformers_throughput(folder, dtype: torch.dtype, prompts: list[list[int]], output_len: int, pad_id: int) -> float:
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    width = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=output_len,
+                             min_new_tokens=output_len, do_sample=False, pad_token_id=pad_id)
+    elapsed = time.perf_counter() - start
+    assert out.shape[1] - width == output_len
+    return len(prompts) * output_len / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--repeats", type=int, default=3, help="runs per engine setting; the median is shown")
+    parser.add_argument("--skip-transformers", action="store_true")
+    args = parser.parse_args()
+
+    folder = resolve_model(args.model)
+    tokenizer = load_tokenizer(folder)
+    prompts = make_prompts(tokenizer, args.num_prompts, seed=0)
+    print(f"model {folder}  dtype {args.dtype}  {len(prompts)} prompts x {args.output_len} output tokens  "
+          f"torch threads {torch.get_num_threads()}")
+    results = {}
+    for concurrency in args.concurrency:
+        llm = LLM(args.model, dtype=args.dtype, max_num_seqs=concurrency)
+        engine_throughput(llm, prompts[:concurrency], 8)  # warm-up
+        runs = [engine_throughput(llm, prompts, args.output_len) for _ in range(args.repeats)]
+        results[concurrency] = statistics.median(runs)
+        print(f"engine   {concurrency:3d} in flight: {results[concurrency]:8.1f} out tok/s "
+              f"(runs: {', '.join(f'{r:.0f}' for r in runs)})")
+        del llm
+    if not args.skip_transformers:
+        dtype = getattr(torch, args.dtype)
+        hf = transformers_throughput(folder, dtype, prompts, args.output_len, tokenizer.pad_token_id or 0)
+        print(f"transformers generate, batch {len(prompts)} padded: {hf:8.1f} out tok/s")
+        best = max(results)
+        print(f"ratio engine@{best} / transformers: {results[best] / hf:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
