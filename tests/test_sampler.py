@@ -70,7 +70,8 @@ def test_greedy_and_top_k_one_are_argmax_including_in_mixed_batches():
 
 # ---- seeds ----
 
-def run_steps(logits: torch.Tensor, params, seeds, steps: int, sampler: Sampler | None = None) -> list[list[int]]:
+def run_steps(logits: torch.Tensor, params, seeds, steps: int,
+              sampler: Sampler | None = None) -> list[list[int]]:
     """Sample `steps` times with fresh generators for the seeded rows; returns tokens per row."""
     gens = [None if s is None else torch.Generator().manual_seed(s) for s in seeds]
     batch = make_batch(params, gens)
@@ -112,8 +113,8 @@ FILTERS = [
     SamplingParams(temperature=0.7, top_p=0.6),
     SamplingParams(temperature=1.5, min_p=0.3),
     SamplingParams(temperature=0.9, top_k=6, top_p=0.8, min_p=0.05),
-    SamplingParams(temperature=1.2, top_p=0.99),
-    SamplingParams(temperature=0.8, top_p=0.1),  # nucleus of the top token alone  # wider than 6 tokens: window=1 must fall back to sorting
+    SamplingParams(temperature=1.2, top_p=0.99),  # wider than 6 tokens: window=1 must fall back to sorting
+    SamplingParams(temperature=0.8, top_p=0.1),  # nucleus of the top token alone
     SamplingParams(temperature=1.0),
 ]
 
@@ -185,7 +186,8 @@ def test_penalties_match_reference_formula():
     logits = torch.randn(len(params), vocab).bfloat16()
     before = logits.clone()
     got = apply_penalties(logits, make_batch(params, prompts=prompts, outputs=outputs))
-    want = [ref_penalised(r, p, pr, out) for r, p, pr, out in zip(logits.float().tolist(), params, prompts, outputs)]
+    rows = zip(logits.float().tolist(), params, prompts, outputs)
+    want = [ref_penalised(r, p, pr, out) for r, p, pr, out in rows]
     torch.testing.assert_close(got, torch.tensor(want), rtol=1e-6, atol=1e-6)
     assert torch.equal(logits, before)
     assert make_batch(params[3:4]).penalties is None  # no penalty row, no penalty tensors

@@ -73,7 +73,7 @@ class SamplingBatch:
         sampled = [p for p in params if not p.greedy]
         top_k = top_p = min_p = None
         if any(p.top_k > 0 for p in sampled):
-            top_k = torch.tensor([0 if p.greedy else p.top_k for p in params], dtype=torch.int64, device=device)
+            top_k = torch.tensor([0 if p.greedy else p.top_k for p in params], device=device)
         if any(p.top_p < 1 for p in sampled):
             top_p = floats([1.0 if p.greedy else p.top_p for p in params])
         if any(p.min_p > 0 for p in sampled):
