@@ -85,6 +85,6 @@ class ModelRunner:
             positions=torch.tensor(positions, dtype=torch.long, device=device),
             attention=attention,
             logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=device),
-            lora=LoRABatch.from_token_slots(token_slots),
+            lora=LoRABatch.build(token_slots, len(input_ids) - len(decodes), device),
         )
         return batch, sampled

@@ -1,7 +1,11 @@
-"""Batched LoRA on a flat token batch: shrink (x·Aᵀ) then expand (·B), one pair of matmuls per run of
-tokens that share an adapter. The model runner orders sequences by adapter slot, so a step holds at most
-two runs per adapter (prefill and decode) whatever the number of requests, and tokens without an adapter
-cost nothing."""
+"""Batched LoRA on a flat token batch: shrink (x·Aᵀ) then expand (·B).
+
+The model runner orders sequences by adapter slot, so each adapter's tokens form contiguous runs. Long
+runs (prefill chunks) get one pair of matmuls each. Decode tokens, one per sequence, are many short runs:
+they are gathered into a [slots, longest run] block and done with two batched matmuls for all adapters at
+once, so the number of kernel launches does not grow with the number of adapters. Tokens without an
+adapter cost nothing.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,36 +21,84 @@ class LoRASegment:
 
 
 @dataclass
+class GroupedTokens:
+    """Short runs gathered per slot: row s of `index` lists the tokens of slot `slots[s]`, right-padded
+    with that run's first token; `mask` zeroes the padding's contribution."""
+
+    slot_list: list[int]
+    slots: torch.Tensor  # [S] int64, the same on the device
+    index: torch.Tensor  # [S, L] int64 rows of the flat batch
+    mask: torch.Tensor  # [S, L, 1] float, 1 for real tokens
+    slot_range: int | None  # k when slots == 0..k-1, so weights can be sliced instead of gathered
+
+
+@dataclass
 class LoRABatch:
-    segments: list[LoRASegment]
+    segments: list[LoRASegment]  # long runs, one matmul pair each
+    grouped: GroupedTokens | None  # short runs, batched together
 
     @classmethod
-    def from_token_slots(cls, token_slots: list[int]) -> LoRABatch | None:
-        """Runs of equal slot in token order; slot -1 (no adapter) makes no segment. None if no adapter."""
-        segments = []
+    def build(cls, token_slots: list[int], grouped_from: int, device: torch.device) -> LoRABatch | None:
+        """Runs of equal slot in token order (slot -1, no adapter, makes none). Runs starting at or after
+        token `grouped_from` (the decode tokens) are batched; earlier runs stay segments. None if no
+        token has an adapter."""
+        segments: list[LoRASegment] = []
+        short: dict[int, list[int]] = {}
         start = 0
         for i in range(1, len(token_slots) + 1):
-            if i == len(token_slots) or token_slots[i] != token_slots[start]:
-                if token_slots[start] >= 0:
-                    segments.append(LoRASegment(token_slots[start], start, i))
+            if i == len(token_slots) or token_slots[i] != token_slots[start] or i == grouped_from:
+                slot = token_slots[start]
+                if slot >= 0:
+                    if start >= grouped_from:
+                        short.setdefault(slot, []).extend(range(start, i))
+                    else:
+                        segments.append(LoRASegment(slot, start, i))
                 start = i
-        return cls(segments) if segments else None
+        if not segments and not short:
+            return None
+        return cls(segments, _group(short, device) if short else None)
+
+
+def _group(runs: dict[int, list[int]], device: torch.device) -> GroupedTokens:
+    slots = sorted(runs)
+    width = max(len(rows) for rows in runs.values())
+    index = [runs[s] + [runs[s][0]] * (width - len(runs[s])) for s in slots]
+    mask = [[1.0] * len(runs[s]) + [0.0] * (width - len(runs[s])) for s in slots]
+    contiguous = slots == list(range(len(slots)))
+    return GroupedTokens(
+        slot_list=slots,
+        slots=torch.tensor(slots, dtype=torch.long, device=device),
+        index=torch.tensor(index, dtype=torch.long, device=device),
+        mask=torch.tensor(mask, device=device).unsqueeze(-1),
+        slot_range=len(slots) if contiguous else None,
+    )
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
              widths: list[int], batch: LoRABatch) -> None:
-    """y[seg] += (x[seg] · A[slot]ᵀ) · B[slot] for each segment, in place.
+    """y += (x · A[slot]ᵀ) · B[slot] per token, in place.
 
-    lora_a: [slots, W, in], lora_b: [slots, W, out]; only the first widths[slot] rows of a slot are used, so
-    the cost follows the adapter's own rank rather than max_lora_rank.
+    lora_a: [slots, W, in], lora_b: [slots, W, out]; a slot uses only its first widths[slot] rows (the
+    rest are zero), so segments cost the adapter's own rank rather than max_lora_rank.
     """
     for seg in batch.segments:
         width = widths[seg.slot]
+        if width:
+            delta = _to(x[seg.start:seg.end], lora_a) @ lora_a[seg.slot, :width].T @ lora_b[seg.slot, :width]
+            y[seg.start:seg.end] += _to(delta, y)
+    group = batch.grouped
+    if group is not None:
+        width = max(widths[s] for s in group.slot_list)
         if width == 0:
-            continue
-        xs = x[seg.start:seg.end]
-        if xs.dtype != lora_a.dtype:
-            xs = xs.to(lora_a.dtype)
-        h = xs @ lora_a[seg.slot, :width].T
-        delta = h @ lora_b[seg.slot, :width]
-        y[seg.start:seg.end] += delta if delta.dtype == y.dtype else delta.to(y.dtype)
+            return
+        if group.slot_range is not None:
+            a, b = lora_a[:group.slot_range, :width], lora_b[:group.slot_range, :width]
+        else:
+            a, b = lora_a[group.slots, :width], lora_b[group.slots, :width]
+        xs = _to(x[group.index], lora_a)  # [S, L, in]
+        delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b) * group.mask  # [S, L, out]
+        y.index_add_(0, group.index.view(-1), _to(delta.view(-1, delta.shape[-1]), y))
+
+
+def _to(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == like.dtype else t.to(like.dtype)
