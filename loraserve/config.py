@@ -8,6 +8,15 @@ import torch
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+def default_dtype(device: str) -> torch.dtype:
+    """'auto': bfloat16 where the hardware multiplies it fast (CUDA; CPUs with AMX tiles), else float32.
+    A CPU with AVX-512 but no AMX runs PyTorch's bf16 matmuls at about half its fp32 speed (measured in
+    docs/benchmarks.md), so bf16 would only cost accuracy there."""
+    if device.startswith("cuda"):
+        return torch.bfloat16
+    return torch.bfloat16 if torch.cpu._is_amx_tile_supported() else torch.float32
+
+
 def parse_dtype(name: str | torch.dtype, *, auto: torch.dtype, what: str) -> torch.dtype:
     """'auto' | 'bfloat16' | 'float16' | 'float32' | torch.dtype -> torch.dtype."""
     if isinstance(name, torch.dtype):
@@ -59,8 +68,7 @@ class EngineConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self) -> None:
-        self.torch_dtype = parse_dtype(self.dtype, auto=torch.bfloat16 if self.device == "cpu" else torch.float16,
-                                       what="dtype")
+        self.torch_dtype = parse_dtype(self.dtype, auto=default_dtype(self.device), what="dtype")
         self.lora_torch_dtype = parse_dtype(self.lora.lora_dtype, auto=self.torch_dtype, what="lora_dtype")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if getattr(self, name) < 1:

@@ -1,10 +1,11 @@
 """The engine serving PEFT adapters against transformers + PEFT running the same weights and files (fp32).
 
-Every tiny architecture and the default model serve all their adapters (and the bare base) from one engine
-in one mixed batch, then each row is compared with PEFT running that adapter alone:
+Every tiny architecture (sharpened, so its tokens vary with context and adapter) and the default model serve
+all their adapters (and the bare base) from one engine in one mixed batch, then each row is compared with
+PEFT running that adapter alone:
 - greedy tokens identical for STEPS steps (min_tokens / min_new_tokens keep both from stopping early);
 - logprobs of every decode step within TOLERANCE (the engine's own sampler output, so the paged decode path
-  with per-token adapter segments is what is checked);
+  with all adapters' decode tokens batched together is what is checked);
 - raw logits over the whole vocabulary at every position within TOLERANCE, from one mixed-adapter forward
   of prompt + reference tokens through the model runner's batch (`model(batch)`): logprobs alone would hide
   an error that shifts all logits of a row by the same amount, and only cover the top tokens.
@@ -12,6 +13,8 @@ in one mixed batch, then each row is compared with PEFT running that adapter alo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
 import pytest
 import torch
 from peft import PeftModel
@@ -21,7 +24,7 @@ from lora_fixtures import make_peft_adapter
 from loraserve import LLM, LoRARequest, SamplingParams
 from loraserve.engine.scheduler import ScheduledSeq
 from loraserve.engine.sequence import Sequence
-from tiny_models import ARCHITECTURES, make_tiny_model
+from tiny_models import ARCHITECTURES, make_sharp_tiny_model
 
 STEPS = 24
 TOLERANCE = 1e-4
@@ -55,10 +58,13 @@ CASES = {
     "bin": Case(dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]),
                 safe_serialization=False),
 }
-DEFAULT_MODEL = "default"
-DEFAULT_MODEL_CASES = ["r16-all-linear", "subset"]  # 30 layers, 49k vocab: few cases keep the suite fast
-MODELS = {**{arch: list(CASES) for arch in ARCHITECTURES}, DEFAULT_MODEL: DEFAULT_MODEL_CASES}
-ROWS = [pytest.param(model, row, id=f"{model}-{row}") for model, cases in MODELS.items() for row in [BASE, *cases]]
+# Few cases for the 30-layer default model, to keep the suite fast; and milder scalings: random factors at
+# scaling 2 move its logits by up to 40, which amplifies fp32 rounding past TOLERANCE (the bare base already
+# differs from transformers by 6e-5), while these still move them by several units.
+DEFAULT_MODEL_CASES = {
+    "r16-all-linear": Case(dict(r=16, lora_alpha=4, target_modules="all-linear")),
+    "subset": Case(dict(r=8, lora_alpha=2, target_modules=["k_proj", "up_proj", "down_proj"])),
+}
 
 
 @dataclass
@@ -94,7 +100,7 @@ def peft_reference(model, prompt_ids: list[int], eos_token_ids: list[int]) -> Re
     with torch.no_grad():
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
                              max_new_tokens=STEPS, min_new_tokens=STEPS, eos_token_id=eos_token_ids,
-                             pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+                             pad_token_id=eos_token_ids[0], output_logits=True, return_dict_in_generate=True)
         sequence = out.sequences[0]
         logits = model(input_ids=sequence[None]).logits[0].float()
     step_logprobs = torch.stack([step[0].float() for step in out.logits]).log_softmax(dim=-1)
@@ -122,40 +128,28 @@ def engine_logits(llm: LLM, token_ids: dict[str, list[int]], loras: dict[str, Lo
     return {s.seq.request_id: logits[span.start:span.end] for s, span in zip(order, spans)}
 
 
-@pytest.fixture(scope="module")
-def served(request, tmp_path_factory) -> Served:
-    model_name = request.param
-    cases = MODELS[model_name]
-    if model_name == DEFAULT_MODEL:
-        path = request.getfixturevalue("default_model_path")
-        llm = LLM(str(path), dtype="float32", max_model_len=256, num_kv_blocks=48, block_size=16,
-                  enable_lora=True, max_loras=len(cases), max_lora_rank=16)
-    else:
-        path = make_tiny_model(model_name, tmp_path_factory.mktemp(model_name) / "model")
-        llm = LLM(str(path), dtype="float32", max_model_len=128, num_kv_blocks=160, block_size=4,
-                  enable_lora=True, max_loras=len(cases), max_lora_rank=64)
+def serve(path: Path, cases: dict[str, Case], adapters_dir: Path, **engine_kwargs) -> Served:
+    """Serve base + every case from one engine in one mixed batch; PEFT runs each alone for reference."""
+    llm = LLM(str(path), dtype="float32", enable_lora=True, max_loras=len(cases), **engine_kwargs)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     packed = any(name.endswith("qkv_proj") for name, _ in hf.named_modules())
     eos = llm.engine.eos_token_ids
     prompt_ids = llm.get_tokenizer().encode(PROMPT)
     references = {BASE: peft_reference(hf, prompt_ids, eos)}  # before PEFT wraps (and changes) hf
-
-    adapters_dir = tmp_path_factory.mktemp(f"{model_name}-adapters")
-    loras, peft_model = {}, None
-    for lora_id, name in enumerate(cases, start=1):
-        case = CASES[name]
+    loras = {}
+    for lora_id, (name, case) in enumerate(cases.items(), start=1):
         folder = make_peft_adapter(hf, adapters_dir / name, seed=lora_id,
                                    safe_serialization=case.safe_serialization, **lora_kwargs(case, packed))
         loras[name] = LoRARequest(name, lora_id, str(folder))
-        if peft_model is None:
-            peft_model = PeftModel.from_pretrained(hf, str(folder), adapter_name=name).eval()
-        else:
-            peft_model.load_adapter(str(folder), adapter_name=name)
-    for name in cases:
+    names = list(cases)
+    peft_model = PeftModel.from_pretrained(hf, loras[names[0]].lora_path, adapter_name=names[0]).eval()
+    for name in names[1:]:
+        peft_model.load_adapter(loras[name].lora_path, adapter_name=name)
+    for name in names:
         peft_model.set_adapter(name)
         references[name] = peft_reference(peft_model, prompt_ids, eos)
 
-    rows = [BASE, *cases]
+    rows = [BASE, *names]
     params = SamplingParams(temperature=0, max_tokens=STEPS, min_tokens=STEPS, logprobs=2)
     outputs = llm.generate([{"prompt_token_ids": prompt_ids}] * len(rows), params, use_tqdm=False,
                            lora_request=[loras.get(row) for row in rows])
@@ -170,35 +164,46 @@ def served(request, tmp_path_factory) -> Served:
     )
 
 
-@pytest.mark.parametrize("served, row", ROWS, indirect=["served"])
-def test_greedy_tokens_match_peft(served: Served, row: str) -> None:
-    assert served.engine_tokens[row] == served.references[row].tokens
+def assert_matches_peft(served: Served, row: str) -> None:
+    reference = served.references[row]
+    assert served.engine_tokens[row] == reference.tokens
 
-
-@pytest.mark.parametrize("served, row", ROWS, indirect=["served"])
-def test_decode_logprobs_match_peft(served: Served, row: str) -> None:
-    reference = served.references[row].step_logprobs
     steps = served.engine_step_logprobs[row]
     assert len(steps) == STEPS
     for step, entries in enumerate(steps):
         for token_id, logprob in entries.items():
-            assert abs(logprob.logprob - reference[step, token_id].item()) < TOLERANCE, (step, token_id)
+            assert abs(logprob.logprob - reference.step_logprobs[step, token_id].item()) < TOLERANCE, (step, token_id)
+
+    ours = served.engine_logits[row]
+    assert ours.shape == reference.logits.shape
+    assert (ours - reference.logits).abs().max().item() < TOLERANCE
+
+    if row != BASE:  # not vacuous: the adapter changes the generation, and on the shared prompt it moves the
+        # logits far beyond TOLERANCE
+        assert reference.tokens != served.references[BASE].tokens
+        prompt = slice(0, served.prompt_len)
+        moved = (reference.logits[prompt] - served.references[BASE].logits[prompt]).abs().max().item()
+        assert moved > 1000 * TOLERANCE
 
 
-@pytest.mark.parametrize("served, row", ROWS, indirect=["served"])
-def test_logits_match_peft(served: Served, row: str) -> None:
-    ours, reference = served.engine_logits[row], served.references[row].logits
-    assert ours.shape == reference.shape
-    assert (ours - reference).abs().max().item() < TOLERANCE
+@pytest.fixture(scope="module", params=list(ARCHITECTURES))
+def tiny_served(request, tmp_path_factory) -> Served:
+    folder = tmp_path_factory.mktemp(request.param)
+    path = make_sharp_tiny_model(request.param, folder / "model")
+    return serve(path, CASES, folder, max_model_len=128, num_kv_blocks=160, block_size=4, max_lora_rank=64)
 
 
-ADAPTER_ROWS = [p for p in ROWS if p.values[1] != BASE]
+@pytest.fixture(scope="module")
+def default_served(default_model_path, tmp_path_factory) -> Served:
+    return serve(default_model_path, DEFAULT_MODEL_CASES, tmp_path_factory.mktemp("default"), max_model_len=256,
+                 num_kv_blocks=48, block_size=16, max_lora_rank=16)
 
 
-@pytest.mark.parametrize("served, row", ADAPTER_ROWS, indirect=["served"])
-def test_adapter_changes_the_logits(served: Served, row: str) -> None:
-    """Guards the comparisons above against passing vacuously: on the shared prompt, every adapter must move
-    the logits well beyond TOLERANCE away from the base model's."""
-    prompt = slice(0, served.prompt_len)
-    adapted, base = served.references[row].logits[prompt], served.references[BASE].logits[prompt]
-    assert (adapted - base).abs().max().item() > 100 * TOLERANCE
+@pytest.mark.parametrize("row", [BASE, *CASES])
+def test_tiny_architectures_match_peft(tiny_served: Served, row: str) -> None:
+    assert_matches_peft(tiny_served, row)
+
+
+@pytest.mark.parametrize("row", [BASE, *DEFAULT_MODEL_CASES])
+def test_default_model_matches_peft(default_served: Served, row: str) -> None:
+    assert_matches_peft(default_served, row)

@@ -58,3 +58,19 @@ def make_tiny_model(arch: str, out_dir: Path, seed: int = 0) -> Path:
     model.save_pretrained(out_dir)
     byte_tokenizer().save_pretrained(out_dir)
     return Path(out_dir)
+
+
+def make_sharp_tiny_model(arch: str, out_dir: Path, seed: int = 0, factor: float = 10.0) -> Path:
+    """make_tiny_model with every weight matrix scaled by `factor`.
+
+    At the default init (std 0.02) attention is nearly uniform, so positions barely change the logits, and
+    tied heads just echo the last input token: greedy text is one token repeated and a rotary or masking
+    bug would go unseen. Sharper weights give varied, position-dependent generations."""
+    path = make_tiny_model(arch, out_dir, seed)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.mul_(factor)
+    model.save_pretrained(path)
+    return path

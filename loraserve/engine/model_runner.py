@@ -66,19 +66,19 @@ class ModelRunner:
             if s.samples:
                 logits_rows.append(len(input_ids) - 1)
                 sampled.append(s)
-        decode_tables = decode_mask = None
+        decode_tables = decode_lens = None
         if decodes:
             width = max(len(s.seq.block_table) for s in decodes)
             decode_tables = torch.tensor([s.seq.block_table + [0] * (width - len(s.seq.block_table)) for s in decodes],
-                                         dtype=torch.long)
-            context = torch.tensor([s.seq.num_computed_tokens + 1 for s in decodes])
-            decode_mask = (torch.arange(width * bs)[None, :] < context[:, None])[:, None, None, :]
+                                         dtype=torch.long, device=device)
+            decode_lens = torch.tensor([s.seq.num_computed_tokens + 1 for s in decodes], dtype=torch.long, device=device)
         attention = AttentionMetadata(
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
             prefills=spans,
             decode_start=len(input_ids) - len(decodes),
-            decode_block_tables=None if decode_tables is None else decode_tables.to(device),
-            decode_mask=None if decode_mask is None else decode_mask.to(device),
+            decode_block_tables=decode_tables,
+            decode_context_lens=decode_lens,
+            block_size=bs,
         )
         batch = ForwardBatch(
             input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),

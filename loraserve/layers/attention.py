@@ -7,9 +7,12 @@ run of tokens of one sequence), then one token per decoding sequence, which are 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
+
+from loraserve.layers.cpu_kernels import paged_attention_module
 
 
 @dataclass
@@ -33,7 +36,15 @@ class AttentionMetadata:
     prefills: list[PrefillSpan]
     decode_start: int  # tokens [decode_start, T) are decoding, one per sequence
     decode_block_tables: torch.Tensor | None  # [B, max_blocks] int64 (padded with block 0)
-    decode_mask: torch.Tensor | None  # [B, 1, 1, max_blocks * block_size] bool, True = attend
+    decode_context_lens: torch.Tensor | None  # [B] int64, tokens each decoding sequence attends to
+    block_size: int
+
+    @cached_property
+    def decode_mask(self) -> torch.Tensor:
+        """[B, 1, 1, max_blocks * block_size] bool, True = attend (for the PyTorch decode path)."""
+        width = self.decode_block_tables.shape[1] * self.block_size
+        positions = torch.arange(width, device=self.decode_context_lens.device)
+        return (positions[None, :] < self.decode_context_lens[:, None])[:, None, None, :]
 
 
 class PagedAttention:
@@ -75,6 +86,10 @@ class PagedAttention:
 
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
+        kernel = paged_attention_module() if q.device.type == "cpu" else None
+        if kernel is not None:
+            return kernel.paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables,
+                                                 meta.decode_context_lens, self.scale)
         tables = meta.decode_block_tables
         keys = k_cache[tables].flatten(1, 2).transpose(1, 2)  # [B, KVH, L, D]
         values = v_cache[tables].flatten(1, 2).transpose(1, 2)
