@@ -17,6 +17,10 @@ setup: $(VENV)/.installed
 model: setup
 	$(PY) -m loraserve.cli prepare
 
+# The default model with the demo adapters; requests choose one with "model": "uppercase" | "json".
+SERVE_ARGS ?= --enable-lora --max-loras 2 --max-lora-rank 16 \
+	--lora-modules uppercase=examples/adapters/uppercase json=examples/adapters/json
+
 serve: model
 	$(VENV)/bin/loraserve serve $(SERVE_ARGS)
 
