@@ -25,4 +25,4 @@ serve: model
 	$(VENV)/bin/loraserve serve $(SERVE_ARGS)
 
 test: model
-	$(PY) -m pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest $(PYTEST_ARGS)

@@ -1,16 +1,34 @@
-"""Optional C++ kernels for the CPU hot path, compiled once on first use with the machine's compiler
-(torch.utils.cpp_extension; cached under ~/.cache/torch_extensions). If compiling fails the engine keeps
-the pure-PyTorch path, which gives the same results more slowly."""
+"""Optional C++ kernels for the CPU hot path, compiled once with the machine's compiler
+(torch.utils.cpp_extension) into loraserve's cache. If compiling fails the engine keeps the pure-PyTorch
+path, which gives the same results more slowly. `loraserve prepare` builds them ahead of time."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import time
 from functools import cache
 from pathlib import Path
+
+import torch
+
+from loraserve.model.loader import cache_dir
 
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+# torch's build lock is a file; one left behind by a killed build would make every later start wait.
+_STALE_LOCK_SECONDS = 600
+
+
+def _build_dir() -> Path:
+    key = hashlib.sha256(_SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+    path = cache_dir() / "kernels" / key
+    path.mkdir(parents=True, exist_ok=True)
+    lock = path / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_SECONDS:
+        lock.unlink(missing_ok=True)
+    return path
 
 
 @cache
@@ -21,7 +39,7 @@ def paged_attention_module():
     try:
         from torch.utils.cpp_extension import load
 
-        return load(name="loraserve_paged_attention", sources=[str(_SOURCE)],
+        return load(name="loraserve_paged_attention", sources=[str(_SOURCE)], build_directory=str(_build_dir()),
                     extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # noqa: BLE001 - any build problem means: use the PyTorch path
         logger.warning("C++ paged attention unavailable (%s); using the PyTorch path", exc)
