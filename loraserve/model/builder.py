@@ -25,4 +25,5 @@ def build_model(folder: Path, config: PretrainedConfig, dtype: torch.dtype, devi
     model.load_weights(iter_weights(folder))
     for param in model.parameters():
         param.data = param.data.to(dtype)
+    model.pack_weights()
     return model.eval()

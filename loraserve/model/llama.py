@@ -12,7 +12,7 @@ from transformers import PretrainedConfig
 from loraserve.engine.forward_batch import ForwardBatch
 from loraserve.layers.activation import gated, get_activation
 from loraserve.layers.attention import PagedAttention
-from loraserve.layers.linear import Linear
+from loraserve.layers.linear import Linear, dense, pack_weight
 from loraserve.layers.norm import RMSNorm
 from loraserve.layers.rotary import RotaryEmbedding, apply_rotary
 from loraserve.model.registry import DecoderSpec
@@ -93,6 +93,7 @@ class CausalLM(nn.Module):
         if not spec.tie_word_embeddings:
             self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
             self.lm_head.weight.requires_grad_(False)
+        self.lm_head_packed: torch.Tensor | None = None
 
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.spec.tie_word_embeddings else self.lm_head.weight
@@ -106,7 +107,14 @@ class CausalLM(nn.Module):
         for layer in self.model.layers:
             h = layer(h, cos, sin, batch)
         h = self.model.norm(h[batch.logits_indices])
-        return (h @ self.lm_head_weight().T).float()
+        return dense(h, self.lm_head_weight(), None, self.lm_head_packed).float()
+
+    def pack_weights(self) -> None:
+        """Prepack every matmul weight for the CPU BLAS once the weights are final (see pack_weight)."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.pack()
+        self.lm_head_packed = pack_weight(self.lm_head_weight().data)
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         dtype, device = self.model.embed_tokens.weight.dtype, self.model.embed_tokens.weight.device
