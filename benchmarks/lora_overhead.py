@@ -1,6 +1,6 @@
 """What LoRA costs: one run, same prompts, output tokens/s of each way of serving adapters.
 
-    python benchmarks/lora_overhead.py [--dtype bfloat16] [--num-prompts 64] [--output-len 128]
+    python benchmarks/lora_overhead.py [--dtype auto] [--num-prompts 64] [--output-len 128]
 
 Settings: the base model; LoRA enabled with no adapter used; one r16 adapter for every request; 8 distinct
 r16 adapters mixed in one batch; one r64 adapter; that r16 adapter merged into the weights; and
@@ -9,7 +9,6 @@ transformers + PEFT serving the 8-adapter mix (one batched generate per adapter 
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from throughput import engine_throughput, make_prompts
+from throughput import llm_dtype, make_prompts, workload_parser
 from transformers import AutoModelForCausalLM
 
 from loraserve import LLM, LoRARequest, SamplingParams
@@ -73,11 +72,7 @@ def peft_mixed_throughput(folder: Path, adapters: list[Path], prompts: list[list
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--num-prompts", type=int, default=64)
-    parser.add_argument("--output-len", type=int, default=128)
+    parser = workload_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-peft", action="store_true")
     args = parser.parse_args()
@@ -114,7 +109,7 @@ def main() -> None:
            LoRARequest("r64", 9, str(r64)))
     report("r16 adapter merged into weights", LLM(str(merged), **common), None)
     if not args.skip_peft:
-        peft = peft_mixed_throughput(folder, r16, prompts, args.output_len, getattr(torch, args.dtype),
+        peft = peft_mixed_throughput(folder, r16, prompts, args.output_len, llm_dtype(args.dtype),
                                      tokenizer.pad_token_id or 0)
         print(f"{'transformers+peft, 8-adapter mix':34s} {peft:8.1f} out tok/s  "
               f"(engine mix is {results['8 distinct r16 adapters mixed'] / peft:.1f}x)")

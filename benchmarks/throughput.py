@@ -1,6 +1,6 @@
 """Offline throughput: this engine vs transformers `generate` on the same prompts, in one run.
 
-    python benchmarks/throughput.py [--model PATH] [--dtype bfloat16] [--num-prompts 64] [--output-len 128]
+    python benchmarks/throughput.py [--model PATH] [--dtype auto] [--num-prompts 64] [--output-len 128]
 
 Prints output tokens/s for the engine at several concurrencies (max_num_seqs) and for transformers'
 batched, padded generate, and the ratio between them.
@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from loraserve import LLM, SamplingParams
+from loraserve.config import default_dtype, parse_dtype
 from loraserve.model.loader import load_tokenizer, resolve_model
 
 
@@ -56,12 +57,23 @@ def transformers_throughput(folder, dtype: torch.dtype, prompts: list[list[int]]
     return len(prompts) * output_len / elapsed
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def workload_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every offline benchmark shares: model, dtype and the prompts x output tokens workload."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto")
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=128)
+    return parser
+
+
+def llm_dtype(name: str) -> torch.dtype:
+    """The dtype the engine runs with for --dtype, so transformers is measured in the same one."""
+    return parse_dtype(name, auto=default_dtype("cpu"), what="--dtype")
+
+
+def main() -> None:
+    parser = workload_parser(__doc__)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--repeats", type=int, default=3, help="runs per engine setting; the median is shown")
     parser.add_argument("--skip-transformers", action="store_true")
@@ -82,7 +94,7 @@ def main() -> None:
               f"(runs: {', '.join(f'{r:.0f}' for r in runs)})")
         del llm
     if not args.skip_transformers:
-        dtype = getattr(torch, args.dtype)
+        dtype = llm_dtype(args.dtype)
         hf = transformers_throughput(folder, dtype, prompts, args.output_len, tokenizer.pad_token_id or 0)
         print(f"transformers generate, batch {len(prompts)} padded: {hf:8.1f} out tok/s")
         best = max(results)
