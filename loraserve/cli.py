@@ -9,10 +9,11 @@ from loraserve.model.loader import resolve_model
 
 
 def _prepare(args: argparse.Namespace) -> None:
-    from loraserve.layers.cpu_kernels import paged_attention_module
+    from loraserve.layers.cpu_kernels import build_all
 
     print(resolve_model(args.model))
-    print("C++ paged attention:", "built" if paged_attention_module() is not None else "unavailable (PyTorch path)")
+    for name, built in build_all().items():
+        print(f"C++ {name}:", "built" if built else "unavailable (PyTorch path)")
 
 
 def _generate(args: argparse.Namespace) -> None:

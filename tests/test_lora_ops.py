@@ -1,4 +1,5 @@
-"""The batched LoRA kernel against a per-token reference: y_t += x_t · A[slot_t]ᵀ · B[slot_t]."""
+"""The batched LoRA paths (C++ runs kernel on CPU, gathered bmm elsewhere) against a per-token reference:
+y_t += x_t · A[slot_t]ᵀ · B[slot_t]."""
 from __future__ import annotations
 
 import random
@@ -6,7 +7,27 @@ import random
 import pytest
 import torch
 
-from loraserve.lora.ops import LoRABatch, add_lora
+import loraserve.lora.ops as ops
+from loraserve.layers.cpu_kernels import lora_module
+from loraserve.lora.ops import LoRABatch, SlotLayout, add_lora
+
+PATHS = ["kernel", "bmm"]
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    """Run a test once through the C++ kernel and once through the portable bmm path."""
+    if request.param == "kernel":
+        if lora_module() is None:
+            pytest.skip("C++ LoRA kernel not buildable here")
+    else:
+        monkeypatch.setattr(ops, "lora_module", lambda: None)
+    return request.param
+
+
+def single_part(lora_a, lora_b, widths):
+    rows = torch.tensor([[[0, w]] for w in widths])
+    return SlotLayout(lora_a, lora_b, list(widths), rows, torch.tensor([[0, lora_b.shape[-1]]]))
 
 
 def reference(y, x, lora_a, lora_b, widths, token_slots):
@@ -28,7 +49,7 @@ def random_weights(num_slots, max_width, dim_in, dim_out, widths, dtype=torch.fl
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_mixed_prefill_and_decode_tokens_match_reference(seed):
+def test_mixed_prefill_and_decode_tokens_match_reference(seed, path):
     rng = random.Random(seed)
     torch.manual_seed(seed)
     num_slots, widths = 4, [8, 0, 24, 16]
@@ -47,14 +68,42 @@ def test_mixed_prefill_and_decode_tokens_match_reference(seed):
     if batch is None:
         assert all(s < 0 for s in token_slots)
         return
-    add_lora(y, x, lora_a, lora_b, widths, batch)
+    add_lora(y, x, single_part(lora_a, lora_b, widths), batch)
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_parts_touch_only_their_columns(dtype, path):
+    """A packed layer of three parts (out 6, 4, 4); slot 0 adapts parts 0 and 2 with ranks 3 and 2, slot 1
+    only part 1 with rank 4. Each part's rank rows write only that part's columns."""
+    torch.manual_seed(0)
+    cols = [(0, 6), (6, 10), (10, 14)]
+    slot_parts = [{0: 3, 2: 2}, {1: 4}]
+    lora_a = torch.zeros(2, 6, 10, dtype=dtype)
+    lora_b = torch.zeros(2, 6, 14, dtype=dtype)
+    part_rows = torch.zeros(2, 3, 2, dtype=torch.long)
+    for slot, parts in enumerate(slot_parts):
+        offset = 0
+        for part, rank in parts.items():
+            lora_a[slot, offset:offset + rank] = torch.randn(rank, 10, dtype=dtype)
+            lora_b[slot, offset:offset + rank, cols[part][0]:cols[part][1]] = torch.randn(rank, cols[part][1] - cols[part][0], dtype=dtype)
+            part_rows[slot, part] = torch.tensor([offset, offset + rank])
+            offset += rank
+    widths = [5, 4]
+    token_slots = [0, 0, 0, 0, 0, -1, 1, 1]
+    x, y = torch.randn(8, 10, dtype=dtype), torch.randn(8, 14, dtype=dtype)
+    expected = reference(y.float(), x.float(), lora_a.float(), lora_b.float(), widths, token_slots)
+    layout = SlotLayout(lora_a, lora_b, widths, part_rows, torch.tensor(cols))
+    add_lora(y, x, layout, LoRABatch.build(token_slots, 0, torch.device("cpu")))
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.1, rtol=0.02)
+    torch.testing.assert_close(y.float(), expected, **tolerance)
 
 
 def test_grouping_slices_contiguous_slots_and_gathers_others():
     batch = LoRABatch.build([0, 0, 1, 2, 2, 2], 0, torch.device("cpu"))
     assert batch.segments == [] and batch.grouped.slot_range == 3
     assert batch.grouped.index.tolist() == [[0, 1, 0], [2, 2, 2], [3, 4, 5]]
+    assert batch.grouped.runs.tolist() == [[0, 0, 2], [1, 2, 3], [2, 3, 6]]
     batch = LoRABatch.build([-1, 1, 3, 3], 0, torch.device("cpu"))
     assert batch.grouped.slot_range is None and batch.grouped.slot_list == [1, 3]
 
@@ -71,5 +120,5 @@ def test_lora_dtype_differs_from_activations():
     x = torch.randn(5, 16).bfloat16()
     y = torch.randn(5, 16).bfloat16()
     expected = reference(y, x, lora_a, lora_b, widths, token_slots)
-    add_lora(y, x, lora_a, lora_b, widths, LoRABatch.build(token_slots, 3, torch.device("cpu")))
+    add_lora(y, x, single_part(lora_a, lora_b, widths), LoRABatch.build(token_slots, 3, torch.device("cpu")))
     torch.testing.assert_close(y.float(), expected.float(), atol=0.1, rtol=0.02)

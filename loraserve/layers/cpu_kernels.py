@@ -16,7 +16,7 @@ from loraserve.model.loader import cache_dir
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+_CSRC = Path(__file__).parent / "csrc"
 # -ffast-math lets the compiler reassociate the dot products into vector trees and vectorise exp (1.4x
 # faster decode attention); it is compile-only, so the process's floating-point mode (denormals) is untouched.
 _CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
@@ -24,9 +24,9 @@ _CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 _STALE_LOCK_SECONDS = 600
 
 
-def _build_dir() -> Path:
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_CFLAGS).encode() + torch.__version__.encode()).hexdigest()[:16]
-    path = cache_dir() / "kernels" / key
+def _build_dir(source: Path) -> Path:
+    key = hashlib.sha256(source.read_bytes() + " ".join(_CFLAGS).encode() + torch.__version__.encode()).hexdigest()[:16]
+    path = cache_dir() / "kernels" / f"{source.stem}-{key}"
     path.mkdir(parents=True, exist_ok=True)
     lock = path / "lock"
     if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_SECONDS:
@@ -35,15 +35,29 @@ def _build_dir() -> Path:
 
 
 @cache
-def paged_attention_module():
-    """The compiled module, or None when disabled (LORASERVE_NO_CPU_KERNELS=1) or not buildable here."""
+def _module(stem: str):
+    """csrc/<stem>.cpp compiled, or None when disabled (LORASERVE_NO_CPU_KERNELS=1) or not buildable here."""
     if os.environ.get("LORASERVE_NO_CPU_KERNELS") == "1":
         return None
+    source = _CSRC / f"{stem}.cpp"
     try:
         from torch.utils.cpp_extension import load
 
-        return load(name="loraserve_paged_attention", sources=[str(_SOURCE)], build_directory=str(_build_dir()),
+        return load(name=f"loraserve_{stem}", sources=[str(source)], build_directory=str(_build_dir(source)),
                     extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # noqa: BLE001 - any build problem means: use the PyTorch path
-        logger.warning("C++ paged attention unavailable (%s); using the PyTorch path", exc)
+        logger.warning("C++ kernel %s unavailable (%s); using the PyTorch path", stem, exc)
         return None
+
+
+def paged_attention_module():
+    return _module("paged_attention")
+
+
+def lora_module():
+    return _module("lora_segments")
+
+
+def build_all() -> dict[str, bool]:
+    """Compile every kernel now (for `loraserve prepare`); name -> built."""
+    return {"paged attention": paged_attention_module() is not None, "LoRA runs": lora_module() is not None}

@@ -2,15 +2,18 @@
 
 The model runner orders sequences by adapter slot, so each adapter's tokens form contiguous runs. Long
 runs (prefill chunks) get one pair of matmuls each. Decode tokens, one per sequence, are many short runs:
-they are gathered into a [slots, longest run] block and done with two batched matmuls for all adapters at
-once, so the number of kernel launches does not grow with the number of adapters. Tokens without an
-adapter cost nothing.
+on CPU they go to one C++ call for all adapters (layers/csrc/lora_segments.cpp: tiny matmuls pay a fixed
+cost that dwarfs their arithmetic); elsewhere they are gathered into a [slots, longest run] block and done
+with two batched matmuls for all adapters at once. Either way the number of calls does not grow with the
+number of adapters. Tokens without an adapter cost nothing.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from loraserve.layers.cpu_kernels import lora_module
 
 
 @dataclass(frozen=True)
@@ -23,12 +26,14 @@ class LoRASegment:
 @dataclass
 class GroupedTokens:
     """Short runs gathered per slot: row s of `index` lists the tokens of slot `slots[s]`, right-padded
-    with that run's first token; `mask` zeroes the padding's contribution."""
+    with that run's first token; `mask` zeroes the padding's contribution. `runs` lists the same tokens as
+    (slot, begin, end) rows for the CPU kernel."""
 
+    runs: torch.Tensor  # [N, 3] int64
     slot_list: list[int]
     slots: torch.Tensor  # [S] int64, the same on the device
     index: torch.Tensor  # [S, L] int64 rows of the flat batch
-    mask: torch.Tensor  # [S, L, 1] float, 1 for real tokens
+    mask: torch.Tensor  # [S, L, 1] bool, True for real tokens
     slot_range: int | None  # k when slots == 0..k-1, so weights can be sliced instead of gathered
 
 
@@ -44,6 +49,7 @@ class LoRABatch:
         token has an adapter."""
         segments: list[LoRASegment] = []
         short: dict[int, list[int]] = {}
+        runs: list[tuple[int, int, int]] = []
         start = 0
         for i in range(1, len(token_slots) + 1):
             if i == len(token_slots) or token_slots[i] != token_slots[start] or i == grouped_from:
@@ -51,21 +57,23 @@ class LoRABatch:
                 if slot >= 0:
                     if start >= grouped_from:
                         short.setdefault(slot, []).extend(range(start, i))
+                        runs.append((slot, start, i))
                     else:
                         segments.append(LoRASegment(slot, start, i))
                 start = i
         if not segments and not short:
             return None
-        return cls(segments, _group(short, device) if short else None)
+        return cls(segments, _group(short, runs, device) if short else None)
 
 
-def _group(runs: dict[int, list[int]], device: torch.device) -> GroupedTokens:
-    slots = sorted(runs)
-    width = max(len(rows) for rows in runs.values())
-    index = [runs[s] + [runs[s][0]] * (width - len(runs[s])) for s in slots]
-    mask = [[1.0] * len(runs[s]) + [0.0] * (width - len(runs[s])) for s in slots]
+def _group(tokens: dict[int, list[int]], runs: list[tuple[int, int, int]], device: torch.device) -> GroupedTokens:
+    slots = sorted(tokens)
+    width = max(len(rows) for rows in tokens.values())
+    index = [tokens[s] + [tokens[s][0]] * (width - len(tokens[s])) for s in slots]
+    mask = [[True] * len(tokens[s]) + [False] * (width - len(tokens[s])) for s in slots]
     contiguous = slots == list(range(len(slots)))
     return GroupedTokens(
+        runs=torch.tensor(runs, dtype=torch.long, device=device),
         slot_list=slots,
         slots=torch.tensor(slots, dtype=torch.long, device=device),
         index=torch.tensor(index, dtype=torch.long, device=device),
@@ -74,13 +82,23 @@ def _group(runs: dict[int, list[int]], device: torch.device) -> GroupedTokens:
     )
 
 
-def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-             widths: list[int], batch: LoRABatch) -> None:
-    """y += (x · A[slot]ᵀ) · B[slot] per token, in place.
+@dataclass
+class SlotLayout:
+    """Where each adapter sits in the stacked weights. lora_a: [slots, W, in], lora_b: [slots, W, out]; a
+    slot uses only its first widths[slot] rows (the rest are zero), so the work follows the adapter's own
+    rank rather than max_lora_rank. part_rows [slots, parts, 2] and part_cols [parts, 2] (int64) give each
+    part's rank rows and output columns: B is block-diagonal over the parts of a packed layer."""
 
-    lora_a: [slots, W, in], lora_b: [slots, W, out]; a slot uses only its first widths[slot] rows (the
-    rest are zero), so segments cost the adapter's own rank rather than max_lora_rank.
-    """
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    widths: list[int]
+    part_rows: torch.Tensor
+    part_cols: torch.Tensor
+
+
+def add_lora(y: torch.Tensor, x: torch.Tensor, layout: SlotLayout, batch: LoRABatch) -> None:
+    """y += (x · A[slot]ᵀ) · B[slot] per token, in place."""
+    lora_a, lora_b, widths = layout.lora_a, layout.lora_b, layout.widths
     for seg in batch.segments:
         width = widths[seg.slot]
         if width:
@@ -90,6 +108,10 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: tor
     if group is not None:
         width = max(widths[s] for s in group.slot_list)
         if width == 0:
+            return
+        kernel = lora_module() if y.device.type == "cpu" and x.dtype == lora_a.dtype == y.dtype else None
+        if kernel is not None:
+            kernel.lora_add_runs(y, x.contiguous(), lora_a, lora_b, group.runs, layout.part_rows, layout.part_cols)
             return
         if group.slot_range is not None:
             a, b = lora_a[:group.slot_range, :width], lora_b[:group.slot_range, :width]
