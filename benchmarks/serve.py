@@ -30,7 +30,7 @@ import httpx
 from lora_overhead import make_adapter
 from throughput import make_prompts
 
-from loraserve.model.loader import DEFAULT_MODEL_NAME, load_tokenizer, resolve_model
+from loraserve.model.loader import load_tokenizer, resolve_model
 
 SCENARIOS = {"base": (0, None), "8": (8, 8), "32": (32, 8)}  # name -> (adapters, --max-loras)
 
@@ -108,7 +108,8 @@ def print_row(scenario: str, row: dict) -> None:
 
 def start_server(args: argparse.Namespace, adapters: list[Path], max_loras: int | None, port: int,
                  log: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "loraserve.cli", "serve", args.model or DEFAULT_MODEL_NAME, "--port", str(port),
+    model = [args.model] if args.model else []  # no MODEL: the default model, converted from its PyPI wheel
+    command = [sys.executable, "-m", "loraserve.cli", "serve", *model, "--port", str(port),
                "--dtype", args.dtype, "--served-model-name", "base", "--max-num-seqs", str(max(args.concurrency)),
                *args.server_args]
     if adapters:
