@@ -29,6 +29,20 @@ void widen(const T* src, float* dst, int64_t count) {
   for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
+// Walks a sequence's cache blocks in order: prefetches the next block, widens the current one into `rows`
+// and calls fn(first token, token count).
+template <typename T, typename Fn>
+void for_each_block(const T* cache, const int64_t* table, int64_t len, int64_t block_size, int64_t block_elems,
+                    float* rows, Fn&& fn) {
+  const int64_t num_blocks = (len + block_size - 1) / block_size;
+  for (int64_t blk = 0; blk < num_blocks; ++blk) {
+    if (blk + 1 < num_blocks) prefetch_block(cache + table[blk + 1] * block_elems, block_elems);
+    const int64_t first = blk * block_size, count = std::min(block_size, len - first);
+    widen(cache + table[blk] * block_elems, rows, count * block_elems / block_size);
+    fn(first, count);
+  }
+}
+
 template <typename T, int64_t HEAD_DIM>
 void decode_one_sequence(const T* q, const T* k_cache, const T* v_cache, const int64_t* table, int64_t len, T* out,
                          int64_t num_heads, int64_t num_kv_heads, int64_t runtime_head_dim, int64_t block_size, float scale,
@@ -37,7 +51,6 @@ void decode_one_sequence(const T* q, const T* k_cache, const T* v_cache, const i
   const int64_t group = num_heads / num_kv_heads;
   const int64_t row = num_kv_heads * head_dim;  // one token's K (or V) for every kv head
   const int64_t block_elems = block_size * row;
-  const int64_t num_blocks = (len + block_size - 1) / block_size;
   scratch.resize(num_heads * head_dim * 2 + num_heads * len + block_elems);
   float* query = scratch.data();
   float* acc = query + num_heads * head_dim;
@@ -48,10 +61,7 @@ void decode_one_sequence(const T* q, const T* k_cache, const T* v_cache, const i
     acc[i] = 0.f;
   }
 
-  for (int64_t blk = 0; blk < num_blocks; ++blk) {
-    if (blk + 1 < num_blocks) prefetch_block(k_cache + table[blk + 1] * block_elems, block_elems);
-    const int64_t first = blk * block_size, count = std::min(block_size, len - first);
-    widen(k_cache + table[blk] * block_elems, rows, count * row);
+  for_each_block(k_cache, table, len, block_size, block_elems, rows, [&](int64_t first, int64_t count) {
     for (int64_t t = 0; t < count; ++t) {
       for (int64_t kh = 0; kh < num_kv_heads; ++kh) {
         const float* __restrict key = rows + t * row + kh * head_dim;
@@ -65,7 +75,7 @@ void decode_one_sequence(const T* q, const T* k_cache, const T* v_cache, const i
         }
       }
     }
-  }
+  });
 
   for (int64_t h = 0; h < num_heads; ++h) {
     float* s = scores + h * len;
@@ -79,10 +89,7 @@ void decode_one_sequence(const T* q, const T* k_cache, const T* v_cache, const i
     for (int64_t t = 0; t < len; ++t) s[t] *= inv;
   }
 
-  for (int64_t blk = 0; blk < num_blocks; ++blk) {
-    if (blk + 1 < num_blocks) prefetch_block(v_cache + table[blk + 1] * block_elems, block_elems);
-    const int64_t first = blk * block_size, count = std::min(block_size, len - first);
-    widen(v_cache + table[blk] * block_elems, rows, count * row);
+  for_each_block(v_cache, table, len, block_size, block_elems, rows, [&](int64_t first, int64_t count) {
     for (int64_t t = 0; t < count; ++t) {
       for (int64_t kh = 0; kh < num_kv_heads; ++kh) {
         const float* __restrict value = rows + t * row + kh * head_dim;
@@ -95,7 +102,7 @@ void decode_one_sequence(const T* q, const T* k_cache, const T* v_cache, const i
         }
       }
     }
-  }
+  });
   for (int64_t i = 0; i < num_heads * head_dim; ++i) out[i] = static_cast<T>(acc[i]);
 }
 
