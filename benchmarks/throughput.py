@@ -16,7 +16,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from loraserve import LLM, SamplingParams
-from loraserve.config import default_dtype, parse_dtype
+from loraserve.config import EngineConfig
+from loraserve.engine.platform import resolve_dtypes
 from loraserve.model.loader import load_tokenizer, resolve_model
 
 
@@ -69,7 +70,7 @@ def workload_parser(doc: str) -> argparse.ArgumentParser:
 
 def llm_dtype(name: str) -> torch.dtype:
     """The dtype the engine runs with for --dtype, so transformers is measured in the same one."""
-    return parse_dtype(name, auto=default_dtype("cpu"), what="--dtype")
+    return resolve_dtypes(EngineConfig(dtype=name))[0]
 
 
 def main() -> None:

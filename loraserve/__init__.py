@@ -1,8 +1,8 @@
 """loraserve: serve many LoRA adapters on one shared base LLM."""
 from loraserve.llm import LLM
-from loraserve.lora.request import LoRARequest
-from loraserve.outputs import CompletionOutput, RequestOutput
+from loraserve.lora_request import LoRARequest
+from loraserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from loraserve.sampling_params import SamplingParams
+from loraserve.version import __version__
 
-__all__ = ["LLM", "SamplingParams", "LoRARequest", "RequestOutput", "CompletionOutput"]
-__version__ = "0.1.0"
+__all__ = ["LLM", "CompletionOutput", "LoRARequest", "RequestMetrics", "RequestOutput", "SamplingParams", "__version__"]

@@ -1,112 +1,113 @@
-"""Engine configuration: dataclasses validated once, at the edge; inner code trusts them."""
+"""Engine configuration: dataclasses validated once, at the edge; inner code trusts them.
+
+These dataclasses are the one list of engine options: `LLM(**options)` and the command line's flags are
+both made from their fields (`EngineConfig.from_options`, `option_fields`), so an option is added here once.
+Building a config is pure: hardware questions (is bf16 fast here?) are answered when the engine starts.
+"""
 from __future__ import annotations
 
-import logging
-import time
+import dataclasses
 from dataclasses import dataclass, field
-from functools import cache
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-logger = logging.getLogger(__name__)
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-# bf16 must beat fp32 by this much on the probe before "auto" gives up fp32's accuracy for it.
-_BF16_MIN_SPEEDUP = 1.5
-
-
-@cache
-def cpu_bf16_speedup() -> float:
-    """fp32 time / bf16 time of a decode-sized matmul ([64, 576] x [576, 1536]), measured once per process.
-
-    CPU flags do not predict it: an Intel Xeon with avx512_bf16 but no AMX ran PyTorch's bf16 matmuls at
-    half its fp32 speed, an AMD EPYC with the same flag at 4x (docs/benchmarks.md). Best of several runs,
-    so a busy core does not flip the answer; the probe costs well under a second."""
-    def best_time(dtype: torch.dtype) -> float:
-        x, w = torch.randn(64, 576, dtype=dtype), torch.randn(1536, 576, dtype=dtype)
-        times = []
-        for _ in range(12):
-            start = time.perf_counter()
-            for _ in range(4):
-                F.linear(x, w)
-            times.append(time.perf_counter() - start)
-        return min(times[2:])
-    return best_time(torch.float32) / best_time(torch.bfloat16)
-
-
-def default_dtype(device: str) -> torch.dtype:
-    """'auto': bfloat16 on CUDA, and on a CPU where bf16 matmuls are clearly faster than fp32 (AMX, or an
-    avx512_bf16 that runs at full rate); float32 elsewhere, where bf16 would only cost accuracy."""
-    if device.startswith("cuda"):
-        return torch.bfloat16
-    if torch.cpu._is_amx_tile_supported():
-        return torch.bfloat16
-    speedup = cpu_bf16_speedup()
-    dtype = torch.bfloat16 if speedup >= _BF16_MIN_SPEEDUP else torch.float32
-    logger.info("dtype auto: bf16 matmuls run %.1fx fp32's speed on this CPU; using %s", speedup, dtype)
-    return dtype
+def _option(default: Any, doc: str, kind: type | None = None, **extra: Any) -> Any:
+    """A config field that is also an LLM keyword and a command-line flag; `kind` parses the flag's value
+    (None: a switch)."""
+    return field(default=default, metadata={"help": doc, "kind": kind, **extra})
 
 
 def parse_dtype(name: str | torch.dtype, *, auto: torch.dtype, what: str) -> torch.dtype:
-    """'auto' | 'bfloat16' | 'float16' | 'float32' | torch.dtype -> torch.dtype."""
+    """'auto' | 'bfloat16' | 'float16' | 'float32' | torch.dtype -> torch.dtype ('auto' -> `auto`)."""
     if isinstance(name, torch.dtype):
         return name
     if name == "auto":
         return auto
-    if name not in _DTYPES:
-        raise ValueError(f"{what} must be one of auto, {', '.join(_DTYPES)}; got {name!r}")
-    return _DTYPES[name]
+    if name not in DTYPES:
+        raise ValueError(f"{what} must be one of auto, {', '.join(DTYPES)}; got {name!r}")
+    return DTYPES[name]
+
+
+def _check_dtype_name(value: str | torch.dtype, what: str) -> None:
+    if not isinstance(value, torch.dtype) and value != "auto" and value not in DTYPES:
+        raise ValueError(f"{what} must be one of auto, {', '.join(DTYPES)}; got {value!r}")
 
 
 @dataclass
 class LoRAConfig:
     """Adapter capacity. Slots (max_loras) live beside the model; host copies (max_cpu_loras) in RAM."""
 
-    max_loras: int = 1
-    max_lora_rank: int = 16
-    max_cpu_loras: int | None = None  # default: max_loras
-    lora_dtype: str | torch.dtype = "auto"
+    max_loras: int = _option(1, "distinct adapters in one batch (slots beside the model)", int)
+    max_lora_rank: int = _option(16, "largest adapter rank that can be loaded", int)
+    max_cpu_loras: int | None = _option(
+        None, "adapters kept in host memory when no request uses them (default: max_loras); adapters of "
+              "running requests are always held", int)
+    lora_dtype: str | torch.dtype = _option("auto", "adapter weight dtype: auto (the model's), bfloat16, "
+                                                    "float16, float32", str)
 
     def __post_init__(self) -> None:
-        if self.max_loras < 1:
-            raise ValueError(f"max_loras must be at least 1, got {self.max_loras}")
-        if self.max_lora_rank < 1:
-            raise ValueError(f"max_lora_rank must be at least 1, got {self.max_lora_rank}")
+        for name in ("max_loras", "max_lora_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_cpu_loras is None:
             self.max_cpu_loras = self.max_loras
         if self.max_cpu_loras < self.max_loras:
-            raise ValueError(
-                f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})"
-            )
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+        _check_dtype_name(self.lora_dtype, "lora_dtype")
 
 
 @dataclass
 class EngineConfig:
     """Everything the engine needs to start. `model=None` selects the default model."""
 
-    model: str | None = None
-    dtype: str | torch.dtype = "auto"
-    device: str = "cpu"
-    max_model_len: int | None = None  # default: the model's max_position_embeddings, capped at 4096
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 512  # per-step token budget; long prompts are prefilled in chunks
-    block_size: int = 16
-    num_kv_blocks: int | None = None  # default: sized from kv_cache_memory_gb / free memory
-    kv_cache_memory_gb: float | None = None
-    seed: int = 0
-    enable_lora: bool = False
+    model: str | None = _option(None, "HF model folder, hub id in the local cache, or .gguf file "
+                                      "(default: SmolLM2-135M-Instruct)", str, positional=True)
+    dtype: str | torch.dtype = _option("auto", "weights and activations: auto (bf16 where its matmuls are "
+                                               "fast, else fp32), bfloat16, float16, float32", str)
+    device: str = _option("cpu", "torch device", str)
+    max_model_len: int | None = _option(None, "context length (default: the model's, at most 4096)", int)
+    max_num_seqs: int = _option(256, "sequences decoded together in one step", int)
+    max_num_batched_tokens: int = _option(512, "tokens per engine step; longer prompts are prefilled in "
+                                               "chunks", int)
+    max_n: int = _option(16, "most samples (n) one request may ask for", int)
+    block_size: int = _option(16, "tokens per KV-cache block", int)
+    num_kv_blocks: int | None = _option(None, "KV-cache blocks (default: sized from kv_cache_memory_gb or "
+                                              "free memory)", int)
+    kv_cache_memory_gb: float | None = _option(None, "memory for the KV cache, in GiB", float)
+    seed: int = _option(0, "seed of the sampling noise of requests without a seed of their own", int)
+    enable_lora: bool = _option(False, "serve LoRA adapters")
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self) -> None:
-        self.torch_dtype = parse_dtype(self.dtype, auto=default_dtype(self.device), what="dtype")
-        self.lora_torch_dtype = parse_dtype(self.lora.lora_dtype, auto=self.torch_dtype, what="lora_dtype")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        _check_dtype_name(self.dtype, "dtype")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_n"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be at least 1, got {self.num_kv_blocks}")
+        if self.kv_cache_memory_gb is not None and self.kv_cache_memory_gb <= 0:
+            raise ValueError(f"kv_cache_memory_gb must be positive, got {self.kv_cache_memory_gb}")
+
+    @classmethod
+    def from_options(cls, **options: Any) -> EngineConfig:
+        """A config from flat keyword options (EngineConfig and LoRAConfig fields side by side), as `LLM`
+        and the command line take them. An unknown name raises TypeError listing the valid ones."""
+        engine_names = {f.name for f in option_fields(EngineConfig)}
+        lora_names = {f.name for f in option_fields(LoRAConfig)}
+        unknown = set(options) - engine_names - lora_names
+        if unknown:
+            raise TypeError(f"unknown engine option(s) {', '.join(sorted(unknown))}; valid options: "
+                            f"{', '.join(sorted(engine_names | lora_names))}")
+        lora = LoRAConfig(**{k: v for k, v in options.items() if k in lora_names})
+        return cls(**{k: v for k, v in options.items() if k in engine_names}, lora=lora)
+
+
+def option_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields of a config dataclass that are user options (every field but nested configs)."""
+    return [f for f in dataclasses.fields(cls) if "help" in f.metadata]

@@ -4,12 +4,12 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
-from loraserve.config import EngineConfig, LoRAConfig
+from loraserve.config import EngineConfig
 from loraserve.engine.engine import LLMEngine
-from loraserve.lora.request import LoRARequest
+from loraserve.errors import ParamError
+from loraserve.lora_request import LoRARequest
 from loraserve.outputs import RequestOutput
 from loraserve.sampling_params import SamplingParams
 
@@ -21,18 +21,19 @@ class LLM:
     """One base model in memory; requests batched together, each with its own sampling settings and
     optionally its own LoRA adapter."""
 
-    def __init__(self, model: str | None = None, *, dtype: str | torch.dtype = "auto", max_model_len: int | None = None,
-                 max_num_seqs: int = 256, max_num_batched_tokens: int = 512, seed: int = 0,
-                 enable_lora: bool = False, max_loras: int = 1, max_lora_rank: int = 16,
-                 max_cpu_loras: int | None = None, lora_dtype: str | torch.dtype = "auto",
-                 num_kv_blocks: int | None = None, kv_cache_memory_gb: float | None = None,
-                 block_size: int = 16, device: str = "cpu") -> None:
-        config = EngineConfig(
-            model=model, dtype=dtype, device=device, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens, block_size=block_size, num_kv_blocks=num_kv_blocks,
-            kv_cache_memory_gb=kv_cache_memory_gb, seed=seed, enable_lora=enable_lora,
-            lora=LoRAConfig(max_loras=max_loras, max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras,
-                            lora_dtype=lora_dtype))
+    def __init__(self, model: str | None = None, **options: Any) -> None:
+        """`model`: a Hugging Face model folder, a hub id in the local cache, or a .gguf file (None: the
+        default model). `options`: any EngineConfig or LoRAConfig field by name (dtype, max_model_len,
+        max_num_seqs, enable_lora, max_loras, max_lora_rank, ...); an unknown name raises TypeError."""
+        self._start(EngineConfig.from_options(model=model, **options))
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLM:
+        llm = cls.__new__(cls)
+        llm._start(config)
+        return llm
+
+    def _start(self, config: EngineConfig) -> None:
         self.engine = LLMEngine(config)
         self._next_id = 0
 
@@ -51,19 +52,31 @@ class LLM:
         params = _per_prompt(sampling_params if sampling_params is not None else SamplingParams(), len(prompts),
                              "sampling_params", SamplingParams)
         loras = _per_prompt(lora_request, len(prompts), "lora_request", LoRARequest)
-        ids = []
+        requests = []
         try:
-            for prompt, param, lora in zip(prompts, params, loras):
+            for prompt, param, lora in zip(prompts, params, loras, strict=True):
                 text, token_ids = _split_prompt(prompt)
-                request_id = str(self._next_id)
+                requests.append(self.engine.make_request(str(self._next_id), text, token_ids, param, lora))
                 self._next_id += 1
-                self.engine.add_request(request_id, text, token_ids, param, lora)
-                ids.append(request_id)
         except Exception:
-            for request_id in ids:
-                self.engine.abort_request(request_id)
+            for request in requests:
+                self.engine.discard(request)
             raise
-        return self._run(ids, use_tqdm)
+        for request in requests:
+            self.engine.add(request)
+        return self._run([request.request_id for request in requests], use_tqdm)
+
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        """Read and validate an adapter now rather than at its first request; binds its id anew if it was
+        removed."""
+        self.engine.add_lora(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Unbind an adapter id; a later request for it is refused until it is added again."""
+        return self.engine.remove_lora(lora_int_id)
+
+    def list_loras(self) -> list[int]:
+        return self.engine.list_loras()
 
     def chat(self, messages: Conversation | list[Conversation],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None, use_tqdm: bool = True,
@@ -113,4 +126,5 @@ def _split_prompt(prompt: PromptType) -> tuple[str | None, list[int] | None]:
         return prompt, None
     if isinstance(prompt, dict) and ("prompt_token_ids" in prompt or "prompt" in prompt):
         return prompt.get("prompt"), prompt.get("prompt_token_ids")
-    raise ValueError(f"a prompt must be a string or a dict with 'prompt_token_ids'; got {type(prompt).__name__}")
+    raise ParamError("prompt", f"a {{param}} must be a string or a dict with 'prompt_token_ids'; got "
+                               f"{type(prompt).__name__}")

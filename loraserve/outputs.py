@@ -1,7 +1,9 @@
-"""What a request gives back: one RequestOutput with one CompletionOutput per sample (n)."""
+"""What a request gives back: one RequestOutput with one CompletionOutput per sample (n), in vLLM's shape."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from loraserve.lora_request import LoRARequest
 
 
 @dataclass
@@ -26,10 +28,28 @@ class CompletionOutput:
     logprobs: SampleLogprobs | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
     stop_reason: int | str | None = None  # the stop string or token id that ended it
+    # Per token: where in `text` the characters it contributes begin (a token that only starts a multi-byte
+    # character points at that character). At most len(text): a stop string may have cut the text short.
+    text_offsets: list[int] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass
+class RequestMetrics:
+    """Wall-clock times (time.time()) of a request's life, as vLLM reports them."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+
+    @property
+    def time_in_queue(self) -> float | None:
+        return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
 
 
 @dataclass
@@ -41,5 +61,9 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
-    lora_name: str | None = None
-    error: str | None = None  # set when the request was stopped by a failure (e.g. its adapter broke)
+    lora_request: LoRARequest | None = None
+    metrics: RequestMetrics | None = None
+
+    @property
+    def lora_name(self) -> str | None:
+        return self.lora_request.lora_name if self.lora_request else None

@@ -3,6 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from loraserve.errors import ParamError
+
+# Seeds are torch generator seeds: 64-bit signed integers, as vLLM accepts them.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
 
 @dataclass
 class SamplingParams:
@@ -42,7 +47,7 @@ class SamplingParams:
 
     def _validate(self) -> None:
         def bad(name: str, why: str) -> None:
-            raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
+            raise ParamError(name, f"{{param}} {why}, got {getattr(self, name)!r}")
 
         if self.n < 1:
             bad("n", "must be at least 1")
@@ -68,8 +73,16 @@ class SamplingParams:
             bad("frequency_penalty", "must be in [-2, 2]")
         if self.repetition_penalty <= 0:
             bad("repetition_penalty", "must be positive (1 disables it)")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            bad("seed", "must be a 64-bit signed integer (between -2**63 and 2**63 - 1)")
         if any(not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty")
+            raise ParamError("stop", "{param} strings must be non-empty")
+
+    def sample_seed(self, index: int) -> int | None:
+        """The seed of sample `index` of the n: seed + index, wrapped into the 64-bit range."""
+        if self.seed is None:
+            return None
+        return (self.seed + index - SEED_MIN) % 2**64 + SEED_MIN
 
     @property
     def greedy(self) -> bool:

@@ -110,11 +110,11 @@ def peft_reference(model, prompt_ids: list[int], eos_token_ids: list[int]) -> Re
 def engine_logits(llm: LLM, token_ids: dict[str, list[int]], loras: dict[str, LoRARequest]) -> dict[str, torch.Tensor]:
     """Logits at every position of each row, all rows in one mixed-adapter forward of the model runner."""
     engine = llm.engine
-    slots, failed = engine.lora_manager.activate(loras.values())
-    assert not failed
+    adapters = {row: engine.lora_manager.acquire(lora) for row, lora in loras.items()}
+    slots = engine.lora_manager.activate(adapters.values())
     scheduled = []
     for i, (row, ids) in enumerate(token_ids.items()):
-        seq = Sequence(-1 - i, row, 0, len(ids), list(ids), SamplingParams(), loras.get(row))
+        seq = Sequence(-1 - i, row, 0, len(ids), list(ids), SamplingParams(), adapter=adapters.get(row))
         engine.blocks.allocate(seq, len(ids))
         scheduled.append(ScheduledSeq(seq, len(ids)))
     try:
@@ -124,6 +124,8 @@ def engine_logits(llm: LLM, token_ids: dict[str, list[int]], loras: dict[str, Lo
     finally:
         for s in scheduled:
             engine.blocks.free(s.seq)
+        for adapter in adapters.values():
+            engine.lora_manager.release(adapter)
     spans = batch.attention.prefills
     return {s.seq.request_id: logits[span.start:span.end] for s, span in zip(order, spans)}
 

@@ -7,9 +7,10 @@ import random
 import pytest
 import torch
 
-import loraserve.lora.ops as ops
+import loraserve.layers.lora_ops as ops
 from loraserve.layers.cpu_kernels import lora_module
-from loraserve.lora.ops import LoRABatch, SlotLayout, add_lora
+from loraserve.layers.forward_batch import LoRABatch
+from loraserve.layers.lora_ops import SlotLayout, add_lora
 
 PATHS = ["kernel", "bmm"]
 
@@ -18,8 +19,7 @@ PATHS = ["kernel", "bmm"]
 def path(request, monkeypatch):
     """Run a test once through the C++ kernel and once through the portable bmm path."""
     if request.param == "kernel":
-        if lora_module() is None:
-            pytest.skip("C++ LoRA kernel not buildable here")
+        assert lora_module() is not None, "the C++ LoRA kernel failed to build (see the warning logged)"
     else:
         monkeypatch.setattr(ops, "lora_module", lambda: None)
     return request.param
@@ -97,6 +97,23 @@ def test_packed_parts_touch_only_their_columns(dtype, path):
     add_lora(y, x, layout, LoRABatch.build(token_slots, 0, torch.device("cpu")))
     tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.1, rtol=0.02)
     torch.testing.assert_close(y.float(), expected, **tolerance)
+
+    # SlotLayout.fill builds exactly this layout from each part's (A, B), and clear empties a slot again.
+    filled = SlotLayout.allocate({"p0": 6, "p1": 4, "p2": 4}, 10, num_slots=2, max_rank=2, dtype=dtype,
+                                 device=torch.device("cpu"))
+    for slot, parts in enumerate(slot_parts):
+        weights, offset = {}, 0
+        for part, rank in parts.items():
+            a = lora_a[slot, offset:offset + rank]
+            b = lora_b[slot, offset:offset + rank, cols[part][0]:cols[part][1]].T
+            weights[f"p{part}"] = (a, b)
+            offset += rank
+        filled.fill(slot, weights)
+    assert filled.widths == widths and torch.equal(filled.part_rows, part_rows)
+    assert torch.equal(filled.part_cols, torch.tensor(cols))
+    assert torch.equal(filled.lora_a, lora_a) and torch.equal(filled.lora_b, lora_b)
+    filled.clear(0)
+    assert filled.widths[0] == 0 and not filled.lora_a[0].any() and not filled.lora_b[0].any()
 
 
 def test_grouping_slices_contiguous_slots_and_gathers_others():

@@ -1,24 +1,31 @@
-"""Async front of the engine for the server: a background thread steps the batch while asyncio handlers
-add requests and read their outputs as they are produced.
+"""AsyncLLMEngine: the server's one door into the engine. A background thread steps the batch while asyncio
+handlers make requests, read their outputs as they are produced, manage adapters and read stats.
 
-Only the step thread touches the engine. Handlers post operations (add, abort, stats reads) to an inbox
-that the thread runs between steps, so no handler ever waits for a step to end: with a lock shared by
-handlers and the step loop, the loop re-took the lock at once after each step and handlers starved,
-stalling the event loop for seconds under load.
+Only the step thread touches the batch. Handlers post operations (add, abort, stats) to an inbox that the
+thread runs between steps, so no handler ever waits for a step to end: with a lock shared by handlers and
+the step loop, the loop re-took the lock at once after each step and handlers starved, stalling the event
+loop for seconds under load. Work that may be slow and touches no batch state (tokenising, checking and
+reading a cold adapter from disk) runs in a worker thread before the request is posted, so neither the
+event loop nor a step ever waits for a disk.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from loraserve.config import EngineConfig
 from loraserve.engine.engine import LLMEngine
-from loraserve.lora.request import LoRARequest
+from loraserve.engine.request import Request
+from loraserve.engine.stats import EngineStats
+from loraserve.errors import EngineDeadError
+from loraserve.lora_request import LoRARequest
 from loraserve.outputs import RequestOutput
 from loraserve.sampling_params import SamplingParams
 
@@ -26,13 +33,20 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class EngineDeadError(RuntimeError):
-    """The step loop failed or was shut down; the server should report unhealthy."""
+@dataclass(frozen=True)
+class EngineLimits:
+    """What a front end needs to know to shape requests that fit."""
+
+    max_model_len: int
+    max_n: int
+    lora_enabled: bool
+    max_loras: int
+    max_lora_rank: int
 
 
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
+        self._engine = engine
         # Guards the inbox, the streams and the flags; held only briefly, never during a step.
         self._cv = threading.Condition()
         self._inbox: deque[Callable[[], None]] = deque()
@@ -40,6 +54,9 @@ class AsyncLLMEngine:
         self._stopping = False
         self._closed = False  # the step thread has ended; nothing more will be run
         self.error: BaseException | None = None
+        config = engine.config
+        self.limits = EngineLimits(engine.max_model_len, config.max_n, config.enable_lora, config.lora.max_loras,
+                                   config.lora.max_lora_rank)
         self._thread = threading.Thread(target=self._loop, name="loraserve-engine", daemon=True)
         self._thread.start()
 
@@ -49,33 +66,45 @@ class AsyncLLMEngine:
 
     @property
     def tokenizer(self):
-        return self.engine.tokenizer
+        return self._engine.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        """The base model as the user named it (the default model's hub id when none was named)."""
+        return self._engine.model_name
+
+    @property
+    def model_path(self) -> Path:
+        """The local folder the base model was loaded from."""
+        return self._engine.model_path
 
     @property
     def healthy(self) -> bool:
         return self.error is None and not self._closed and self._thread.is_alive()
 
+    # ---- generation -------------------------------------------------------------------------------
+
     async def generate(self, request_id: str, prompt: str | None, prompt_token_ids: list[int] | None,
                        params: SamplingParams, lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
         """Yield the request's cumulative output each time it grows; the last one has finished=True.
-        A request the engine refuses raises its ValueError here. Leaving the iteration early (client gone)
-        aborts the request and frees its KV blocks."""
-        if lora_request is not None:
-            # Read and validate the adapter off the event loop and off the step thread, so a slow disk
-            # stalls neither other requests nor the batch.
-            await asyncio.to_thread(self.engine.prepare_lora, lora_request)
+        A request that cannot run raises ParamError / LoRAError here, before the first output. Leaving the
+        iteration early (client gone) aborts the request and frees its KV blocks."""
+        self._check_open()
+        request = await self._make(request_id, prompt, prompt_token_ids, params, lora_request)
+        loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
         def add() -> None:
             try:
-                self.engine.add_request(request_id, prompt, prompt_token_ids, params, lora_request)
-            except Exception as exc:  # noqa: BLE001 - the caller's error (bad prompt, adapter), not the engine's
+                self._engine.add(request)
+            except Exception as exc:  # noqa: BLE001 - a duplicate id: handed to the caller
                 self._deliver(request_id, exc)
 
         with self._cv:
             if self._closed or self._stopping:
+                self._engine.discard(request)
                 raise EngineDeadError(f"the engine has stopped: {self.error!r}")
-            self._streams[request_id] = (asyncio.get_running_loop(), queue)
+            self._streams[request_id] = (loop, queue)
             self._inbox.append(add)
             self._cv.notify()
         finished = False
@@ -93,35 +122,48 @@ class AsyncLLMEngine:
             if not finished:
                 self.abort(request_id)
 
+    async def _make(self, *args: Any) -> Request:
+        """LLMEngine.make_request in a worker thread. If the caller is cancelled meanwhile, the request made
+        anyway is discarded (it holds an adapter)."""
+        future = asyncio.get_running_loop().run_in_executor(None, self._engine.make_request, *args)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(
+                lambda f: None if f.cancelled() or f.exception() is not None else self._engine.discard(f.result()))
+            raise
+
     def abort(self, request_id: str) -> None:
         """Stop a request before the next step (frees its KV blocks); its stream gets nothing more."""
         with self._cv:
             self._streams.pop(request_id, None)
             if not self._closed:
-                self._inbox.append(lambda: self.engine.abort_request(request_id))
+                self._inbox.append(lambda: self._engine.abort_request(request_id))
                 self._cv.notify()
 
-    def run_between_steps(self, fn: Callable[..., T], *args: Any) -> T:
-        """Call fn(*args) on the step thread between two steps and return its result (for adapter
-        management and stats). Blocks until then: call it from a worker thread, not the event loop."""
-        if threading.current_thread() is self._thread:
-            return fn(*args)
-        future: Future = Future()
+    # ---- adapters and stats ----------------------------------------------------------------------
 
-        def call() -> None:
-            try:
-                future.set_result(fn(*args))
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-                future.set_exception(exc)
+    async def add_lora(self, lora_request: LoRARequest) -> None:
+        """Read and validate an adapter into host memory (off the event loop); LoRAError says what is wrong."""
+        await asyncio.get_running_loop().run_in_executor(None, self.add_lora_blocking, lora_request)
 
-        with self._cv:
-            closed = self._closed
-            if not closed:
-                self._inbox.append(call)
-                self._cv.notify()
-        if closed:  # the step thread is gone: nothing else touches the engine
-            return fn(*args)
-        return future.result()
+    def add_lora_blocking(self, lora_request: LoRARequest) -> None:
+        """add_lora for code that is not on an event loop (start-up): reads the disk in the caller's thread."""
+        self._check_open()
+        self._engine.add_lora(lora_request)
+
+    async def remove_lora(self, lora_int_id: int) -> bool:
+        """New requests for the id are refused at once; running ones finish on its weights."""
+        return self._engine.remove_lora(lora_int_id)
+
+    def list_loras(self) -> list[int]:
+        return self._engine.list_loras()
+
+    async def stats(self) -> EngineStats:
+        """A snapshot taken between two steps."""
+        return await self._between_steps(self._engine.stats)
+
+    # ---- lifecycle ------------------------------------------------------------------------------
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Stop the step loop; every open stream gets EngineDeadError and its request is aborted."""
@@ -129,6 +171,34 @@ class AsyncLLMEngine:
             self._stopping = True
             self._cv.notify()
         self._thread.join(timeout)
+
+    def _check_open(self) -> None:
+        if self._closed or self._stopping:
+            raise EngineDeadError(f"the engine has stopped: {self.error!r}")
+
+    async def _between_steps(self, fn: Callable[[], T]) -> T:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+
+        def settle(result: Any, exc: BaseException | None) -> None:
+            if not future.done():
+                future.set_exception(exc) if exc is not None else future.set_result(result)
+
+        def call() -> None:
+            try:
+                result, exc = fn(), None
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's task
+                result, exc = None, e
+            loop.call_soon_threadsafe(settle, result, exc)
+
+        with self._cv:
+            closed = self._closed
+            if not closed:
+                self._inbox.append(call)
+                self._cv.notify()
+        if closed:  # the step thread is gone: nothing else touches the engine
+            return fn()
+        return await future
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
         with self._cv:
@@ -138,17 +208,15 @@ class AsyncLLMEngine:
         if stream is None:
             return
         loop, queue = stream
-        try:
+        with contextlib.suppress(RuntimeError):  # RuntimeError: the handler's loop is closed
             loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the handler's loop is closed
-            pass
 
     def _loop(self) -> None:
         reason = "the server is shutting down"
         try:
             while True:
                 with self._cv:
-                    while not (self._stopping or self._inbox or self.engine.has_unfinished_requests()):
+                    while not (self._stopping or self._inbox or self._engine.has_unfinished_requests()):
                         self._cv.wait()
                     if self._stopping:
                         return
@@ -156,10 +224,10 @@ class AsyncLLMEngine:
                     self._inbox.clear()
                 for op in ops:
                     op()
-                if self.engine.has_unfinished_requests():
-                    for output in self.engine.step():
+                if self._engine.has_unfinished_requests():
+                    for output in self._engine.step():
                         self._deliver(output.request_id, output)
-        except BaseException as exc:  # noqa: BLE001 - reported to every waiting request, then stop
+        except BaseException as exc:
             logger.exception("engine step failed")
             self.error = exc
             reason = f"engine step failed: {exc!r}"
@@ -176,11 +244,11 @@ class AsyncLLMEngine:
         for op in ops:
             try:
                 op()
-            except Exception:  # noqa: BLE001 - the engine may be broken; closing goes on
+            except Exception:
                 logger.exception("operation failed while closing the engine")
         with self._cv:
             streams = list(self._streams)
         for request_id in streams:
             self._deliver(request_id, EngineDeadError(reason))
-        for request_id in list(self.engine.requests):
-            self.engine.abort_request(request_id)
+        for request_id in list(self._engine.requests):
+            self._engine.abort_request(request_id)

@@ -16,10 +16,6 @@ class BlockManager:
     def num_free_blocks(self) -> int:
         return len(self.free_blocks)
 
-    @property
-    def usage(self) -> float:
-        return 1.0 - self.num_free_blocks / self.num_blocks
-
     def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
         """Extra blocks for the sequence to hold num_new_tokens more tokens' K/V."""
         total = seq.num_computed_tokens + num_new_tokens

@@ -1,47 +1,42 @@
-"""LLMEngine: add requests, step the batch, get RequestOutputs. Synchronous; the async engine and the
-offline LLM both drive it."""
+"""LLMEngine: make requests, add them, step the batch, get RequestOutputs. Synchronous; the async engine
+and the offline LLM both drive it.
+
+A request is made (`make_request`: tokenised, checked, its adapter taken into host memory, read from disk if
+it is cold) before it enters the batch (`add`); making touches no state of the batch, so the async engine
+does it off the step thread and a disk read never stalls a step. `add_request` does both, for callers that
+step the engine themselves.
+"""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import time
-from dataclasses import dataclass
 
 import torch
+from transformers import GenerationConfig, PretrainedConfig
 
 from loraserve.config import EngineConfig
 from loraserve.engine.block_manager import BlockManager
-from loraserve.engine.detokenizer import IncrementalDetokenizer
 from loraserve.engine.kv_cache import choose_num_blocks
 from loraserve.engine.model_runner import ModelRunner
-from loraserve.engine.scheduler import ScheduledSeq, Scheduler
+from loraserve.engine.output_processor import OutputProcessor
+from loraserve.engine.platform import resolve_dtypes
+from loraserve.engine.request import Request
+from loraserve.engine.scheduler import Scheduler
 from loraserve.engine.sequence import Sequence
-from loraserve.layers.sampler import SamplerOutput
+from loraserve.engine.stats import EngineStats
+from loraserve.errors import LoRAError, ParamError
 from loraserve.lora.adapter import LoRAAdapter
 from loraserve.lora.manager import LoRAManager
-from loraserve.lora.request import LoRARequest
+from loraserve.lora_request import LoRARequest
 from loraserve.model.builder import build_model, load_hf_config
 from loraserve.model.loader import DEFAULT_MODEL_NAME, load_tokenizer, resolve_model
-from loraserve.outputs import CompletionOutput, Logprob, RequestOutput
+from loraserve.model.registry import decoder_spec, max_model_len
+from loraserve.outputs import RequestMetrics, RequestOutput
 from loraserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_MAX_MODEL_LEN = 4096
-
-
-@dataclass
-class _Request:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    seqs: list[Sequence]
-    detokenizers: list[IncrementalDetokenizer]
-    lora: LoRARequest | None
-
-    @property
-    def finished(self) -> bool:
-        return all(seq.finished for seq in self.seqs)
 
 
 class LLMEngine:
@@ -49,13 +44,15 @@ class LLMEngine:
         self.config = config
         self.device = torch.device(config.device)
         torch.manual_seed(config.seed)
-        folder = resolve_model(config.model)
-        self.model_path = folder
-        self.hf_config = load_hf_config(folder)
-        self.tokenizer = load_tokenizer(folder)
-        self.max_model_len = self._max_model_len()
-        self.model = build_model(folder, self.hf_config, config.torch_dtype, self.device, self.max_model_len)
-        num_blocks = config.num_kv_blocks or choose_num_blocks(self.model.spec, config, self.max_model_len)
+        self.dtype, lora_dtype = resolve_dtypes(config)
+        self.model_path = resolve_model(config.model)
+        self.model_name = config.model or DEFAULT_MODEL_NAME
+        hf_config = load_hf_config(self.model_path)
+        self.tokenizer = load_tokenizer(self.model_path)
+        self.max_model_len = max_model_len(decoder_spec(hf_config), config.max_model_len)
+        self.model = build_model(self.model_path, hf_config, self.dtype, self.device, self.max_model_len)
+        num_blocks = config.num_kv_blocks or choose_num_blocks(self.model.spec, config, self.dtype,
+                                                                self.max_model_len)
         if num_blocks * config.block_size < self.max_model_len:
             raise ValueError(
                 f"the KV cache holds {num_blocks * config.block_size} tokens, fewer than max_model_len="
@@ -64,217 +61,185 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.lora.max_loras if config.enable_lora else None)
-        self.eos_token_ids = self._eos_token_ids()
+        self.eos_token_ids = _eos_token_ids(self.model_path, hf_config, self.tokenizer)
         self.runner = ModelRunner(self.model, config.block_size, self.eos_token_ids)
+        self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
         self.lora_manager = None
         if config.enable_lora:
-            self.lora_manager = LoRAManager(self.model.linear_modules(), config.lora, config.lora_torch_dtype,
-                                            config.model or DEFAULT_MODEL_NAME)
-        self.requests: dict[str, _Request] = {}
+            self.lora_manager = LoRAManager(self.model.linear_modules(), config.lora, lora_dtype, self.model_name)
+        self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         logger.info("model %s: %d layers, dtype %s, max_model_len %d, %d KV blocks of %d tokens",
-                    folder, self.model.spec.num_layers, config.torch_dtype, self.max_model_len, num_blocks,
+                    self.model_path, self.model.spec.num_layers, self.dtype, self.max_model_len, num_blocks,
                     config.block_size)
 
-    def _max_model_len(self) -> int:
-        limit = getattr(self.hf_config, "max_position_embeddings", DEFAULT_MAX_MODEL_LEN)
-        window = getattr(self.hf_config, "sliding_window", None) if getattr(self.hf_config, "use_sliding_window", True) else None
-        if window:
-            limit = min(limit, window)  # full attention is exact only within the sliding window
-        if self.config.max_model_len is None:
-            return min(limit, DEFAULT_MAX_MODEL_LEN)
-        if self.config.max_model_len > limit:
-            raise ValueError(f"max_model_len={self.config.max_model_len} exceeds the model's limit of {limit} tokens")
-        return self.config.max_model_len
+    # ---- making requests: any thread ---------------------------------------------------------------
 
-    def _eos_token_ids(self) -> list[int]:
-        ids = set()
-        for source in (getattr(self.hf_config, "eos_token_id", None), self.tokenizer.eos_token_id):
-            if isinstance(source, int):
-                ids.add(source)
-            elif source:
-                ids.update(source)
-        return sorted(ids)
+    def make_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int] | None,
+                     params: SamplingParams, lora_request: LoRARequest | None = None) -> Request:
+        """A request ready to `add`, holding its adapter. Raises ParamError for a request that cannot run
+        (naming the parameter), LoRAError for its adapter. Hand it to `add` or to `discard`."""
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise ParamError("prompt", "give a {param} or prompt_token_ids")
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        prompt_token_ids = list(prompt_token_ids)
+        self._check(prompt_token_ids, params)
+        arrival = time.time()
+        adapter = self._acquire(lora_request) if lora_request is not None else None
+        request = Request(request_id, prompt, prompt_token_ids, [], lora_request, adapter,
+                          RequestMetrics(arrival_time=arrival))
+        try:
+            request.seqs = [
+                Sequence(next(self._seq_ids), request_id, index, len(prompt_token_ids), list(prompt_token_ids),
+                         params, detokenizer=self.output_processor.detokenizer(prompt_token_ids, params),
+                         adapter=adapter, generator=_generator(params.sample_seed(index), self.device))
+                for index in range(params.n)
+            ]
+        except BaseException:
+            self.discard(request)
+            raise
+        return request
 
-    # ---- requests ------------------------------------------------------------------------------
+    def discard(self, request: Request) -> None:
+        """Give back what a made request holds, when it will not be added after all."""
+        if request.adapter is not None:
+            self.lora_manager.release(request.adapter)
+            request.adapter = None
+
+    def _check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Every limit of this engine a request must fit, checked once, here."""
+        if not prompt_token_ids:
+            raise ParamError("prompt", "the {param} is empty; give at least one token")
+        vocab = self.model.spec.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise ParamError("prompt", f"{{param}} token ids must be in [0, {vocab})")
+        length = len(prompt_token_ids)
+        room = self.max_model_len - length
+        if room < 1:
+            raise ParamError("prompt", f"the {{param}} has {length} tokens but this model's maximum context length "
+                                       f"is {self.max_model_len}; shorten the {{param}}")
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise ParamError("max_tokens", f"this model's maximum context length is {self.max_model_len} tokens; "
+                                           f"the prompt has {length} and {{param}}={params.max_tokens} asks for "
+                                           f"more; lower {{param}} to at most {room}")
+        if params.n > self.config.max_n:
+            raise ParamError("n", f"{{param}}={params.n} exceeds this engine's limit of {self.config.max_n} samples "
+                                  f"per request; lower {{param}}, or start the engine with a larger max_n "
+                                  f"(server: --max-n)")
+
+    def _acquire(self, lora_request: LoRARequest) -> LoRAAdapter:
+        if self.lora_manager is None:
+            raise LoRAError(f"adapter {lora_request.lora_name!r} requested but LoRA is not enabled; start the "
+                            f"engine with enable_lora=True (server: --enable-lora)")
+        return self.lora_manager.acquire(lora_request)
+
+    # ---- adapters: any thread ----------------------------------------------------------------------
+
+    def add_lora(self, lora_request: LoRARequest) -> LoRAAdapter:
+        """Read, validate and cache an adapter now (binding its id anew if it was removed)."""
+        if self.lora_manager is None:
+            return self._acquire(lora_request)
+        return self.lora_manager.add(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Unbind an adapter id: new requests for it are refused; running ones finish on its weights, then
+        its host copy and slot are freed. False if the id was not bound."""
+        return self.lora_manager is not None and self.lora_manager.remove(lora_int_id)
+
+    def list_loras(self) -> list[int]:
+        return self.lora_manager.host.bound_ids() if self.lora_manager is not None else []
+
+    # ---- the batch: step thread --------------------------------------------------------------------
+
+    def add(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            self.discard(request)
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        for seq in request.seqs:
+            self.scheduler.add(seq)
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int] | None,
                     params: SamplingParams, lora_request: LoRARequest | None = None) -> None:
-        """Queue a request. Raises ValueError (with what to change) for a request that cannot run."""
-        if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        if prompt_token_ids is None:
-            if prompt is None:
-                raise ValueError("give a prompt or prompt_token_ids")
-            prompt_token_ids = self.tokenizer.encode(prompt)
-        prompt_token_ids = self._check_prompt(prompt_token_ids, params)
-        if lora_request is not None:
-            self.prepare_lora(lora_request)
-        seqs = []
-        for index in range(params.n):
-            generator = None
-            if params.seed is not None:
-                generator = torch.Generator(self.device).manual_seed(params.seed + index)
-            seqs.append(Sequence(next(self._seq_ids), request_id, index, len(prompt_token_ids),
-                                 list(prompt_token_ids), params, lora_request, generator))
-        detokenizers = [IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
-                        for _ in seqs]
-        self.requests[request_id] = _Request(request_id, prompt, prompt_token_ids, seqs, detokenizers, lora_request)
-        for seq in seqs:
-            self.scheduler.add(seq)
-
-    def _check_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> list[int]:
-        if not prompt_token_ids:
-            raise ValueError("the prompt is empty; give at least one token")
-        vocab = self.model.spec.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_token_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        room = self.max_model_len - len(prompt_token_ids)
-        if room < 1:
-            raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens but this model's maximum context "
-                             f"length is {self.max_model_len}; shorten the prompt")
-        if params.max_tokens is not None and params.max_tokens > room:
-            raise ValueError(f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
-                             f"{len(prompt_token_ids)} and max_tokens asks for {params.max_tokens} more; "
-                             f"lower max_tokens to at most {room}")
-        return list(prompt_token_ids)
-
-    def prepare_lora(self, lora_request: LoRARequest) -> LoRAAdapter:
-        """Read and validate an adapter into host memory (raises LoRAError saying what is wrong)."""
-        if self.lora_manager is None:
-            raise ValueError(f"adapter {lora_request.lora_name!r} requested but LoRA is not enabled; start the "
-                             f"engine with enable_lora=True (server: --enable-lora)")
-        return self.lora_manager.prepare(lora_request)
+        """make_request + add, for callers that step the engine on their own thread."""
+        self.add(self.make_request(request_id, prompt, prompt_token_ids, params, lora_request))
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free its KV blocks at once; returns its final output, None if unknown."""
-        request = self.requests.pop(request_id, None)
+        request = self.requests.get(request_id)
         if request is None:
             return None
         for seq in request.seqs:
             if not seq.finished:
                 seq.finish_reason = "abort"
                 self.scheduler.finish(seq)
-        return self._output(request)
+        return self._end(request)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
-
-    # ---- stepping ------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         """Run one batch; return the outputs of every request that changed."""
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        scheduled, lora_slots, failed = self._activate_adapters(scheduled)
-        outputs = [self._fail(request_id, reason) for request_id, reason in failed.items()]
-        if not scheduled:
-            return outputs
+        lora_slots = {}
+        if self.lora_manager is not None:
+            lora_slots = self.lora_manager.activate(s.seq.adapter for s in scheduled if s.seq.adapter is not None)
+        started = time.time()
         sampled, result = self.runner.run(scheduled, lora_slots)
         for s in scheduled:
             s.seq.num_computed_tokens += s.num_tokens
+            metrics = self.requests[s.seq.request_id].metrics
+            if metrics.first_scheduled_time is None:
+                metrics.first_scheduled_time = started
         if result is None:
-            return outputs
-        touched = self._append_tokens([s.seq for s in sampled], result)
-        for request in touched:
-            outputs.append(self._output(request))
-            if request.finished:
-                del self.requests[request.request_id]
-        return outputs
-
-    def _activate_adapters(self, scheduled: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], dict[int, int], dict[str, str]]:
-        """Slots for this step's adapters; requests whose adapter cannot be loaded are dropped from the
-        step (returned with the reason) and the rest run."""
-        if self.lora_manager is None:
-            return scheduled, {}, {}
-        lora_slots, errors = self.lora_manager.activate(s.seq.lora for s in scheduled if s.seq.lora)
-        if not errors:
-            return scheduled, lora_slots, {}
-        failed = {s.seq.request_id: str(errors[s.seq.lora_id]) for s in scheduled if s.seq.lora_id in errors}
-        return [s for s in scheduled if s.seq.request_id not in failed], lora_slots, failed
-
-    def _fail(self, request_id: str, reason: str) -> RequestOutput:
-        output = self.abort_request(request_id)
-        output.error = reason
-        return output
-
-    def _append_tokens(self, seqs: list[Sequence], result: SamplerOutput) -> list[_Request]:
-        now = time.monotonic()
-        token_ids = result.token_ids.tolist()
-        logprobs = self._logprob_dicts(result, [seq.params.logprobs for seq in seqs])
-        touched: dict[str, _Request] = {}
-        for row, seq in enumerate(seqs):
-            request = self.requests[seq.request_id]
-            token = token_ids[row]
-            seq.token_ids.append(token)
-            seq.first_token_time = seq.first_token_time or now
-            seq.last_token_time = now
-            if logprobs is not None and seq.params.logprobs is not None:
-                seq.logprobs.append(logprobs[row])
-                seq.cumulative_logprob += logprobs[row][token].logprob
-            seq.output_text += request.detokenizers[seq.index].add(token)
-            self._check_stop(seq, token)
+            return []
+        seqs = [s.seq for s in sampled]
+        self.output_processor.append(seqs, result)
+        now = time.time()
+        touched: dict[str, Request] = {}
+        for seq in seqs:
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
-            touched[request.request_id] = request
-        return list(touched.values())
+            touched[seq.request_id] = self.requests[seq.request_id]
+        outputs = []
+        for request in touched.values():
+            request.metrics.first_token_time = request.metrics.first_token_time or now
+            request.metrics.last_token_time = now
+            outputs.append(self._end(request) if request.finished else request.output())
+        return outputs
 
-    def _logprob_dicts(self, result: SamplerOutput, wanted: list[int | None]) -> list[dict[int, Logprob]] | None:
-        if result.logprobs is None:
-            return None
-        sampled_ids, sampled_lp, ranks = result.token_ids.tolist(), result.logprobs.tolist(), result.ranks.tolist()
-        top_ids = result.top_ids.tolist() if result.top_ids is not None else None
-        top_lp = result.top_logprobs.tolist() if result.top_logprobs is not None else None
-        dicts = []
-        for row, k in enumerate(wanted):
-            entry: dict[int, Logprob] = {}
-            for rank in range(k or 0):
-                entry[top_ids[row][rank]] = Logprob(top_lp[row][rank], rank + 1)
-            entry[sampled_ids[row]] = Logprob(sampled_lp[row], ranks[row])
-            for token_id, lp in entry.items():
-                lp.decoded_token = self.tokenizer.decode([token_id])
-            dicts.append(entry)
-        return dicts
+    def _end(self, request: Request) -> RequestOutput:
+        """Forget a finished or aborted request and let go of its adapter; its final output."""
+        del self.requests[request.request_id]
+        self.discard(request)
+        request.metrics.finished_time = time.time()
+        return request.output()
 
-    def _check_stop(self, seq: Sequence, token: int) -> None:
-        params = seq.params
-        if seq.num_output_tokens >= params.min_tokens:
-            if token in params.stop_token_ids:
-                seq.finish_reason, seq.stop_reason = "stop", token
-                return
-            if token in self.eos_token_ids and not params.ignore_eos:
-                seq.finish_reason = "stop"
-                return
-            if params.stop and self._cut_at_stop_string(seq):
-                return
-        if (params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens) \
-                or len(seq.token_ids) >= self.max_model_len:
-            seq.finish_reason = "length"
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            running=len({seq.request_id for seq in self.scheduler.running}),
+            waiting=len({seq.request_id for seq in self.scheduler.waiting}),
+            num_blocks=self.blocks.num_blocks, free_blocks=self.blocks.num_free_blocks,
+            preemptions=self.scheduler.num_preemptions,
+            lora=self.lora_manager.stats() if self.lora_manager is not None else None)
 
-    @staticmethod
-    def _cut_at_stop_string(seq: Sequence) -> bool:
-        """Finish at the first stop string in the text; the text ends before it (or after it when
-        include_stop_str_in_output)."""
-        text = seq.output_text
-        hits = [(text.find(stop), stop) for stop in seq.params.stop if stop in text]
-        if not hits:
-            return False
-        position, stop = min(hits)
-        end = position + len(stop) if seq.params.include_stop_str_in_output else position
-        seq.output_text = text[:end]
-        seq.finish_reason, seq.stop_reason = "stop", stop
-        return True
 
-    def _output(self, request: _Request) -> RequestOutput:
-        completions = [
-            CompletionOutput(
-                index=seq.index, text=seq.output_text, token_ids=list(seq.output_token_ids),
-                cumulative_logprob=seq.cumulative_logprob if seq.params.logprobs is not None else None,
-                logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
-                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
-            for seq in request.seqs
-        ]
-        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions,
-                             finished=request.finished,
-                             lora_name=request.lora.lora_name if request.lora else None)
+def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    return None if seed is None else torch.Generator(device).manual_seed(seed)
+
+
+def _eos_token_ids(folder, hf_config: PretrainedConfig, tokenizer) -> list[int]:
+    """Every id that ends generation: the model config's, the generation config's, the tokenizer's."""
+    sources = [getattr(hf_config, "eos_token_id", None), tokenizer.eos_token_id]
+    with contextlib.suppress(OSError):  # OSError: no generation_config.json
+        sources.append(GenerationConfig.from_pretrained(folder).eos_token_id)
+    ids = set()
+    for source in sources:
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(source)
+    return sorted(ids)

@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from loraserve.engine.forward_batch import ForwardBatch
 from loraserve.engine.scheduler import ScheduledSeq
-from loraserve.layers.attention import AttentionMetadata, PrefillSpan
+from loraserve.layers.forward_batch import AttentionMetadata, ForwardBatch, LoRABatch, PrefillSpan
 from loraserve.layers.sampler import Sampler, SamplerOutput, SamplingBatch
-from loraserve.lora.ops import LoRABatch
 from loraserve.model.llama import CausalLM
 
 
@@ -19,9 +17,10 @@ class ModelRunner:
         self.device = model.model.embed_tokens.weight.device
         self.sampler = Sampler()
 
-    def run(self, scheduled: list[ScheduledSeq], lora_slots: dict[int, int]) -> tuple[list[ScheduledSeq], SamplerOutput | None]:
-        """Run one step. `lora_slots` maps lora_int_id -> slot for the adapters of this step. Returns the
-        scheduled entries that sampled a token (in sampler row order) and the sampler's output."""
+    def run(self, scheduled: list[ScheduledSeq],
+            lora_slots: dict[str, int]) -> tuple[list[ScheduledSeq], SamplerOutput | None]:
+        """Run one step. `lora_slots` maps adapter content hash -> slot for the adapters of this step.
+        Returns the scheduled entries that sampled a token (in sampler row order) and the sampler's output."""
         batch, sampled = self.build_batch(scheduled, lora_slots)
         logits = self.model(batch)
         if not sampled:
@@ -32,16 +31,17 @@ class ModelRunner:
             [s.output_token_ids for s in seqs], self.eos_token_ids, self.device)
         return sampled, self.sampler(logits, sampling)
 
-    def build_batch(self, scheduled: list[ScheduledSeq], lora_slots: dict[int, int]) -> tuple[ForwardBatch, list[ScheduledSeq]]:
+    def build_batch(self, scheduled: list[ScheduledSeq],
+                    lora_slots: dict[str, int]) -> tuple[ForwardBatch, list[ScheduledSeq]]:
         """Prefill chunks first, then decodes; each group ordered by adapter slot so a slot's tokens form
         one contiguous run for the LoRA kernels."""
         def slot_of(s: ScheduledSeq) -> int:
-            return lora_slots[s.seq.lora_id] if s.seq.lora else -1
+            return lora_slots[s.seq.lora_key] if s.seq.adapter is not None else -1
 
         # A single token with context already cached is attended exactly like a decode.
         is_decode = [s.num_tokens == 1 and s.seq.num_computed_tokens > 0 for s in scheduled]
-        prefills = sorted((s for s, d in zip(scheduled, is_decode) if not d), key=slot_of)
-        decodes = sorted((s for s, d in zip(scheduled, is_decode) if d), key=slot_of)
+        prefills = sorted((s for s, d in zip(scheduled, is_decode, strict=True) if not d), key=slot_of)
+        decodes = sorted((s for s, d in zip(scheduled, is_decode, strict=True) if d), key=slot_of)
         device = self.device
         input_ids: list[int] = []
         positions: list[int] = []
@@ -69,9 +69,10 @@ class ModelRunner:
         decode_tables = decode_lens = None
         if decodes:
             width = max(len(s.seq.block_table) for s in decodes)
-            decode_tables = torch.tensor([s.seq.block_table + [0] * (width - len(s.seq.block_table)) for s in decodes],
-                                         dtype=torch.long, device=device)
-            decode_lens = torch.tensor([s.seq.num_computed_tokens + 1 for s in decodes], dtype=torch.long, device=device)
+            decode_tables = torch.tensor([s.seq.block_table + [0] * (width - len(s.seq.block_table))
+                                          for s in decodes], dtype=torch.long, device=device)
+            decode_lens = torch.tensor([s.seq.num_computed_tokens + 1 for s in decodes], dtype=torch.long,
+                                       device=device)
         attention = AttentionMetadata(
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
             prefills=spans,

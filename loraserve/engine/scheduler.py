@@ -36,10 +36,6 @@ class Scheduler:
         self.num_preemptions = 0
         self._bypassed: dict[int, int] = {}  # seq_id -> steps passed over for lack of an adapter slot
 
-    @property
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
@@ -78,12 +74,12 @@ class Scheduler:
         return scheduled
 
     def _admit(self, budget: int, scheduled: list[ScheduledSeq]) -> int:
-        active = {seq.lora_id for seq in self.running if seq.lora}
+        active = {seq.lora_key for seq in self.running if seq.adapter is not None}
         oldest_blocked = True
         for seq in list(self.waiting):
             if budget == 0 or len(self.running) >= self.max_num_seqs:
                 break
-            if seq.lora and seq.lora_id not in active and len(active) >= (self.max_loras or 0):
+            if seq.adapter is not None and seq.lora_key not in active and len(active) >= (self.max_loras or 0):
                 if oldest_blocked:
                     oldest_blocked = False
                     waited = self._bypassed[seq.seq_id] = self._bypassed.get(seq.seq_id, 0) + 1
@@ -97,8 +93,8 @@ class Scheduler:
             self._bypassed.pop(seq.seq_id, None)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            if seq.lora:
-                active.add(seq.lora_id)
+            if seq.adapter is not None:
+                active.add(seq.lora_key)
             self.blocks.allocate(seq, num_tokens)
             scheduled.append(ScheduledSeq(seq, num_tokens))
             budget -= num_tokens

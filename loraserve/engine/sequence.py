@@ -1,13 +1,13 @@
-"""One sample being generated: its tokens, its KV blocks, its progress and its stopping state."""
+"""One sample being generated: its tokens, its KV blocks, its progress and its output so far."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
 import torch
 
-from loraserve.lora.request import LoRARequest
+from loraserve.engine.detokenizer import IncrementalDetokenizer
+from loraserve.lora.adapter import LoRAAdapter
 from loraserve.outputs import Logprob
 from loraserve.sampling_params import SamplingParams
 
@@ -29,19 +29,18 @@ class Sequence:
     prompt_len: int
     token_ids: list[int]
     params: SamplingParams
-    lora: LoRARequest | None = None
+    detokenizer: IncrementalDetokenizer | None = None  # None only for sequences that are never sampled
+    adapter: LoRAAdapter | None = None  # held in host memory for as long as the request lives
     generator: torch.Generator | None = None
-    arrival_time: float = field(default_factory=time.monotonic)
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    output_text: str = ""
+    text_offsets: list[int] = field(default_factory=list)  # per output token, see CompletionOutput
     logprobs: list[dict[int, Logprob]] = field(default_factory=list)
     cumulative_logprob: float = 0.0
-    output_text: str = ""
-    first_token_time: float | None = None
-    last_token_time: float | None = None
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -56,8 +55,9 @@ class Sequence:
         return len(self.token_ids) - self.num_computed_tokens
 
     @property
-    def lora_id(self) -> int:
-        return self.lora.lora_int_id if self.lora else 0
+    def lora_key(self) -> str | None:
+        """The adapter's content hash: sequences with equal keys share an adapter slot."""
+        return self.adapter.content_hash if self.adapter is not None else None
 
     @property
     def finished(self) -> bool:

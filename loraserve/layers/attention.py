@@ -6,45 +6,11 @@ run of tokens of one sequence), then one token per decoding sequence, which are 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import cached_property
-
 import torch
 import torch.nn.functional as F
 
 from loraserve.layers.cpu_kernels import paged_attention_module
-
-
-@dataclass
-class PrefillSpan:
-    """Tokens [start, end) of the flat batch are the last end-start of a sequence's context_len tokens."""
-
-    start: int
-    end: int
-    context_len: int
-    block_ids: torch.Tensor  # [ceil(context_len / block_size)] int64
-
-    @property
-    def fresh(self) -> bool:
-        """True when the chunk is the whole context: attend to its own K/V, no cache read."""
-        return self.end - self.start == self.context_len
-
-
-@dataclass
-class AttentionMetadata:
-    slot_mapping: torch.Tensor  # [T] int64
-    prefills: list[PrefillSpan]
-    decode_start: int  # tokens [decode_start, T) are decoding, one per sequence
-    decode_block_tables: torch.Tensor | None  # [B, max_blocks] int64 (padded with block 0)
-    decode_context_lens: torch.Tensor | None  # [B] int64, tokens each decoding sequence attends to
-    block_size: int
-
-    @cached_property
-    def decode_mask(self) -> torch.Tensor:
-        """[B, 1, 1, max_blocks * block_size] bool, True = attend (for the PyTorch decode path)."""
-        width = self.decode_block_tables.shape[1] * self.block_size
-        positions = torch.arange(width, device=self.decode_context_lens.device)
-        return (positions[None, :] < self.decode_context_lens[:, None])[:, None, None, :]
+from loraserve.layers.forward_batch import AttentionMetadata, PrefillSpan
 
 
 class PagedAttention:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from loraserve.model.loader import cache_dir
+from loraserve.paths import cache_dir
 
 logger = logging.getLogger(__name__)
 

@@ -2,16 +2,12 @@
 LoRA slots that add a per-token adapter term to its output."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from loraserve.lora.layers import LoRASlots
-    from loraserve.lora.ops import LoRABatch
-
+from loraserve.layers.forward_batch import LoRABatch
+from loraserve.layers.lora_ops import SlotLayout, add_lora
 
 # Decode batch size the packed layout is tuned for; any batch size computes the same result.
 _PACK_BATCH_HINT = 64
@@ -25,7 +21,8 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
     return torch.ops.mkl._mkl_reorder_linear_weight(weight, _PACK_BATCH_HINT)
 
 
-def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor | None) -> torch.Tensor:
+def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+          packed: torch.Tensor | None) -> torch.Tensor:
     if packed is None:
         return F.linear(x, weight, bias)
     return torch.ops.mkl._mkl_linear(x, packed, weight, bias, _PACK_BATCH_HINT)
@@ -45,8 +42,13 @@ class Linear(nn.Module):
         self.out_features = sum(parts.values())
         self.weight = nn.Parameter(torch.empty(self.out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(self.out_features), requires_grad=False) if bias else None
-        self.lora: LoRASlots | None = None
+        self.lora: SlotLayout | None = None  # set by enable_lora
         self.packed: torch.Tensor | None = None  # set by pack(), after the weights are final
+
+    def enable_lora(self, num_slots: int, max_rank: int, dtype: torch.dtype) -> SlotLayout:
+        """Give the layer adapter slots (zero: no adapter changes anything until a slot is filled)."""
+        self.lora = SlotLayout.allocate(self.parts, self.in_features, num_slots, max_rank, dtype, self.weight.device)
+        return self.lora
 
     def pack(self) -> None:
         self.packed = pack_weight(self.weight.data)
@@ -72,5 +74,5 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
         y = dense(x, self.weight, self.bias, self.packed)
         if self.lora is not None and lora is not None:
-            self.lora.add_to(y, x, lora)
+            add_lora(y, x, self.lora, lora)
         return y

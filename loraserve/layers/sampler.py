@@ -92,7 +92,7 @@ class SamplingBatch:
 
         banned_rows: list[int] = []
         banned_ids: list[int] = []
-        for row, (p, out) in enumerate(zip(params, output_token_ids)):
+        for row, (p, out) in enumerate(zip(params, output_token_ids, strict=True)):
             if len(out) < p.min_tokens:
                 ids = set(eos_token_ids) | set(p.stop_token_ids)
                 banned_rows += [row] * len(ids)
@@ -104,7 +104,7 @@ class SamplingBatch:
 
         asked = [p.logprobs for p in params if p.logprobs is not None]
         return cls(
-            temperature=floats([1.0 if g else p.temperature for p, g in zip(params, greedy)]),
+            temperature=floats([1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)]),
             greedy=torch.tensor(greedy, dtype=torch.bool, device=device) if any(greedy) else None,
             all_greedy=all(greedy),
             top_k=top_k,
@@ -112,7 +112,7 @@ class SamplingBatch:
             min_p=min_p,
             penalties=penalties,
             banned=banned,
-            seeded=[(row, g) for row, (p, g) in enumerate(zip(params, generators))
+            seeded=[(row, g) for row, (p, g) in enumerate(zip(params, generators, strict=True))
                     if g is not None and not p.greedy],
             max_logprobs=max(asked) if asked else None,
         )

@@ -1,1 +1,1 @@
-"""LoRA adapters: reading PEFT checkpoints, per-layer adapter slots and the batched LoRA matmuls."""
+"""LoRA adapters: reading and validating PEFT checkpoints, host copies by id, adapter slots beside the model."""

@@ -1,4 +1,5 @@
-"""Reading PEFT LoRA checkpoints into validated tensors, with each module's scaling folded into B.
+"""Reading PEFT LoRA checkpoints into validated tensors, with each module's scaling folded into B, and the
+content hash that identifies what was read.
 
 Every way an adapter could be served wrongly is caught here, at load time, with a message that says
 what to change: an adapter that loads is applied exactly as PEFT would apply it, and an adapter that
@@ -6,59 +7,37 @@ would silently change nothing, or change other modules than it was trained on, n
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
-import math
 import pickle
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors
 
-from loraserve.lora.request import LoRARequest
-from loraserve.model.loader import ModelNotFoundError, local_snapshot
+from loraserve.errors import AdapterNotFoundError, LoRAError, ModelNotFoundError
+from loraserve.lora.peft_config import (
+    CONFIG_FILE,
+    EMBEDDING_LEAVES,
+    AdapterConfig,
+    LoRATargetSpec,
+    embedding_error,
+    parse_config,
+    selected_modules,
+)
+from loraserve.lora_request import LoRARequest
+from loraserve.model.loader import local_snapshot
 
-CONFIG_FILE = "adapter_config.json"
+__all__ = ["AdapterNotFoundError", "LoRAAdapter", "LoRAError", "LoRAModuleWeights", "LoRATargetSpec",
+           "load_adapter", "resolve_adapter_path"]
+
 SAFETENSORS_FILE = "adapter_model.safetensors"
 BIN_FILE = "adapter_model.bin"
-
 _PEFT_PREFIX = "base_model.model."  # PeftModel wraps the transformers model twice
-_EMBEDDING_LEAVES = ("embed_tokens", "lm_head")
-# Options that make an adapter compute more than x @ A.T @ B.T * scaling; refused whenever set.
-_UNSUPPORTED_OPTIONS = {
-    "use_dora": "DoRA",
-    "lora_bias": "a trained bias on lora_B",
-    "target_parameters": "LoRA on raw parameters",
-    "layer_replication": "layer replication",
-    "trainable_token_indices": "trainable token embeddings",
-    "alora_invocation_tokens": "Activated LoRA (aLoRA)",
-    "use_qalora": "QA-LoRA input pooling",
-    "kasa_config": "KaSA (which also rewrites base weights)",
-    "arrow_config": "Arrow adapter routing",
-}
-
-
-class LoRAError(ValueError):
-    """Base: adapter problems a user can fix. Server maps to HTTP 400."""
-
-
-class AdapterNotFoundError(LoRAError):
-    """Folder/hub id/files missing. Server maps to HTTP 404 or 400."""
-
-
-@dataclass(frozen=True)
-class LoRATargetSpec:
-    """The adaptable linear modules of a loaded model, by their Hugging Face module names."""
-
-    modules: dict[str, tuple[int, int]]  # "model.layers.0.self_attn.q_proj" -> (in_features, out_features)
-    model_name: str  # for messages ("adapter trained for X, this server runs Y")
-
-    def leaf_names(self) -> str:
-        """The distinct last name parts ("q_proj, v_proj, ..."), what users write in target_modules."""
-        return ", ".join(sorted({name.rsplit(".", 1)[-1] for name in self.modules}))
 
 
 @dataclass
@@ -68,8 +47,11 @@ class LoRAModuleWeights:
     rank: int
 
 
-@dataclass
+@dataclass(eq=False)
 class LoRAAdapter:
+    """An adapter read and validated into host memory. `content_hash` (sha256 of adapter_config.json and
+    the weights file) is its identity: the same hash means the same weights, whatever name or id loaded it."""
+
     name: str
     int_id: int
     path: str  # resolved local folder
@@ -77,52 +59,12 @@ class LoRAAdapter:
     max_rank: int
     base_model_name: str | None  # base_model_name_or_path from adapter_config.json
     nbytes: int
-
-
-@dataclass(frozen=True)
-class _AdapterConfig:
-    """What adapter_config.json says about which modules are adapted and how strongly, checked for types.
-
-    Matching follows PEFT 0.21 (check_target_module_exists, get_pattern_key) so an adapter adapts here
-    exactly the modules it adapted when PEFT trained it.
-    """
-
-    r: int
-    lora_alpha: float
-    use_rslora: bool
-    target_modules: list[str] | str  # a list of names or suffixes, or one regex over full names
-    exclude_modules: list[str] | str | None
-    layers_to_transform: list[int] | None  # None: every layer
-    layers_pattern: list[str] | None
-    rank_pattern: dict[str, int]
-    alpha_pattern: dict[str, float]
-    base_model_name: str | None
-
-    def selects(self, module: str) -> bool:
-        if self.exclude_modules is not None and _name_matches(self.exclude_modules, module):
-            return False
-        if isinstance(self.target_modules, str):
-            return re.fullmatch(self.target_modules, module) is not None
-        if module in self.target_modules:  # a full name is taken as is, whatever layers_to_transform says
-            return True
-        if not _name_matches(self.target_modules, module):
-            return False
-        if self.layers_to_transform is None:
-            return True
-        layer = _layer_index(module, self.layers_pattern)
-        return layer is not None and layer in self.layers_to_transform
-
-    def rank(self, module: str) -> int:
-        return _pattern_value(self.rank_pattern, module, self.r)
-
-    def scaling(self, module: str) -> float:
-        rank = self.rank(module)
-        alpha = _pattern_value(self.alpha_pattern, module, self.lora_alpha)
-        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+    content_hash: str
 
 
 def resolve_adapter_path(path_or_hub_id: str) -> Path:
-    """A local folder as is, or a hub id's snapshot in the local Hugging Face cache (never downloads)."""
+    """A local folder as an absolute path, or a hub id's snapshot in the local Hugging Face cache (never
+    downloads). Two spellings of one folder (relative, absolute, trailing slash) resolve to the same path."""
     path = Path(path_or_hub_id).expanduser()
     if path.is_dir():
         return path.resolve()
@@ -140,26 +82,27 @@ def resolve_adapter_path(path_or_hub_id: str) -> Path:
         ) from e
 
 
-def load_adapter(request: LoRARequest, spec: LoRATargetSpec, max_lora_rank: int, dtype: torch.dtype) -> LoRAAdapter:
+def load_adapter(request: LoRARequest, spec: LoRATargetSpec, max_lora_rank: int, dtype: torch.dtype,
+                 folder: Path | None = None) -> LoRAAdapter:
     """Read and check the PEFT adapter `request` names against the model's modules `spec`.
 
     B comes back multiplied by its module's scaling (computed in float32), both factors cast to `dtype`;
     raises LoRAError (AdapterNotFoundError for missing files) on anything that could not be served
-    exactly as PEFT would apply it.
-    """
+    exactly as PEFT would apply it. `folder`: the request's path, already resolved."""
     name = request.lora_name
-    folder = resolve_adapter_path(request.lora_path)
-    config = _parse_config(_read_config(folder, name), spec, name)
-    selected = _selected_modules(config, spec, name)
+    folder = folder or resolve_adapter_path(request.lora_path)
+    config_bytes = _read_config_bytes(folder, name)
+    config = parse_config(_parse_json(config_bytes, folder / CONFIG_FILE, name), spec, name)
+    selected = selected_modules(config, spec, name)
     max_rank = max(config.rank(module) for module in selected)
     if max_rank > max_lora_rank:
         raise LoRAError(
             f"LoRA rank {max_rank} of adapter {name!r} exceeds max_lora_rank={max_lora_rank}; "
             f"restart with --max-lora-rank {max_rank}"
         )
-    pairs = _pair_tensors(_read_weights(folder, name), name)
+    weights_bytes, tensors = _read_weights(folder, name)
     modules = {}
-    for module, (lora_a, lora_b) in pairs.items():
+    for module, (lora_a, lora_b) in _pair_tensors(tensors, name).items():
         _check_module(module, lora_a, lora_b, config, spec, name)
         scaled_b = lora_b.to(torch.float32) * config.scaling(module)
         modules[module] = LoRAModuleWeights(
@@ -177,21 +120,31 @@ def load_adapter(request: LoRARequest, spec: LoRATargetSpec, max_lora_rank: int,
             f"adapter {name!r}: its weights file holds no LoRA tensors for {len(missing)} of the {len(selected)} "
             f"modules it targets (first: {missing[0]!r}); the weights file is incomplete, re-save the adapter"
         )
-    nbytes = sum(w.lora_a.nbytes + w.lora_b.nbytes for w in modules.values())
+    digest = hashlib.sha256(config_bytes)
+    digest.update(b"\0")
+    digest.update(weights_bytes)
     return LoRAAdapter(
         name=name, int_id=request.lora_int_id, path=str(folder), modules=modules, max_rank=max_rank,
-        base_model_name=config.base_model_name, nbytes=nbytes,
+        base_model_name=config.base_model_name,
+        nbytes=sum(w.lora_a.nbytes + w.lora_b.nbytes for w in modules.values()), content_hash=digest.hexdigest(),
     )
 
 
-def _read_config(folder: Path, name: str) -> dict[str, Any]:
+def _read_config_bytes(folder: Path, name: str) -> bytes:
+    if not folder.is_dir():
+        raise AdapterNotFoundError(f"adapter {name!r}: its folder {folder} does not exist (any more); check the path")
     path = folder / CONFIG_FILE
-    if not path.is_file():
+    try:
+        return path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise AdapterNotFoundError(
             f"adapter {name!r}: {folder} has no {CONFIG_FILE}; pass the folder that PEFT's save_pretrained wrote"
-        )
+        ) from None
+
+
+def _parse_json(data: bytes, path: Path, name: str) -> dict[str, Any]:
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LoRAError(f"adapter {name!r}: {path} is not valid JSON ({e}); fix it or re-save the adapter") from e
     if not isinstance(raw, dict):
@@ -199,122 +152,29 @@ def _read_config(folder: Path, name: str) -> dict[str, Any]:
     return raw
 
 
-def _parse_config(raw: dict[str, Any], spec: LoRATargetSpec, name: str) -> _AdapterConfig:
-    """Refuse what cannot be served, then check the types of what decides the modules and scales."""
-
-    def bad(key: str, why: str) -> LoRAError:
-        return LoRAError(f"adapter {name!r}: {CONFIG_FILE} has {key}={raw.get(key)!r}, but {why}")
-
-    peft_type = raw.get("peft_type", "LORA")
-    if peft_type != "LORA":
-        raise LoRAError(
-            f"adapter {name!r} has peft_type {peft_type!r}; only LoRA adapters (peft_type 'LORA') can be served"
-        )
-    for key, what in _UNSUPPORTED_OPTIONS.items():
-        if raw.get(key):
-            raise LoRAError(
-                f"adapter {name!r} uses {what} ({key}={raw[key]!r} in {CONFIG_FILE}), which loraserve does not "
-                f"support; serve a plain LoRA adapter trained without it"
-            )
-    if raw.get("modules_to_save"):
-        raise bad("modules_to_save", "fully trained copies of modules (modules_to_save) are not supported; "
-                  "retrain without modules_to_save, or merge the adapter into the base model")
-    if raw.get("bias", "none") != "none":
-        raise bad("bias", "adapters that train base-layer biases are not supported; only bias='none' is")
-
-    r = raw.get("r")
-    if not _is_positive_int(r):
-        raise bad("r", "the LoRA rank r must be a positive integer")
-    alpha = raw.get("lora_alpha", 8)  # PEFT's LoraConfig default
-    if not _is_number(alpha):
-        raise bad("lora_alpha", "lora_alpha must be a number")
-    rank_pattern = raw.get("rank_pattern") or {}
-    if not isinstance(rank_pattern, dict) or not all(_is_positive_int(v) for v in rank_pattern.values()):
-        raise bad("rank_pattern", "rank_pattern must map module patterns to positive integer ranks")
-    alpha_pattern = raw.get("alpha_pattern") or {}
-    if not isinstance(alpha_pattern, dict) or not all(_is_number(v) for v in alpha_pattern.values()):
-        raise bad("alpha_pattern", "alpha_pattern must map module patterns to numbers")
-
-    targets = raw.get("target_modules")
-    if not (isinstance(targets, str) or _is_str_list(targets)):
-        raise bad("target_modules", "target_modules must be a list of module names or a regex string")
-    exclude = raw.get("exclude_modules")
-    if not (exclude is None or isinstance(exclude, str) or _is_str_list(exclude)):
-        raise bad("exclude_modules", "exclude_modules must be a list of module names or a regex string")
-    layers = raw.get("layers_to_transform")
-    layers = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
-    if not (layers is None or (isinstance(layers, list) and all(_is_int(i) for i in layers))):
-        raise bad("layers_to_transform", "layers_to_transform must be a layer index or a list of them")
-    patterns = raw.get("layers_pattern")
-    patterns = [patterns] if isinstance(patterns, str) else patterns
-    if not (patterns is None or _is_str_list(patterns)):
-        raise bad("layers_pattern", "layers_pattern must be a name or a list of names")
-    if isinstance(targets, str) and (layers is not None or patterns is not None):
-        raise bad("target_modules", "layers_to_transform and layers_pattern only apply to a list of target_modules")
-    if isinstance(targets, str) and targets.lower() == "all-linear":
-        targets = list(spec.modules)  # PEFT saves the expanded list; a hand-written config may not
-    for regex in [*(v for v in (targets, exclude) if isinstance(v, str)), *rank_pattern, *alpha_pattern]:
-        try:
-            re.compile(regex)
-        except re.error as e:
-            raise LoRAError(f"adapter {name!r}: {CONFIG_FILE} holds the invalid regex {regex!r} ({e})") from e
-    base = raw.get("base_model_name_or_path")
-    return _AdapterConfig(
-        r=r, lora_alpha=alpha, use_rslora=bool(raw.get("use_rslora", False)), target_modules=targets,
-        exclude_modules=exclude, layers_to_transform=layers or None, layers_pattern=patterns or None,
-        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, base_model_name=base if isinstance(base, str) else None,
-    )
-
-
-def _selected_modules(config: _AdapterConfig, spec: LoRATargetSpec, name: str) -> list[str]:
-    """The model's modules the adapter targets; every list entry must name some module of this model."""
-    if isinstance(config.target_modules, str):
-        entries = []
-        if not any(re.fullmatch(config.target_modules, module) for module in spec.modules):
-            raise LoRAError(
-                f"target_modules regex {config.target_modules!r} of adapter {name!r} matches no module of model "
-                f"{spec.model_name!r}; its adaptable modules are: {spec.leaf_names()}"
-            )
-    else:
-        entries = config.target_modules
-    for entry in entries:
-        if entry.rsplit(".", 1)[-1] in _EMBEDDING_LEAVES:
-            raise _embedding_error(name, entry)
-        if not any(module == entry or module.endswith("." + entry) for module in spec.modules):
-            raise LoRAError(
-                f"target_modules entry {entry!r} of adapter {name!r} matches no module of model {spec.model_name!r}; "
-                f"its adaptable modules are: {spec.leaf_names()}"
-            )
-    selected = [module for module in spec.modules if config.selects(module)]
-    if not selected:
-        raise LoRAError(
-            f"adapter {name!r} selects no module of model {spec.model_name!r} (target_modules="
-            f"{config.target_modules!r}, layers_to_transform={config.layers_to_transform!r}, exclude_modules="
-            f"{config.exclude_modules!r}), so it would change nothing; fix its {CONFIG_FILE}"
-        )
-    return selected
-
-
-def _read_weights(folder: Path, name: str) -> dict[str, torch.Tensor]:
+def _read_weights(folder: Path, name: str) -> tuple[bytes, dict[str, torch.Tensor]]:
+    """The weights file's bytes (for the content hash) and its tensors, read once."""
     safetensors_path, bin_path = folder / SAFETENSORS_FILE, folder / BIN_FILE
     if safetensors_path.is_file():
+        data = safetensors_path.read_bytes()
         try:
-            return load_file(safetensors_path)
+            return data, load_safetensors(data)
         except (SafetensorError, OSError) as e:
             raise LoRAError(
                 f"adapter {name!r}: {safetensors_path} is corrupt or truncated ({e}); "
                 f"re-download or re-save the adapter"
             ) from e
     if bin_path.is_file():
+        data = bin_path.read_bytes()
         try:
-            tensors = torch.load(bin_path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+            tensors = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
             raise LoRAError(
                 f"adapter {name!r}: {bin_path} is corrupt or not a PyTorch state dict ({e}); re-save the adapter"
             ) from e
         if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
             raise LoRAError(f"adapter {name!r}: {bin_path} does not hold a state dict of tensors; re-save the adapter")
-        return tensors
+        return data, tensors
     raise AdapterNotFoundError(
         f"adapter {name!r}: {folder} has {CONFIG_FILE} but no weights; "
         f"expected {SAFETENSORS_FILE} (or legacy {BIN_FILE})"
@@ -324,7 +184,7 @@ def _read_weights(folder: Path, name: str) -> dict[str, torch.Tensor]:
 def _pair_tensors(tensors: dict[str, torch.Tensor], name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Group 'base_model.model.<module>.lora_A[.<adapter>].weight' keys into (A, B) per module."""
     found: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
+    for key, tensor in sorted(tensors.items()):  # by name, whatever order the file lists them in
         module, factor = _split_key(key, name)
         if factor in found.setdefault(module, {}):
             raise LoRAError(f"adapter {name!r} holds two {factor} tensors for module {module!r}; re-save the adapter")
@@ -349,11 +209,11 @@ def _pair_tensors(tensors: dict[str, torch.Tensor], name: str) -> dict[str, tupl
 def _split_key(key: str, name: str) -> tuple[str, str]:
     parts = key.removeprefix(_PEFT_PREFIX).split(".")
     for i, part in enumerate(parts):  # LoRA factors or saved weights of an embedding / the output head
-        if part in _EMBEDDING_LEAVES:
-            raise _embedding_error(name, ".".join(parts[: i + 1]))
+        if part in EMBEDDING_LEAVES:
+            raise embedding_error(name, ".".join(parts[: i + 1]))
     for i, part in enumerate(parts):
         if part in ("lora_embedding_A", "lora_embedding_B"):
-            raise _embedding_error(name, ".".join(parts[:i]))
+            raise embedding_error(name, ".".join(parts[:i]))
         if part == "lora_magnitude_vector":
             raise LoRAError(f"adapter {name!r} holds DoRA magnitude vectors ({key!r}); DoRA adapters are not supported")
         # PEFT saves '<module>.lora_A.weight'; some tools keep the adapter name: '<module>.lora_A.default.weight'
@@ -365,7 +225,7 @@ def _split_key(key: str, name: str) -> tuple[str, str]:
     )
 
 
-def _check_module(module: str, lora_a: torch.Tensor, lora_b: torch.Tensor, config: _AdapterConfig,
+def _check_module(module: str, lora_a: torch.Tensor, lora_b: torch.Tensor, config: AdapterConfig,
                   spec: LoRATargetSpec, name: str) -> None:
     trained_for = (
         f"the adapter was likely trained for another base model (base_model_name_or_path="
@@ -396,51 +256,3 @@ def _check_module(module: str, lora_a: torch.Tensor, lora_b: torch.Tensor, confi
     raise LoRAError(
         f"adapter {name!r}, module {module!r}: {shapes}; {trained_for}"
     )
-
-
-def _embedding_error(name: str, module: str) -> LoRAError:
-    return LoRAError(
-        f"adapter {name!r} targets {module!r}: LoRA on embeddings or lm_head is not supported; "
-        f"retrain without embed_tokens/lm_head in target_modules"
-    )
-
-
-def _name_matches(names: list[str] | str, module: str) -> bool:
-    """PEFT's rule: a regex string must match the full name; a list entry equals it or ends it after a dot."""
-    if isinstance(names, str):
-        return re.fullmatch(names, module) is not None
-    return any(module == n or module.endswith("." + n) for n in names)
-
-
-def _layer_index(module: str, layers_pattern: list[str] | None) -> int | None:
-    """The first numbered name part (after a layers_pattern name if given): 'model.layers.3.mlp' -> 3."""
-    patterns = [r".*?\.[^.]*"] if layers_pattern is None else [rf"(?:^|.*?\.){p}" for p in layers_pattern]
-    for pattern in patterns:
-        match = re.match(rf"{pattern}\.(?P<idx>\d+)\.", module)
-        if match:
-            return int(match["idx"])
-    return None
-
-
-def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    """rank_pattern / alpha_pattern lookup: the first key (a regex) matching the end of the full name."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_positive_int(value: Any) -> bool:
-    return _is_int(value) and value > 0
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_str_list(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(v, str) for v in value)

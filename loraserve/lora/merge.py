@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from loraserve.lora.adapter import LoRATargetSpec, load_adapter
-from loraserve.lora.request import LoRARequest
+from loraserve.lora_request import LoRARequest
 from loraserve.model.builder import load_hf_config
 from loraserve.model.llama import CausalLM
 from loraserve.model.loader import iter_weights, resolve_model
@@ -24,8 +24,7 @@ def target_spec(folder: Path, model_name: str) -> LoRATargetSpec:
     config = load_hf_config(folder)
     with torch.device("meta"):
         model = CausalLM(decoder_spec(config), config, max_positions=1)
-    return LoRATargetSpec({name: (linear.in_features, linear.parts[part])
-                           for name, (linear, part) in model.linear_modules().items()}, model_name)
+    return LoRATargetSpec.of_linears(model.linear_modules(), model_name)
 
 
 def merge_adapter(model: str | None, adapter_path: str, out_dir: str | Path) -> Path:

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from loraserve.engine.forward_batch import ForwardBatch
 from loraserve.layers.activation import gated, get_activation
 from loraserve.layers.attention import PagedAttention
+from loraserve.layers.forward_batch import ForwardBatch
 from loraserve.layers.linear import Linear, dense, pack_weight
 from loraserve.layers.norm import RMSNorm
 from loraserve.layers.rotary import RotaryEmbedding, apply_rotary

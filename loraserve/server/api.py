@@ -19,14 +19,21 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics
 from starlette.exceptions import HTTPException
 
-from loraserve import __version__
-from loraserve.engine.async_engine import AsyncLLMEngine, EngineDeadError
-from loraserve.lora.adapter import LoRAError
+from loraserve.engine.async_engine import AsyncLLMEngine
+from loraserve.errors import EngineDeadError, LoRAError, ParamError
 from loraserve.server.adapters import AdapterRegistry, LoRAModule
 from loraserve.server.metrics import ServerMetrics
-from loraserve.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest,
-                                       UnloadLoRAAdapterRequest, bad_request)
+from loraserve.server.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    LoadLoRAAdapterRequest,
+    UnloadLoRAAdapterRequest,
+    bad_request,
+    param_error,
+)
 from loraserve.server.serving import OpenAIServing
+from loraserve.version import __version__
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -96,9 +103,13 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         return respond(_validation_error(exc))
 
-    @app.exception_handler(ValueError)  # LoRAError included: problems the client can fix
-    async def value_error(_: Request, exc: ValueError) -> JSONResponse:
-        return respond(bad_request(str(exc)))
+    @app.exception_handler(ParamError)  # a parameter the client can fix; any other ValueError is a bug (500)
+    async def parameter_error(_: Request, exc: ParamError) -> JSONResponse:
+        return respond(param_error(exc))
+
+    @app.exception_handler(LoRAError)
+    async def adapter_error(_: Request, exc: LoRAError) -> JSONResponse:
+        return respond(bad_request(str(exc), "model"))
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
@@ -119,16 +130,20 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
-    """Register and validate the start-up adapters (a bad one raises LoRAError / ValueError: the server
-    does not start), then build the app."""
-    adapters = AdapterRegistry(settings.served_model_names, str(engine.engine.model_path))
+    """Validate and register the start-up adapters (a bad one raises LoRAError: the server does not start),
+    then build the app. Blocks while the adapters are read: call it before serving, not on an event loop."""
+    adapters = AdapterRegistry(settings.served_model_names, str(engine.model_path))
     for module in settings.lora_modules:
-        lora = adapters.lora_request(module)
-        engine.engine.prepare_lora(lora)
-        adapters.add(lora)
-    metrics = ServerMetrics(engine)
+        lora = adapters.begin_load(module)
+        try:
+            engine.add_lora_blocking(lora)
+        except BaseException:
+            adapters.cancel_load(lora)
+            raise
+        adapters.finish_load(lora)
+    metrics = ServerMetrics()
     serving = OpenAIServing(engine, adapters, metrics)
-    max_model_len = engine.engine.max_model_len
+    max_model_len = engine.limits.max_model_len
 
     async def check_api_key(request: Request) -> None:
         if settings.api_key is None:
@@ -160,7 +175,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        return Response(await asyncio.to_thread(metrics.render), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.render(await engine.stats()), media_type=CONTENT_TYPE_LATEST)
 
     @v1.get("/models")
     async def models() -> dict:
@@ -178,25 +193,35 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
         if not settings.allow_runtime_lora_updating:
             raise APIError(404, "runtime adapter loading is disabled; start the server with "
                            "--allow-runtime-lora-updating to load and unload adapters", code="not_found")
-        if engine.engine.lora_manager is None:
+        if not engine.limits.lora_enabled:
             raise bad_request("LoRA is not enabled on this server; start it with --enable-lora")
 
     @v1.post("/load_lora_adapter")
     async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> PlainTextResponse:
+        """Read and validate off the event loop, then serve the name; with load_inplace the name switches to
+        the new files at once for new requests, while running ones finish on the weights they started with."""
         check_runtime_updating()
-        lora = adapters.lora_request(LoRAModule(body.lora_name, body.lora_path))
-        try:  # off the event loop, so requests for resident adapters go on meanwhile
-            await asyncio.to_thread(engine.engine.prepare_lora, lora)
-        except LoRAError as e:
-            raise bad_request(str(e), "lora_path") from e
-        adapters.add(lora)
+        lora = adapters.begin_load(LoRAModule(body.lora_name, body.lora_path), replace=body.load_inplace)
+        try:
+            await engine.add_lora(lora)
+        except BaseException as e:
+            adapters.cancel_load(lora)
+            await engine.remove_lora(lora.lora_int_id)  # nothing of it may stay behind in the engine
+            if isinstance(e, LoRAError):
+                raise bad_request(str(e), "lora_path") from e
+            raise
+        replaced = adapters.finish_load(lora)
+        if replaced is not None:
+            await engine.remove_lora(replaced.lora_int_id)
+            return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' reloaded in place.")
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @v1.post("/unload_lora_adapter")
     async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> PlainTextResponse:
+        """New requests for the name get 404 at once; running ones finish, then its memory is freed."""
         check_runtime_updating()
         lora = adapters.remove(body.lora_name)
-        await asyncio.to_thread(engine.run_between_steps, engine.engine.lora_manager.remove, lora.lora_int_id)
+        await engine.remove_lora(lora.lora_int_id)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     app.include_router(v1)

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from loraserve.errors import ParamError
 from loraserve.sampling_params import SamplingParams
 
 # Fields of the OpenAI API that loraserve does not implement; each is accepted only at a neutral value
@@ -44,6 +45,13 @@ class APIError(Exception):
 
 def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param)
+
+
+def param_error(error: ParamError, names: dict[str, str] | None = None) -> APIError:
+    """A 400 for an engine parameter error, under the API's name for the parameter (`names`: engine name ->
+    API name, for the names an endpoint spells differently)."""
+    renamed = error.renamed((names or {}).get(error.param, error.param))
+    return bad_request(str(renamed), renamed.param)
 
 
 class _Strict(BaseModel):
@@ -95,8 +103,7 @@ class _GenerationRequest(_Strict):
 
     def _sampling_params(self, max_tokens: int | None, max_tokens_param: str, logprobs: int | None,
                          logprobs_param: str) -> SamplingParams:
-        """SamplingParams validates every range; its message starts with the field it rejects, which is
-        renamed to the request's parameter."""
+        """SamplingParams validates every range; its errors name the field, renamed to the request's."""
         try:
             return SamplingParams(
                 n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
@@ -106,10 +113,8 @@ class _GenerationRequest(_Strict):
                 repetition_penalty=self.repetition_penalty,
                 include_stop_str_in_output=self.include_stop_str_in_output,
                 skip_special_tokens=self.skip_special_tokens)
-        except ValueError as e:
-            field = str(e).split(" ", 1)[0]
-            param = {"max_tokens": max_tokens_param, "logprobs": logprobs_param}.get(field, field)
-            raise bad_request(f"{param}{str(e)[len(field):]}", param) from e
+        except ParamError as e:
+            raise param_error(e, {"max_tokens": max_tokens_param, "logprobs": logprobs_param}) from e
 
 
 class CompletionRequest(_GenerationRequest):
@@ -190,6 +195,7 @@ class ChatCompletionRequest(_GenerationRequest):
 class LoadLoRAAdapterRequest(_Strict):
     lora_name: str = Field(min_length=1)
     lora_path: str = Field(min_length=1)
+    load_inplace: bool = False  # vLLM's field: replace an adapter already served under this name
 
 
 class UnloadLoRAAdapterRequest(_Strict):

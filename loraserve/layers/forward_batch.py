@@ -1,0 +1,121 @@
+"""One step's worth of work for the model, built by the model runner and passed explicitly to forward:
+flat tokens, where their K/V go and come from, and which adapter slot each token uses."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+
+@dataclass
+class PrefillSpan:
+    """Tokens [start, end) of the flat batch are the last end-start of a sequence's context_len tokens."""
+
+    start: int
+    end: int
+    context_len: int
+    block_ids: torch.Tensor  # [ceil(context_len / block_size)] int64
+
+    @property
+    def fresh(self) -> bool:
+        """True when the chunk is the whole context: attend to its own K/V, no cache read."""
+        return self.end - self.start == self.context_len
+
+
+@dataclass
+class AttentionMetadata:
+    """The flat batch holds prefill chunks first (each a run of one sequence's tokens), then one token per
+    decoding sequence, which are attended together."""
+
+    slot_mapping: torch.Tensor  # [T] int64, the flat KV-cache slot (block * block_size + offset) per token
+    prefills: list[PrefillSpan]
+    decode_start: int  # tokens [decode_start, T) are decoding, one per sequence
+    decode_block_tables: torch.Tensor | None  # [B, max_blocks] int64 (padded with block 0)
+    decode_context_lens: torch.Tensor | None  # [B] int64, tokens each decoding sequence attends to
+    block_size: int
+
+    @cached_property
+    def decode_mask(self) -> torch.Tensor:
+        """[B, 1, 1, max_blocks * block_size] bool, True = attend (for the PyTorch decode path)."""
+        width = self.decode_block_tables.shape[1] * self.block_size
+        positions = torch.arange(width, device=self.decode_context_lens.device)
+        return (positions[None, :] < self.decode_context_lens[:, None])[:, None, None, :]
+
+
+@dataclass(frozen=True)
+class LoRASegment:
+    slot: int
+    start: int
+    end: int
+
+
+@dataclass
+class GroupedTokens:
+    """Short runs gathered per slot: row s of `index` lists the tokens of slot `slots[s]`, right-padded
+    with that run's first token; `mask` zeroes the padding's contribution. `runs` lists the same tokens as
+    (slot, begin, end) rows for the CPU kernel."""
+
+    runs: torch.Tensor  # [N, 3] int64
+    slot_list: list[int]
+    slots: torch.Tensor  # [S] int64, the same on the device
+    index: torch.Tensor  # [S, L] int64 rows of the flat batch
+    mask: torch.Tensor  # [S, L, 1] bool, True for real tokens
+    slot_range: int | None  # k when slots == 0..k-1, so weights can be sliced instead of gathered
+
+
+@dataclass
+class LoRABatch:
+    """Which adapter slot each token of the flat batch uses, as runs: the model runner orders sequences by
+    slot, so each slot's tokens are contiguous."""
+
+    segments: list[LoRASegment]  # long runs (prefill chunks), one matmul pair each
+    grouped: GroupedTokens | None  # short runs (decode tokens), batched together
+
+    @classmethod
+    def build(cls, token_slots: list[int], grouped_from: int, device: torch.device) -> LoRABatch | None:
+        """Runs of equal slot in token order (slot -1, no adapter, makes none). Runs starting at or after
+        token `grouped_from` (the decode tokens) are batched; earlier runs stay segments. None if no
+        token has an adapter."""
+        segments: list[LoRASegment] = []
+        short: dict[int, list[int]] = {}
+        runs: list[tuple[int, int, int]] = []
+        start = 0
+        for i in range(1, len(token_slots) + 1):
+            if i == len(token_slots) or token_slots[i] != token_slots[start] or i == grouped_from:
+                slot = token_slots[start]
+                if slot >= 0:
+                    if start >= grouped_from:
+                        short.setdefault(slot, []).extend(range(start, i))
+                        runs.append((slot, start, i))
+                    else:
+                        segments.append(LoRASegment(slot, start, i))
+                start = i
+        if not segments and not short:
+            return None
+        return cls(segments, _group(short, runs, device) if short else None)
+
+
+def _group(tokens: dict[int, list[int]], runs: list[tuple[int, int, int]], device: torch.device) -> GroupedTokens:
+    slots = sorted(tokens)
+    width = max(len(rows) for rows in tokens.values())
+    index = [tokens[s] + [tokens[s][0]] * (width - len(tokens[s])) for s in slots]
+    mask = [[True] * len(tokens[s]) + [False] * (width - len(tokens[s])) for s in slots]
+    contiguous = slots == list(range(len(slots)))
+    return GroupedTokens(
+        runs=torch.tensor(runs, dtype=torch.long, device=device),
+        slot_list=slots,
+        slots=torch.tensor(slots, dtype=torch.long, device=device),
+        index=torch.tensor(index, dtype=torch.long, device=device),
+        mask=torch.tensor(mask, device=device).unsqueeze(-1),
+        slot_range=len(slots) if contiguous else None,
+    )
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # [T] flat tokens of all scheduled sequences
+    positions: torch.Tensor  # [T]
+    attention: AttentionMetadata
+    logits_indices: torch.Tensor  # [S] rows of the flat batch whose next token is sampled
+    lora: LoRABatch | None = None  # per-token adapter slots; None when no token uses an adapter

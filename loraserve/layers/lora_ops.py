@@ -1,0 +1,110 @@
+"""The LoRA hot path: stacked adapter slots of one linear layer, and the batched shrink (x·Aᵀ) then expand
+(·B) over a flat token batch.
+
+Slot s holds one adapter's A and B for every part of the layer (q/k/v of a packed qkv, gate/up...). The
+targeted parts' A matrices are stacked row-wise so one shrink serves all of them; B is block-diagonal over
+the parts so one expand writes every part's output columns. A slot uses only its first widths[slot] rows,
+so the work follows the adapter's own rank rather than max_lora_rank.
+
+The model runner orders sequences by slot, so each adapter's tokens form contiguous runs. Long runs
+(prefill chunks) get one pair of matmuls each. Decode tokens, one per sequence, are many short runs: on CPU
+they go to one C++ call for all adapters (csrc/lora_segments.cpp: tiny matmuls pay a fixed cost that dwarfs
+their arithmetic); elsewhere they are gathered into a [slots, longest run] block and done with two batched
+matmuls for all adapters at once. Either way the number of calls does not grow with the number of adapters.
+Tokens without an adapter cost nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from loraserve.layers.cpu_kernels import lora_module
+from loraserve.layers.forward_batch import LoRABatch
+
+
+@dataclass
+class SlotLayout:
+    """lora_a: [slots, W, in], lora_b: [slots, W, out] with W = parts * max_rank; part_rows [slots, parts, 2]
+    and part_cols [parts, 2] (int64) give each part's rank rows and output columns; `part_names` are the
+    layer's parts in stacking order (what `fill` is given weights by)."""
+
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    widths: list[int]
+    part_rows: torch.Tensor
+    part_cols: torch.Tensor
+    part_names: tuple[str, ...] = ()
+
+    @classmethod
+    def allocate(cls, parts: dict[str, int], in_features: int, num_slots: int, max_rank: int,
+                 dtype: torch.dtype, device: torch.device) -> SlotLayout:
+        """Empty slots for a layer whose `parts` (name -> output features) are stacked in that order."""
+        out_features = sum(parts.values())
+        bounds, start = [], 0
+        for size in parts.values():
+            bounds.append([start, start + size])
+            start += size
+        return cls(
+            lora_a=torch.zeros(num_slots, len(parts) * max_rank, in_features, dtype=dtype, device=device),
+            lora_b=torch.zeros(num_slots, len(parts) * max_rank, out_features, dtype=dtype, device=device),
+            widths=[0] * num_slots,
+            part_rows=torch.zeros(num_slots, len(parts), 2, dtype=torch.long, device=device),
+            part_cols=torch.tensor(bounds, dtype=torch.long, device=device),
+            part_names=tuple(parts),
+        )
+
+    def fill(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Write an adapter into `slot`: part name -> (A [r, in], B [out_part, r], scaling folded in). Parts
+        left out get no rows, so they cost nothing."""
+        self.clear(slot)
+        offset = 0
+        for index, name in enumerate(self.part_names):
+            if name not in weights:
+                continue
+            lora_a, lora_b = weights[name]
+            rank = lora_a.shape[0]
+            col_start, col_end = self.part_cols[index].tolist()
+            self.lora_a[slot, offset:offset + rank].copy_(lora_a)
+            self.lora_b[slot, offset:offset + rank, col_start:col_end].copy_(lora_b.T)
+            self.part_rows[slot, index] = torch.tensor([offset, offset + rank])
+            offset += rank
+        self.widths[slot] = offset
+
+    def clear(self, slot: int) -> None:
+        width = self.widths[slot]
+        self.lora_a[slot, :width].zero_()
+        self.lora_b[slot, :width].zero_()
+        self.part_rows[slot].zero_()
+        self.widths[slot] = 0
+
+
+def add_lora(y: torch.Tensor, x: torch.Tensor, layout: SlotLayout, batch: LoRABatch) -> None:
+    """y += (x · A[slot]ᵀ) · B[slot] per token, in place."""
+    lora_a, lora_b, widths = layout.lora_a, layout.lora_b, layout.widths
+    for seg in batch.segments:
+        width = widths[seg.slot]
+        if width:
+            delta = _to(x[seg.start:seg.end], lora_a) @ lora_a[seg.slot, :width].T @ lora_b[seg.slot, :width]
+            y[seg.start:seg.end] += _to(delta, y)
+    group = batch.grouped
+    if group is None:
+        return
+    width = max(widths[s] for s in group.slot_list)
+    if width == 0:
+        return
+    kernel = lora_module() if y.device.type == "cpu" and x.dtype == lora_a.dtype == y.dtype else None
+    if kernel is not None:
+        kernel.lora_add_runs(y, x.contiguous(), lora_a, lora_b, group.runs, layout.part_rows, layout.part_cols)
+        return
+    if group.slot_range is not None:
+        a, b = lora_a[:group.slot_range, :width], lora_b[:group.slot_range, :width]
+    else:
+        a, b = lora_a[group.slots, :width], lora_b[group.slots, :width]
+    xs = _to(x[group.index], lora_a)  # [S, L, in]
+    delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b) * group.mask  # [S, L, out]
+    y.index_add_(0, group.index.view(-1), _to(delta.view(-1, delta.shape[-1]), y))
+
+
+def _to(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == like.dtype else t.to(like.dtype)

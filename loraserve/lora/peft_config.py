@@ -1,0 +1,228 @@
+"""What a PEFT adapter_config.json says: which of the model's modules an adapter adapts, at what rank and
+scale, checked for types and for options loraserve cannot serve. Matching follows PEFT 0.21
+(check_target_module_exists, get_pattern_key) so an adapter adapts here exactly the modules it adapted when
+PEFT trained it."""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from loraserve.errors import LoRAError
+
+CONFIG_FILE = "adapter_config.json"
+EMBEDDING_LEAVES = ("embed_tokens", "lm_head")
+# Options that make an adapter compute more than x @ A.T @ B.T * scaling; refused whenever set.
+UNSUPPORTED_OPTIONS = {
+    "use_dora": "DoRA",
+    "lora_bias": "a trained bias on lora_B",
+    "target_parameters": "LoRA on raw parameters",
+    "layer_replication": "layer replication",
+    "trainable_token_indices": "trainable token embeddings",
+    "alora_invocation_tokens": "Activated LoRA (aLoRA)",
+    "use_qalora": "QA-LoRA input pooling",
+    "kasa_config": "KaSA (which also rewrites base weights)",
+    "arrow_config": "Arrow adapter routing",
+}
+
+
+
+@dataclass(frozen=True)
+class LoRATargetSpec:
+    """The adaptable linear modules of a loaded model, by their Hugging Face module names."""
+
+    modules: dict[str, tuple[int, int]]  # "model.layers.0.self_attn.q_proj" -> (in_features, out_features)
+    model_name: str  # for messages ("adapter trained for X, this server runs Y")
+
+    @classmethod
+    def of_linears(cls, linears: dict[str, tuple[Any, str]], model_name: str) -> LoRATargetSpec:
+        """From CausalLM.linear_modules(): module name -> (packed Linear, part)."""
+        return cls({name: (linear.in_features, linear.parts[part]) for name, (linear, part) in linears.items()},
+                   model_name)
+
+    def leaf_names(self) -> str:
+        """The distinct last name parts ("q_proj, v_proj, ..."), what users write in target_modules."""
+        return ", ".join(sorted({name.rsplit(".", 1)[-1] for name in self.modules}))
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Which modules are adapted and how strongly."""
+
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    target_modules: list[str] | str  # a list of names or suffixes, or one regex over full names
+    exclude_modules: list[str] | str | None
+    layers_to_transform: list[int] | None  # None: every layer
+    layers_pattern: list[str] | None
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+    base_model_name: str | None
+
+    def selects(self, module: str) -> bool:
+        if self.exclude_modules is not None and _name_matches(self.exclude_modules, module):
+            return False
+        if isinstance(self.target_modules, str):
+            return re.fullmatch(self.target_modules, module) is not None
+        if module in self.target_modules:  # a full name is taken as is, whatever layers_to_transform says
+            return True
+        if not _name_matches(self.target_modules, module):
+            return False
+        if self.layers_to_transform is None:
+            return True
+        layer = _layer_index(module, self.layers_pattern)
+        return layer is not None and layer in self.layers_to_transform
+
+    def rank(self, module: str) -> int:
+        return _pattern_value(self.rank_pattern, module, self.r)
+
+    def scaling(self, module: str) -> float:
+        rank = self.rank(module)
+        alpha = _pattern_value(self.alpha_pattern, module, self.lora_alpha)
+        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+
+
+def parse_config(raw: dict[str, Any], spec: LoRATargetSpec, name: str) -> AdapterConfig:
+    """Refuse what cannot be served, then check the types of what decides the modules and scales."""
+
+    def bad(key: str, why: str) -> LoRAError:
+        return LoRAError(f"adapter {name!r}: {CONFIG_FILE} has {key}={raw.get(key)!r}, but {why}")
+
+    peft_type = raw.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise LoRAError(
+            f"adapter {name!r} has peft_type {peft_type!r}; only LoRA adapters (peft_type 'LORA') can be served"
+        )
+    for key, what in UNSUPPORTED_OPTIONS.items():
+        if raw.get(key):
+            raise LoRAError(
+                f"adapter {name!r} uses {what} ({key}={raw[key]!r} in {CONFIG_FILE}), which loraserve does not "
+                f"support; serve a plain LoRA adapter trained without it"
+            )
+    if raw.get("modules_to_save"):
+        raise bad("modules_to_save", "fully trained copies of modules (modules_to_save) are not supported; "
+                  "retrain without modules_to_save, or merge the adapter into the base model")
+    if raw.get("bias", "none") != "none":
+        raise bad("bias", "adapters that train base-layer biases are not supported; only bias='none' is")
+
+    r = raw.get("r")
+    if not _is_positive_int(r):
+        raise bad("r", "the LoRA rank r must be a positive integer")
+    alpha = raw.get("lora_alpha", 8)  # PEFT's LoraConfig default
+    if not _is_number(alpha):
+        raise bad("lora_alpha", "lora_alpha must be a number")
+    rank_pattern = raw.get("rank_pattern") or {}
+    if not isinstance(rank_pattern, dict) or not all(_is_positive_int(v) for v in rank_pattern.values()):
+        raise bad("rank_pattern", "rank_pattern must map module patterns to positive integer ranks")
+    alpha_pattern = raw.get("alpha_pattern") or {}
+    if not isinstance(alpha_pattern, dict) or not all(_is_number(v) for v in alpha_pattern.values()):
+        raise bad("alpha_pattern", "alpha_pattern must map module patterns to numbers")
+
+    targets = raw.get("target_modules")
+    if not (isinstance(targets, str) or _is_str_list(targets)):
+        raise bad("target_modules", "target_modules must be a list of module names or a regex string")
+    exclude = raw.get("exclude_modules")
+    if not (exclude is None or isinstance(exclude, str) or _is_str_list(exclude)):
+        raise bad("exclude_modules", "exclude_modules must be a list of module names or a regex string")
+    layers = raw.get("layers_to_transform")
+    layers = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
+    if not (layers is None or (isinstance(layers, list) and all(_is_int(i) for i in layers))):
+        raise bad("layers_to_transform", "layers_to_transform must be a layer index or a list of them")
+    patterns = raw.get("layers_pattern")
+    patterns = [patterns] if isinstance(patterns, str) else patterns
+    if not (patterns is None or _is_str_list(patterns)):
+        raise bad("layers_pattern", "layers_pattern must be a name or a list of names")
+    if isinstance(targets, str) and (layers is not None or patterns is not None):
+        raise bad("target_modules", "layers_to_transform and layers_pattern only apply to a list of target_modules")
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        targets = list(spec.modules)  # PEFT saves the expanded list; a hand-written config may not
+    for regex in [*(v for v in (targets, exclude) if isinstance(v, str)), *rank_pattern, *alpha_pattern]:
+        try:
+            re.compile(regex)
+        except re.error as e:
+            raise LoRAError(f"adapter {name!r}: {CONFIG_FILE} holds the invalid regex {regex!r} ({e})") from e
+    base = raw.get("base_model_name_or_path")
+    return AdapterConfig(
+        r=r, lora_alpha=alpha, use_rslora=bool(raw.get("use_rslora", False)), target_modules=targets,
+        exclude_modules=exclude, layers_to_transform=layers or None, layers_pattern=patterns or None,
+        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, base_model_name=base if isinstance(base, str) else None,
+    )
+
+
+def selected_modules(config: AdapterConfig, spec: LoRATargetSpec, name: str) -> list[str]:
+    """The model's modules the adapter targets; every list entry must name some module of this model."""
+    if isinstance(config.target_modules, str):
+        entries = []
+        if not any(re.fullmatch(config.target_modules, module) for module in spec.modules):
+            raise LoRAError(
+                f"target_modules regex {config.target_modules!r} of adapter {name!r} matches no module of model "
+                f"{spec.model_name!r}; its adaptable modules are: {spec.leaf_names()}"
+            )
+    else:
+        entries = config.target_modules
+    for entry in entries:
+        if entry.rsplit(".", 1)[-1] in EMBEDDING_LEAVES:
+            raise embedding_error(name, entry)
+        if not any(module == entry or module.endswith("." + entry) for module in spec.modules):
+            raise LoRAError(
+                f"target_modules entry {entry!r} of adapter {name!r} matches no module of model {spec.model_name!r}; "
+                f"its adaptable modules are: {spec.leaf_names()}"
+            )
+    selected = [module for module in spec.modules if config.selects(module)]
+    if not selected:
+        raise LoRAError(
+            f"adapter {name!r} selects no module of model {spec.model_name!r} (target_modules="
+            f"{config.target_modules!r}, layers_to_transform={config.layers_to_transform!r}, exclude_modules="
+            f"{config.exclude_modules!r}), so it would change nothing; fix its {CONFIG_FILE}"
+        )
+    return selected
+
+
+def embedding_error(name: str, module: str) -> LoRAError:
+    return LoRAError(
+        f"adapter {name!r} targets {module!r}: LoRA on embeddings or lm_head is not supported; "
+        f"retrain without embed_tokens/lm_head in target_modules"
+    )
+
+
+def _name_matches(names: list[str] | str, module: str) -> bool:
+    """PEFT's rule: a regex string must match the full name; a list entry equals it or ends it after a dot."""
+    if isinstance(names, str):
+        return re.fullmatch(names, module) is not None
+    return any(module == n or module.endswith("." + n) for n in names)
+
+
+def _layer_index(module: str, layers_pattern: list[str] | None) -> int | None:
+    """The first numbered name part (after a layers_pattern name if given): 'model.layers.3.mlp' -> 3."""
+    patterns = [r".*?\.[^.]*"] if layers_pattern is None else [rf"(?:^|.*?\.){p}" for p in layers_pattern]
+    for pattern in patterns:
+        match = re.match(rf"{pattern}\.(?P<idx>\d+)\.", module)
+        if match:
+            return int(match["idx"])
+    return None
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """rank_pattern / alpha_pattern lookup: the first key (a regex) matching the end of the full name."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_positive_int(value: Any) -> bool:
+    return _is_int(value) and value > 0
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
