@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from throughput import llm_dtype, make_prompts, workload_parser
 from transformers import AutoModelForCausalLM
 
 from loraserve import LLM, LoRARequest, SamplingParams
 from loraserve.lora.merge import merge_adapter
 from loraserve.model.loader import load_tokenizer, resolve_model
+from throughput import llm_dtype, make_prompts, workload_parser
 
 
 def make_adapter(folder: Path, out: Path, rank: int, seed: int) -> Path:

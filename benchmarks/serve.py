@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from lora_overhead import make_adapter
-from throughput import make_prompts
 
+from lora_overhead import make_adapter
 from loraserve.model.loader import load_tokenizer, resolve_model
+from throughput import make_prompts
 
 SCENARIOS = {"base": (0, None), "8": (8, 8), "32": (32, 8)}  # name -> (adapters, --max-loras)
 

@@ -44,7 +44,8 @@ def engine_throughput(llm: LLM, prompts: list[list[int]], output_len: int) -> fl
     return len(prompts) * output_len / elapsed
 
 
-def transformers_throughput(folder, dtype: torch.dtype, prompts: list[list[int]], output_len: int, pad_id: int) -> float:
+def transformers_throughput(folder, dtype: torch.dtype, prompts: list[list[int]], output_len: int,
+                            pad_id: int) -> float:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
     width = max(len(p) for p in prompts)
     input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])

@@ -279,14 +279,14 @@ def main(argv: list[str] | None = None) -> None:
     answers = base_answers(model_path, questions, args.max_answer_tokens)
     print(f"base model {DEFAULT_MODEL_NAME} ({model_path}) answered {len(questions)} questions greedily "
           f"in {time.perf_counter() - start:.0f}s", flush=True)
-    looping = [q for q, a in zip(questions, answers) if is_degenerate(a)]
-    kept = [(q, a) for q, a in zip(questions, answers) if not is_degenerate(a)]
+    looping = [q for q, a in zip(questions, answers, strict=True) if is_degenerate(a)]
+    kept = [(q, a) for q, a in zip(questions, answers, strict=True) if not is_degenerate(a)]
     print(f"dropped {len(looping)} answers that loop: {looping}", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     for name in args.only or list(ADAPTERS):
         adapter = ADAPTERS[name]
         replies = [adapter.format(a) for _, a in kept]
-        examples = [encode(tokenizer, q, reply) for (q, _), reply in zip(kept, replies)]
+        examples = [encode(tokenizer, q, reply) for (q, _), reply in zip(kept, replies, strict=True)]
         tokens = sum(len(e.input_ids) - e.num_prompt_tokens for e in examples)
         print(f"[{name}] {len(examples)} examples, {tokens} reply tokens; e.g.\n"
               f"  Q: {kept[0][0]}\n  A: {replies[0]}", flush=True)

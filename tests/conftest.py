@@ -4,9 +4,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-from loraserve.model.loader import resolve_model  # noqa: E402
+from loraserve.model.loader import resolve_model
 
 
 @pytest.fixture(scope="session")

@@ -64,3 +64,67 @@ class ServerProcess:
                 self.process.kill()
                 self.process.wait()
         return self.process.returncode
+
+
+# ---- shared by the in-process and subprocess server tests ---------------------------------------------
+
+KEY = "test-key"
+BASE = "tiny"
+# name -> LoraConfig kwargs; a3 is registered with the JSON form, a4 only at run time
+ADAPTERS = {
+    "a0": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+    "a1": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"]),
+    "a2": dict(r=8, lora_alpha=32, target_modules=["gate_proj", "up_proj", "down_proj"]),
+    "a3": dict(r=16, lora_alpha=16, target_modules=["v_proj", "down_proj"]),
+    "a4": dict(r=8, lora_alpha=8, target_modules=["q_proj", "k_proj"]),
+}
+ENGINE_OPTIONS = dict(dtype="float32", max_model_len=128, num_kv_blocks=256, block_size=4)
+
+
+def engine_flags(options: dict) -> list[str]:
+    """ENGINE_OPTIONS as `loraserve serve` flags."""
+    return [item for name, value in options.items() for item in (f"--{name.replace('_', '-')}", str(value))]
+
+
+def make_server_files(root: Path) -> dict:
+    """A sharp tiny Llama and PEFT adapters for it (ADAPTERS, plus one of rank 32)."""
+    import torch
+    import transformers
+
+    from lora_fixtures import make_peft_adapter
+    from tiny_models import make_sharp_tiny_model
+
+    model_path = make_sharp_tiny_model("llama", root / "model")
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    adapters = {name: str(make_peft_adapter(model, root / name, seed=i + 1, **kwargs))
+                for i, (name, kwargs) in enumerate(ADAPTERS.items())}
+    too_big = make_peft_adapter(model, root / "rank32", r=32, target_modules=["q_proj"])
+    return {"root": root, "model": str(model_path), "hf": model, "adapters": adapters, "rank32": str(too_big)}
+
+
+def offline_texts(offline, lora_requests: dict, model: str, prompts: list, **params) -> list[str]:
+    """What the offline LLM answers, the reference for every generation through the server."""
+    from loraserve import SamplingParams
+
+    lora = None if model == BASE else lora_requests[model]
+    outputs = offline.generate(prompts, SamplingParams(**params), use_tqdm=False, lora_request=lora)
+    return [c.text for o in outputs for c in o.outputs]
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """One sample's value from Prometheus text (0 when absent)."""
+    import re
+
+    label = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pattern = rf"^{re.escape(name)}{re.escape('{' + label + '}') if label else ''} (\S+)$"
+    match = re.search(pattern, text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def assert_openai_error(response, status: int, param: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param is not None:
+        assert error["param"] == param, error
+    return error

@@ -48,7 +48,7 @@ def next_token_logits(hf, prompt_ids: list[int], output_ids: list[int]) -> torch
 
 
 def test_chat_prompts_are_tokenized_like_transformers_chat_template(fp32_outputs, tokenizer):
-    for conversation, output in zip(CONVERSATIONS, fp32_outputs):
+    for conversation, output in zip(CONVERSATIONS, fp32_outputs, strict=True):
         expected = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_dict=False)
         assert output.prompt_token_ids == list(expected)
 
@@ -85,5 +85,6 @@ def test_bfloat16_greedy_chat_stays_on_the_float32_argmax(default_model_path, fp
         logits = next_token_logits(hf, output.prompt_token_ids, tokens)
         gaps = logits.max(dim=-1).values - logits[torch.arange(len(tokens)), torch.tensor(tokens)]
         assert gaps.max().item() <= 0.5, f"{output.outputs[0].text!r}: fp32 gaps {gaps.tolist()}"
-    same_first = sum(b.outputs[0].token_ids[0] == f.outputs[0].token_ids[0] for b, f in zip(outputs, fp32_outputs))
+    same_first = sum(b.outputs[0].token_ids[0] == f.outputs[0].token_ids[0]
+                     for b, f in zip(outputs, fp32_outputs, strict=True))
     assert same_first >= len(PROMPTS) - 1

@@ -53,7 +53,7 @@ def replies(default_model_path) -> dict[str, list]:
                        [SamplingParams(temperature=0, max_tokens=MAX_TOKENS[kind]) for kind in kinds],
                        lora_request=[ADAPTERS.get(kind) for kind in kinds], use_tqdm=False)
     grouped: dict[str, list] = {kind: [] for kind in MAX_TOKENS}
-    for kind, output in zip(kinds, outputs):
+    for kind, output in zip(kinds, outputs, strict=True):
         assert output.lora_name == (kind if kind in ADAPTERS else None)
         grouped[kind].append(output.outputs[0])
     return grouped
@@ -86,7 +86,7 @@ def test_uppercase_adapter_answers_in_capitals(replies):
 
 
 def test_json_adapter_answers_as_json_object(replies):
-    for question, completion in zip(HELD_OUT, replies["json"]):
+    for question, completion in zip(HELD_OUT, replies["json"], strict=True):
         assert as_answer(completion.text) is not None, (question, completion.text)
         assert completion.finish_reason == "stop" and completion.token_ids[-1] == EOS, (question, completion)
     assert not any(as_answer(c.text) for c in replies["base"] + replies["uppercase"])

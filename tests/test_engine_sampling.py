@@ -67,7 +67,7 @@ def test_prompts_as_text_and_token_ids_come_back_in_input_order(llm, hf):
     max_tokens = [STEPS, 4, 12]  # the first finishes last
     outputs = llm.generate(prompts, [greedy(m) for m in max_tokens], use_tqdm=False)
     assert [o.prompt for o in outputs] == [PROMPTS[0], None, PROMPTS[2]]
-    for output, prompt_ids, m in zip(outputs, ids, max_tokens):
+    for output, prompt_ids, m in zip(outputs, ids, max_tokens, strict=True):
         assert output.prompt_token_ids == prompt_ids
         assert output.outputs[0].token_ids == reference_greedy(hf, prompt_ids, m)
 
@@ -192,7 +192,7 @@ def test_logprobs_are_log_softmax_of_the_model_logits(llm, hf, top):
     expected = logits.log_softmax(dim=-1)
     assert len(result.logprobs) == len(result.token_ids) == 12
     total = 0.0
-    for row, token, entry in zip(expected, result.token_ids, result.logprobs):
+    for row, token, entry in zip(expected, result.token_ids, result.logprobs, strict=True):
         top_ids = row.topk(top).indices.tolist()
         assert set(entry) == set(top_ids) | {token}
         for rank, token_id in enumerate(top_ids, start=1):

@@ -13,7 +13,7 @@ from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from loraserve.model import loader
-from loraserve.model.loader import (ModelNotFoundError, iter_weights, load_tokenizer, resolve_model)
+from loraserve.model.loader import ModelNotFoundError, iter_weights, load_tokenizer, resolve_model
 
 _LAYER_NAMES = {  # HF name inside a decoder layer -> llama.cpp name
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -273,10 +273,10 @@ def test_hub_id_from_local_cache(tmp_path: Path, monkeypatch):
 def test_unusable_paths_raise(tmp_path: Path):
     with pytest.raises(ModelNotFoundError, match="not an existing path"):
         resolve_model(str(tmp_path / "a" / "b" / "c"))
-    with pytest.raises(ModelNotFoundError, match="has no config.json"):
+    with pytest.raises(ModelNotFoundError, match=r"has no config\.json"):
         resolve_model(str(tmp_path))
     with pytest.raises(ModelNotFoundError, match="does not exist"):
         resolve_model(str(tmp_path / "missing.gguf"))
     (tmp_path / "weights.txt").write_text("")
-    with pytest.raises(ModelNotFoundError, match="not a .gguf"):
+    with pytest.raises(ModelNotFoundError, match=r"not a \.gguf"):
         resolve_model(str(tmp_path / "weights.txt"))

@@ -68,7 +68,7 @@ def test_mixed_batch_of_base_and_eight_adapters_matches_each_alone(three_slots, 
     assert len({tuple(tokens) for tokens in expected}) == len(rows)  # a row served wrongly would show
     before = llm.engine.lora_manager.stats()
 
-    prompts, params, loras = zip(*rows)
+    prompts, params, loras = zip(*rows, strict=True)
     outputs = llm.generate(list(prompts), list(params), use_tqdm=False, lora_request=list(loras))
 
     assert [out.outputs[0].token_ids for out in outputs] == expected

@@ -127,7 +127,7 @@ def engine_logits(llm: LLM, token_ids: dict[str, list[int]], loras: dict[str, Lo
         for adapter in adapters.values():
             engine.lora_manager.release(adapter)
     spans = batch.attention.prefills
-    return {s.seq.request_id: logits[span.start:span.end] for s, span in zip(order, spans)}
+    return {s.seq.request_id: logits[span.start:span.end] for s, span in zip(order, spans, strict=True)}
 
 
 def serve(path: Path, cases: dict[str, Case], adapters_dir: Path, **engine_kwargs) -> Served:
@@ -155,7 +155,7 @@ def serve(path: Path, cases: dict[str, Case], adapters_dir: Path, **engine_kwarg
     params = SamplingParams(temperature=0, max_tokens=STEPS, min_tokens=STEPS, logprobs=2)
     outputs = llm.generate([{"prompt_token_ids": prompt_ids}] * len(rows), params, use_tqdm=False,
                            lora_request=[loras.get(row) for row in rows])
-    completions = {row: out.outputs[0] for row, out in zip(rows, outputs)}
+    completions = {row: out.outputs[0] for row, out in zip(rows, outputs, strict=True)}
     full_ids = {row: prompt_ids + references[row].tokens for row in rows}
     return Served(
         engine_tokens={row: c.token_ids for row, c in completions.items()},

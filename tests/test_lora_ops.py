@@ -86,7 +86,8 @@ def test_packed_parts_touch_only_their_columns(dtype, path):
         offset = 0
         for part, rank in parts.items():
             lora_a[slot, offset:offset + rank] = torch.randn(rank, 10, dtype=dtype)
-            lora_b[slot, offset:offset + rank, cols[part][0]:cols[part][1]] = torch.randn(rank, cols[part][1] - cols[part][0], dtype=dtype)
+            start, end = cols[part]
+            lora_b[slot, offset:offset + rank, start:end] = torch.randn(rank, end - start, dtype=dtype)
             part_rows[slot, part] = torch.tensor([offset, offset + rank])
             offset += rank
     widths = [5, 4]

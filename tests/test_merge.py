@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lora_fixtures import make_peft_adapter
 from peft import PeftModel
 from safetensors.torch import load_file
-from tiny_models import make_tiny_model
 from transformers import AutoModelForCausalLM
 
+from lora_fixtures import make_peft_adapter
 from loraserve import LLM, LoRARequest, SamplingParams
 from loraserve.lora.merge import merge_adapter
+from tiny_models import make_tiny_model
 
 
 @pytest.mark.parametrize("arch", ["llama", "phi3"])

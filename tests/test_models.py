@@ -75,7 +75,8 @@ def feed(llm: LLM, work: list[tuple[Sequence, int]]) -> dict[Sequence, dict[int,
     owner = {block: seq for seq, _ in work for block in seq.block_table}
     block_size = engine.blocks.block_size
     found: dict[Sequence, dict[int, torch.Tensor]] = defaultdict(dict)
-    for row, (slot, position) in enumerate(zip(batch.attention.slot_mapping.tolist(), batch.positions.tolist())):
+    slots, positions = batch.attention.slot_mapping.tolist(), batch.positions.tolist()
+    for row, (slot, position) in enumerate(zip(slots, positions, strict=True)):
         found[owner[slot // block_size]][position] = logits[row]
     for seq, n in work:
         seq.num_computed_tokens += n
@@ -120,7 +121,7 @@ def test_prefill_chunked_prefill_and_decode_logits_match_transformers(tiny, arch
 def test_batched_greedy_generation_matches_transformers_generate(tiny, arch):
     model = tiny(arch)
     outputs = model.llm.generate(PROMPTS, greedy_params(), use_tqdm=False)
-    for prompt, output in zip(PROMPTS, outputs):
+    for prompt, output in zip(PROMPTS, outputs, strict=True):
         assert output.prompt_token_ids == model.prompt_ids(prompt)
         assert output.outputs[0].token_ids == model.greedy(prompt), f"{arch}: {prompt!r}"
 

@@ -77,7 +77,7 @@ def run_steps(logits: torch.Tensor, params, seeds, steps: int,
     batch = make_batch(params, gens)
     sampler = sampler or Sampler()
     rows = [sampler(logits, batch).token_ids.tolist() for _ in range(steps)]
-    return [list(col) for col in zip(*rows)]
+    return [list(col) for col in zip(*rows, strict=True)]
 
 
 def test_seeded_row_does_not_depend_on_its_batch():
@@ -186,7 +186,7 @@ def test_penalties_match_reference_formula():
     logits = torch.randn(len(params), vocab).bfloat16()
     before = logits.clone()
     got = apply_penalties(logits, make_batch(params, prompts=prompts, outputs=outputs))
-    rows = zip(logits.float().tolist(), params, prompts, outputs)
+    rows = zip(logits.float().tolist(), params, prompts, outputs, strict=True)
     want = [ref_penalised(r, p, pr, out) for r, p, pr, out in rows]
     torch.testing.assert_close(got, torch.tensor(want), rtol=1e-6, atol=1e-6)
     assert torch.equal(logits, before)

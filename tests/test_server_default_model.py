@@ -47,5 +47,5 @@ def test_default_model_with_demo_adapters(default_model_path, tmp_path):
     finally:
         assert server.stop() == 0
     assert answers == expected
-    upper = "".join(a for (model, _), a in zip(jobs, answers) if model == "uppercase")
+    upper = "".join(a for (model, _), a in zip(jobs, answers, strict=True) if model == "uppercase")
     assert sum(c.isupper() for c in upper) > 0.8 * sum(c.isalpha() for c in upper)  # the adapter is in effect

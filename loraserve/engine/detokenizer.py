@@ -26,12 +26,14 @@ class IncrementalDetokenizer:
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
         self._prefix = self._decode(self.ids)
+        self.held = 0  # complete characters decoded but not yet emitted (they precede a partial one)
 
     def add(self, token_id: int) -> str:
         """Append one token; return the text it completes ("" while a character is still partial)."""
         self.ids.append(token_id)
         full = self._decode(self.ids[self.prefix_offset:])
         if full.endswith(_REPLACEMENT):
+            self.held = len(full[self._stable(full):].rstrip(_REPLACEMENT))
             return ""
         return self._emit(full)
 
@@ -41,16 +43,20 @@ class IncrementalDetokenizer:
             return ""
         return self._emit(self._decode(self.ids[self.prefix_offset:]))
 
-    def _emit(self, full: str) -> str:
+    def _stable(self, full: str) -> int:
+        """Where the new text begins in `full`."""
         prefix = self._prefix
-        if len(full) <= len(prefix) and not prefix.endswith(_REPLACEMENT):
-            return ""  # e.g. a skipped special token: nothing new to show
         if prefix.endswith(_REPLACEMENT):
             # Only a prompt can leave the prefix ending in U+FFFD: an invalid byte, which stays in the prompt,
             # or the start of a character the output completes, which then belongs to the output.
-            stable = len(_common_prefix(prefix, full))
-        else:
-            stable = len(prefix)
+            return len(_common_prefix(prefix, full))
+        return len(prefix)
+
+    def _emit(self, full: str) -> str:
+        self.held = 0
+        if len(full) <= len(self._prefix) and not self._prefix.endswith(_REPLACEMENT):
+            return ""  # e.g. a skipped special token: nothing new to show
+        stable = self._stable(full)
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         self._prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
         return full[stable:]

@@ -49,7 +49,7 @@ class OutputProcessor:
         if entry is not None and params.logprobs is not None:
             seq.logprobs.append(entry)
             seq.cumulative_logprob += entry[token].logprob
-        seq.text_offsets.append(len(seq.output_text))
+        seq.text_offsets.append(len(seq.output_text) + seq.detokenizer.held)
         new_text = seq.detokenizer.add(token)
         may_stop = seq.num_output_tokens > params.min_tokens
         finish: tuple[str, int | str | None] | None = None
@@ -67,8 +67,9 @@ class OutputProcessor:
             hit = find_stop_string(seq.output_text, len(new_text), params.stop)
             if hit is not None:
                 position, stop = hit
-                seq.output_text = seq.output_text[:position + len(stop) if params.include_stop_str_in_output
-                                                  else position]
+                end = position + len(stop) if params.include_stop_str_in_output else position
+                seq.output_text = seq.output_text[:end]
+                seq.text_offsets = [min(offset, end) for offset in seq.text_offsets]
                 finish = ("stop", stop)
         if finish is not None:
             seq.finish_reason, seq.stop_reason = finish

@@ -145,6 +145,7 @@ class HostCache:
         """The request's resolved folder. A path spelled as when the id was bound is not resolved again, so
         a cached adapter is served without touching the file system (even after its folder was deleted)."""
         with self._lock:
+            self._check_not_removed(request)
             binding = self._bindings.get(request.lora_int_id)
         if binding is not None and binding.path == request.lora_path:
             return binding.folder
@@ -154,10 +155,7 @@ class HostCache:
 
     def _cached(self, request: LoRARequest, folder: Path) -> LoRAAdapter | None:
         lora_id = request.lora_int_id
-        if lora_id in self._removed:
-            raise AdapterRemovedError(
-                f"adapter {request.lora_name!r} (lora_int_id {lora_id}) was removed; add it again, or give it a "
-                f"new lora_int_id")
+        self._check_not_removed(request)
         binding = self._bindings.get(lora_id)
         if binding is not None and (binding.name, binding.folder) != (request.lora_name, folder):
             raise LoRAError(
@@ -167,6 +165,12 @@ class HostCache:
         if adapter is not None:
             self._entries.move_to_end(lora_id)
         return adapter
+
+    def _check_not_removed(self, request: LoRARequest) -> None:
+        if request.lora_int_id in self._removed:
+            raise AdapterRemovedError(
+                f"adapter {request.lora_name!r} (lora_int_id {request.lora_int_id}) was removed; add it again, or "
+                f"give it a new lora_int_id")
 
     def _insert(self, request: LoRARequest, folder: Path, adapter: LoRAAdapter, seconds: float) -> None:
         lora_id = request.lora_int_id
