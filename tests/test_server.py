@@ -113,20 +113,29 @@ class Stream:
         return self.text
 
 
+def serve_copy(http, offline, files, source: str, name: str, lora_id: int) -> tuple:
+    """Copy adapter `source` to a folder of its own, serve it as `name`, and start a long stream on it;
+    returns the folder, the stream and the text the offline engine gives for the same request."""
+    folder = files["root"] / name
+    shutil.copytree(files["adapters"][source], folder)
+    expected = offline_texts(offline, lora(name, str(folder), lora_id), name, PROMPTS[:1], temperature=0,
+                             max_tokens=LONG_TOKENS, ignore_eos=True)[0]
+    assert http.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(folder)}).status_code == 200
+    return folder, Stream(str(http.base_url).rstrip("/"), name, PROMPTS[0]), expected
+
+
+def running(http) -> float:
+    return metric(http.get("/metrics").text, "loraserve_num_requests_running")
+
+
 def test_unload_while_streaming_finishes_on_the_old_weights(server, http, files, offline):
     """Deleting an adapter's folder and unloading it while a stream uses it: the stream ends with the text
     it would have had anyway; new requests get 404; the host copy is freed once the stream ends."""
-    folder = files["root"] / "leaving"
-    shutil.copytree(files["adapters"]["a4"], folder)
-    expected = offline_texts(offline, lora("leaving", str(folder), 90), "leaving", PROMPTS[:1], temperature=0,
-                             max_tokens=LONG_TOKENS, ignore_eos=True)[0]
-    load = {"lora_name": "leaving", "lora_path": str(folder)}
-    assert http.post("/v1/load_lora_adapter", json=load).status_code == 200
+    folder, stream, expected = serve_copy(http, offline, files, "a4", "leaving", 90)
     cached = metric(http.get("/metrics").text, "loraserve_lora_host_cached")
-    stream = Stream(server.url, "leaving", PROMPTS[0])
     shutil.rmtree(folder)  # gone before the unload too, so nothing may read it again
     assert http.post("/v1/unload_lora_adapter", json={"lora_name": "leaving"}).status_code == 200
-    assert metric(http.get("/metrics").text, "loraserve_num_requests_running") == 1  # still streaming
+    assert running(http) == 1  # still streaming
     assert_openai_error(http.post("/v1/completions", json={"model": "leaving", "prompt": "x"}), 404, "model")
     assert stream.result() == expected
     assert metric(http.get("/metrics").text, "loraserve_lora_host_cached") == cached - 1
@@ -135,13 +144,7 @@ def test_unload_while_streaming_finishes_on_the_old_weights(server, http, files,
 def test_reload_in_place_while_streaming(server, http, files, offline):
     """load_inplace swaps a name to the new files at once for new requests; the running stream finishes
     on the weights it started with."""
-    folder = files["root"] / "swapped"
-    shutil.copytree(files["adapters"]["a0"], folder)
-    old = offline_texts(offline, lora("old", str(folder), 91), "old", PROMPTS[:1], temperature=0,
-                        max_tokens=LONG_TOKENS, ignore_eos=True)[0]
-    load = {"lora_name": "swapped", "lora_path": str(folder)}
-    assert http.post("/v1/load_lora_adapter", json=load).status_code == 200
-    stream = Stream(server.url, "swapped", PROMPTS[0])
+    folder, stream, old = serve_copy(http, offline, files, "a0", "swapped", 91)
     shutil.rmtree(folder)
     make_peft_adapter(files["hf"], folder, seed=99, **ADAPTERS["a2"])
     new = offline_texts(offline, lora("new", str(folder), 92), "new", PROMPTS[:1], temperature=0, max_tokens=10,
@@ -149,7 +152,7 @@ def test_reload_in_place_while_streaming(server, http, files, offline):
     response = http.post("/v1/load_lora_adapter", json={"lora_name": "swapped", "lora_path": str(folder),
                                                         "load_inplace": True})
     assert response.status_code == 200, response.text
-    assert metric(http.get("/metrics").text, "loraserve_num_requests_running") == 1  # the old one still runs
+    assert running(http) == 1  # the old one still runs
     fresh = http.post("/v1/completions", json={"model": "swapped", "prompt": PROMPTS[0], "max_tokens": 10,
                                                "temperature": 0, "ignore_eos": True}).json()
     assert fresh["choices"][0]["text"] == new
