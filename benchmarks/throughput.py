@@ -1,9 +1,11 @@
-"""Offline throughput: this engine vs transformers `generate` on the same prompts, in one run.
+"""Offline throughput: this engine vs its physical bounds and vs transformers `generate`, in one run.
 
     python benchmarks/throughput.py [--model PATH] [--dtype auto] [--num-prompts 64] [--output-len 128]
 
-Prints output tokens/s for the engine at several concurrencies (max_num_seqs) and for transformers'
-batched, padded generate, and the ratio between them.
+For each concurrency (max_num_seqs): output tokens/s of the whole workload (prefill included) next to the
+matmul ceiling at that many tokens per step (every decode-step matmul alone, benchmarks/bounds.py) and the
+ratio. Single stream: decode ms/token next to the memory-bandwidth bound (weight bytes one token reads /
+measured bandwidth). Then transformers' batched, padded generate and the engine's ratio to it.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM
 
+from bounds import decode_shapes, matmul_step_seconds, memory_bandwidth, weight_bytes
 from loraserve import LLM, SamplingParams
 from loraserve.config import EngineConfig
 from loraserve.engine.platform import resolve_dtypes
@@ -42,6 +45,19 @@ def engine_throughput(llm: LLM, prompts: list[list[int]], output_len: int) -> fl
     elapsed = time.perf_counter() - start
     assert all(len(o.outputs[0].token_ids) == output_len for o in outputs)
     return len(prompts) * output_len / elapsed
+
+
+def single_stream_ms_per_token(llm: LLM, prompt: list[int], output_len: int) -> float:
+    """Median time of one decode step with one sequence in flight (the prefill step left out)."""
+    engine = llm.engine
+    engine.add_request("single", None, prompt, SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True))
+    engine.step()  # prefill
+    times = []
+    while engine.has_unfinished_requests():
+        start = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
 
 
 def transformers_throughput(folder, dtype: torch.dtype, prompts: list[list[int]], output_len: int,
@@ -92,8 +108,19 @@ def main() -> None:
         engine_throughput(llm, prompts[:concurrency], 8)  # warm-up
         runs = [engine_throughput(llm, prompts, args.output_len) for _ in range(args.repeats)]
         results[concurrency] = statistics.median(runs)
+        shapes, dtype = decode_shapes(llm.engine.model), llm.engine.dtype
+        ceiling = concurrency / matmul_step_seconds(shapes, concurrency, dtype)
         print(f"engine   {concurrency:3d} in flight: {results[concurrency]:8.1f} out tok/s "
-              f"(runs: {', '.join(f'{r:.0f}' for r in runs)})")
+              f"(runs: {', '.join(f'{r:.0f}' for r in runs)});  matmul ceiling {ceiling:7.1f} tok/s;  "
+              f"ratio {results[concurrency] / ceiling:.2f}", flush=True)
+        if concurrency == 1:
+            nbytes = weight_bytes(shapes, dtype)
+            bound = nbytes / memory_bandwidth() * 1000
+            latency = statistics.median(single_stream_ms_per_token(llm, prompts[0], args.output_len)
+                                        for _ in range(args.repeats))
+            print(f"single stream: {latency:.2f} ms/token;  bandwidth bound {bound:.2f} ms/token "
+                  f"({nbytes / 2**20:.0f} MiB of weights at {nbytes / bound / 1e6:.1f} GB/s);  "
+                  f"ratio {latency / bound:.2f}", flush=True)
         del llm
     if not args.skip_transformers:
         dtype = llm_dtype(args.dtype)

@@ -1,10 +1,12 @@
-"""Gated MLP activations by their Hugging Face config names."""
+"""Gated MLP activations by their Hugging Face config names: act(gate) * up of a packed gate_up."""
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from loraserve.layers.cpu_kernels import cpu_kernel, fused_ops_module
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
@@ -14,15 +16,23 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
 }
+# The activations the fused CPU kernel computes, by the kernel's name for them.
+_FUSED = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh",
+          "gelu_new": "gelu_tanh"}
 
 
-def get_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    if name not in _ACTIVATIONS:
-        raise ValueError(f"unsupported activation {name!r}; supported: {', '.join(_ACTIVATIONS)}")
-    return _ACTIVATIONS[name]
+class GatedActivation:
+    """act(gate) * up for a packed [.., 2*I] gate_up projection; one fused pass on CPU."""
 
+    def __init__(self, name: str) -> None:
+        if name not in _ACTIVATIONS:
+            raise ValueError(f"unsupported activation {name!r}; supported: {', '.join(_ACTIVATIONS)}")
+        self.act = _ACTIVATIONS[name]
+        self.fused = _FUSED.get(name)
 
-def gated(act: Callable[[torch.Tensor], torch.Tensor], gate_up: torch.Tensor) -> torch.Tensor:
-    """act(gate) * up for a packed [.., 2*I] gate_up projection."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return act(gate) * up
+    def __call__(self, gate_up: torch.Tensor) -> torch.Tensor:
+        kernel = cpu_kernel(fused_ops_module, gate_up) if self.fused is not None else None
+        if kernel is not None:
+            return kernel.gated_activation(gate_up, self.fused)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.act(gate) * up

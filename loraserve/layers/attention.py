@@ -1,7 +1,7 @@
 """Attention over the paged KV cache.
 
-The cache of one layer is [num_blocks, block_size, kv_heads, head_dim] for K and for V. A token's K/V is
-written to its flat slot (block * block_size + offset). The flat batch holds prefill chunks first (each a
+The cache of one layer is [num_blocks, block_size, kv_heads, head_dim] for K and for V. A token's K/V sits
+in its flat slot (block * block_size + offset). The flat batch holds prefill chunks first (each a
 run of tokens of one sequence), then one token per decoding sequence, which are attended together.
 """
 from __future__ import annotations
@@ -24,9 +24,8 @@ class PagedAttention:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """q: [T, H, D], k/v: [T, KVH, D] -> [T, H * D]."""
-        k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k)
-        v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v)
+        """q: [T, H, D], k/v: [T, KVH, D] -> [T, H * D]; k and v are already in the caches
+        (rotary.rotate_and_store wrote them)."""
         out = torch.empty_like(q)
         for span in meta.prefills:
             out[span.start:span.end] = self._prefill(q[span.start:span.end], k, v, k_cache, v_cache, span)

@@ -58,6 +58,20 @@ def lora_module():
     return _module("lora_segments")
 
 
+def fused_ops_module():
+    return _module("fused_ops")
+
+
 def build_all() -> dict[str, bool]:
     """Compile every kernel now (for `loraserve prepare`); name -> built."""
-    return {"paged attention": paged_attention_module() is not None, "LoRA runs": lora_module() is not None}
+    return {"paged attention": paged_attention_module() is not None, "LoRA runs": lora_module() is not None,
+            "fused ops": fused_ops_module() is not None}
+
+
+def cpu_kernel(module, x: torch.Tensor):
+    """`module` when x is a bfloat16 CPU tensor, else None. The fused kernels serve bf16, the speed path;
+    float32 is the accuracy path and stays on PyTorch's own ops, the reference every parity test is held to
+    (fused, float32's sums would be reordered: harmless, but enough to move logits by 1e-4 over 30 layers)."""
+    if x.device.type != "cpu" or x.dtype != torch.bfloat16:
+        return None
+    return module()

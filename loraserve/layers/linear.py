@@ -8,24 +8,7 @@ from torch import nn
 
 from loraserve.layers.forward_batch import LoRABatch
 from loraserve.layers.lora_ops import SlotLayout, add_lora
-
-# Decode batch size the packed layout is tuned for; any batch size computes the same result.
-_PACK_BATCH_HINT = 64
-
-
-def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
-    """MKL's prepacked copy of a float32 CPU weight: the same results as F.linear, about a quarter faster
-    for decode-sized batches (docs/benchmarks.md). None where it does not apply (other dtypes, devices)."""
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkl.is_available():
-        return None
-    return torch.ops.mkl._mkl_reorder_linear_weight(weight, _PACK_BATCH_HINT)
-
-
-def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-          packed: torch.Tensor | None) -> torch.Tensor:
-    if packed is None:
-        return F.linear(x, weight, bias)
-    return torch.ops.mkl._mkl_linear(x, packed, weight, bias, _PACK_BATCH_HINT)
+from loraserve.layers.matmul import MatmulWeight
 
 
 class Linear(nn.Module):
@@ -43,7 +26,7 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(self.out_features), requires_grad=False) if bias else None
         self.lora: SlotLayout | None = None  # set by enable_lora
-        self.packed: torch.Tensor | None = None  # set by pack(), after the weights are final
+        self.matmul: MatmulWeight | None = None  # set by pack(), after the weights are final
 
     def enable_lora(self, num_slots: int, max_rank: int, dtype: torch.dtype) -> SlotLayout:
         """Give the layer adapter slots (zero: no adapter changes anything until a slot is filled)."""
@@ -51,7 +34,11 @@ class Linear(nn.Module):
         return self.lora
 
     def pack(self) -> None:
-        self.packed = pack_weight(self.weight.data)
+        """Hand the final weight to the fastest matmul form; the dense parameter keeps only what that form
+        does not copy (nothing, for oneDNN's bf16 layout)."""
+        self.matmul = MatmulWeight(self.weight.data)
+        if self.matmul.dense is None:
+            self.weight.data = torch.empty(0, dtype=self.weight.dtype, device=self.weight.device)
 
     def part_slice(self, part: str) -> slice:
         start = 0
@@ -72,7 +59,7 @@ class Linear(nn.Module):
         target.data[rows].copy_(tensor)
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
-        y = dense(x, self.weight, self.bias, self.packed)
+        y = self.matmul(x, self.bias) if self.matmul is not None else F.linear(x, self.weight, self.bias)
         if self.lora is not None and lora is not None:
             add_lora(y, x, self.lora, lora)
         return y

@@ -1,8 +1,11 @@
-"""RMSNorm in the two numerical flavours of the checkpoints we serve."""
+"""RMSNorm in the two numerical flavours of the checkpoints we serve, alone or fused with the residual add
+that precedes it in every decoder layer."""
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from loraserve.layers.cpu_kernels import cpu_kernel, fused_ops_module
 
 
 class RMSNorm(nn.Module):
@@ -16,6 +19,21 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = cpu_kernel(fused_ops_module, x)
+        if kernel is not None:
+            return kernel.rms_norm(x, self.weight, self.eps, self.offset, None)
+        return self._reference(x)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RMSNorm(residual + x), residual + x): the residual stream grows by x and goes on normalised. The
+        CPU kernel adds into `residual` in place."""
+        kernel = cpu_kernel(fused_ops_module, x)
+        if kernel is not None and residual.is_contiguous():
+            return kernel.rms_norm(x, self.weight, self.eps, self.offset, residual), residual
+        residual = residual + x
+        return self._reference(residual), residual
+
+    def _reference(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)

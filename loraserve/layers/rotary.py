@@ -6,6 +6,8 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from loraserve.layers.cpu_kernels import cpu_kernel, fused_ops_module
+
 # RoPE variants whose frequencies do not depend on the running sequence length, so one table serves all.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -50,3 +52,19 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     half = rot // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def rotate_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary on q [T, H, D] and k [T, KVH, D], then k and v written to the paged caches at `slot_mapping`;
+    returns the rotated q and k. One fused pass on CPU (q and k rotated in place)."""
+    kernel = cpu_kernel(fused_ops_module, q)
+    if kernel is not None and cos.dtype == q.dtype:
+        kernel.rotary_kv_write(q, k, v, cos[:, 0], sin[:, 0], k_cache, v_cache, slot_mapping)
+        return q, k
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    num_kv_heads, head_dim = k.shape[1:]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+    return q, k

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from loraserve.layers.cpu_kernels import cpu_kernel, fused_ops_module
 from loraserve.sampling_params import SamplingParams
 
 _PAD = -1  # pads token-id rows; mapped to an extra, discarded vocab column when counting
@@ -127,6 +128,15 @@ class SamplerOutput:
     top_logprobs: torch.Tensor | None  # [B, K] float32
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """argmax of each row of raw logits in their own dtype (no float copy on CPU; PyTorch's own bf16 argmax is
+    5x slower than widening first)."""
+    kernel = cpu_kernel(fused_ops_module, logits)
+    if kernel is not None and logits.is_contiguous():
+        return kernel.argmax(logits)
+    return logits.float().argmax(dim=-1)
+
+
 def _pad_ids(rows: list[list[int]], device: torch.device) -> torch.Tensor:
     width = max((len(r) for r in rows), default=0)
     padded = [list(r) + [_PAD] * (width - len(r)) for r in rows]
@@ -233,7 +243,7 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         if batch.plain_greedy:
-            return SamplerOutput(logits.argmax(dim=-1), None, None, None, None)
+            return SamplerOutput(greedy_tokens(logits), None, None, None, None)
         raw = logits.float()
         x = apply_penalties(raw, batch)
         if batch.banned is not None:

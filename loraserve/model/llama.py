@@ -6,15 +6,17 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
-from loraserve.layers.activation import gated, get_activation
+from loraserve.layers.activation import GatedActivation
 from loraserve.layers.attention import PagedAttention
 from loraserve.layers.forward_batch import ForwardBatch
-from loraserve.layers.linear import Linear, dense, pack_weight
+from loraserve.layers.linear import Linear
+from loraserve.layers.matmul import MatmulWeight
 from loraserve.layers.norm import RMSNorm
-from loraserve.layers.rotary import RotaryEmbedding, apply_rotary
+from loraserve.layers.rotary import RotaryEmbedding, rotate_and_store
 from loraserve.model.registry import DecoderSpec
 
 
@@ -42,7 +44,7 @@ class Attention(nn.Module):
         v = qkv[:, q_size + kv_size:].view(-1, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = rotate_and_store(q, k, v, cos, sin, self.k_cache, self.v_cache, batch.attention.slot_mapping)
         out = self.attn(q, k, v, self.k_cache, self.v_cache, batch.attention)
         return self.o_proj(out, batch.lora)
 
@@ -54,10 +56,10 @@ class MLP(nn.Module):
         parts = {"gate_up_proj": 2 * size} if spec.packed_checkpoint else {"gate_proj": size, "up_proj": size}
         self.gate_up_proj = Linear(spec.hidden_size, parts, bias=spec.mlp_bias)
         self.down_proj = Linear(size, {"down_proj": spec.hidden_size}, bias=spec.mlp_bias)
-        self.act = get_activation(spec.activation)
+        self.act = GatedActivation(spec.activation)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        return self.down_proj(gated(self.act, self.gate_up_proj(x, batch.lora)), batch.lora)
+        return self.down_proj(self.act(self.gate_up_proj(x, batch.lora)), batch.lora)
 
 
 class DecoderLayer(nn.Module):
@@ -68,9 +70,17 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_offset)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_offset)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch)
-        return x + self.mlp(self.post_attention_layernorm(x), batch)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's MLP output (the embeddings at the first layer); residual: the stream it
+        is added to (None at the first layer). Returns this layer's MLP output and the stream, so each add
+        is fused with the norm after it; the sums are the ones `x + attn(norm(x))` ... computes."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm.add_and_norm(x, residual)
+        h, residual = self.post_attention_layernorm.add_and_norm(self.self_attn(h, cos, sin, batch), residual)
+        return self.mlp(h, batch), residual
 
 
 class DecoderModel(nn.Module):
@@ -83,7 +93,8 @@ class DecoderModel(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """Decoder + LM head. `forward(batch)` returns float32 logits for batch.logits_indices only."""
+    """Decoder + LM head. `forward(batch)` returns the logits (in the model's dtype: the sampler widens them
+    only when it needs to) for batch.logits_indices only."""
 
     def __init__(self, spec: DecoderSpec, config: PretrainedConfig, max_positions: int) -> None:
         super().__init__()
@@ -93,7 +104,7 @@ class CausalLM(nn.Module):
         if not spec.tie_word_embeddings:
             self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
             self.lm_head.weight.requires_grad_(False)
-        self.lm_head_packed: torch.Tensor | None = None
+        self.lm_head_matmul: MatmulWeight | None = None  # set by pack_weights
 
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.spec.tie_word_embeddings else self.lm_head.weight
@@ -104,17 +115,24 @@ class CausalLM(nn.Module):
         if self.spec.embed_scale is not None:
             h = h * torch.tensor(self.spec.embed_scale, dtype=h.dtype)
         cos, sin = self.rotary.lookup(batch.positions, h.dtype)
+        residual = None
         for layer in self.model.layers:
-            h = layer(h, cos, sin, batch)
-        h = self.model.norm(h[batch.logits_indices])
-        return dense(h, self.lm_head_weight(), None, self.lm_head_packed).float()
+            h, residual = layer(h, residual, cos, sin, batch)
+        rows = batch.logits_indices
+        h, _ = self.model.norm.add_and_norm(h[rows], residual[rows])
+        if self.lm_head_matmul is not None:
+            return self.lm_head_matmul(h)
+        return F.linear(h, self.lm_head_weight())
 
     def pack_weights(self) -> None:
-        """Prepack every matmul weight for the CPU BLAS once the weights are final (see pack_weight)."""
+        """Hand every matmul weight to its fastest form once the weights are final (layers/matmul.py)."""
         for module in self.modules():
             if isinstance(module, Linear):
                 module.pack()
-        self.lm_head_packed = pack_weight(self.lm_head_weight().data)
+        self.lm_head_matmul = MatmulWeight(self.lm_head_weight().data)
+        if not self.spec.tie_word_embeddings and self.lm_head_matmul.dense is None:
+            self.lm_head.weight.data = torch.empty(0, dtype=self.lm_head.weight.dtype,
+                                                   device=self.lm_head.weight.device)
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         dtype, device = self.model.embed_tokens.weight.dtype, self.model.embed_tokens.weight.device

@@ -5,15 +5,25 @@
 // block_size tokens contiguously, so one task reads whole blocks front to back and prefetches the next one
 // while computing on the current. (Splitting the work by kv head instead made each task read a third of
 // every row from blocks scattered in memory, which the hardware prefetcher cannot follow: in the engine,
-// with the cache cold after the layer's matmuls, that was 3x slower.) Rows are widened to float once per
-// block and all query heads of a GQA group reuse them; the scores are softmaxed per head between the K and V
-// passes (a sequence's scores fit in L1/L2 at any context this engine serves on CPU).
+// with the cache cold after the layer's matmuls, that was 3x slower.) All query heads of a GQA group reuse
+// each K and V row; the scores are softmaxed per head between the K and V passes (a sequence's scores fit in
+// L1/L2 at any context this engine serves on CPU).
+//
+// bf16 caches on a CPU with AVX512-BF16 take a path of their own: q·k with vdpbf16ps straight on the bf16
+// rows (no widening copy), 16 tokens' dot products reduced together by one transpose-add, and V rows
+// widened in registers for the weighted sum. Other dtypes and CPUs widen each block to float and let the
+// compiler vectorise plain loops.
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
 #include <vector>
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+#define LORASERVE_BF16_DOT 1
+#endif
 
 namespace {
 
@@ -28,6 +38,25 @@ void widen(const T* src, float* dst, int64_t count) {
 #pragma omp simd
   for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<float>(src[i]);
 }
+
+// In place: exp(s - max) / sum, per head's row of `len` scores.
+void softmax_rows(float* scores, int64_t rows, int64_t len) {
+  for (int64_t h = 0; h < rows; ++h) {
+    float* s = scores + h * len;
+    const float top = *std::max_element(s, s + len);
+    float total = 0.f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t t = 0; t < len; ++t) {
+      s[t] = std::exp(s[t] - top);
+      total += s[t];
+    }
+    const float inv = 1.f / total;
+#pragma omp simd
+    for (int64_t t = 0; t < len; ++t) s[t] *= inv;
+  }
+}
+
+// ---- generic path: each block widened to float -------------------------------------------------------
 
 // Walks a sequence's cache blocks in order: prefetches the next block, widens the current one into `rows`
 // and calls fn(first token, token count).
@@ -60,53 +89,127 @@ void decode_one_sequence(const T* q, const T* k_cache, const T* v_cache, const i
     query[i] = static_cast<float>(q[i]) * scale;
     acc[i] = 0.f;
   }
-
-  for_each_block(k_cache, table, len, block_size, block_elems, rows, [&](int64_t first, int64_t count) {
-    for (int64_t t = 0; t < count; ++t) {
-      for (int64_t kh = 0; kh < num_kv_heads; ++kh) {
-        const float* __restrict key = rows + t * row + kh * head_dim;
-        for (int64_t g = 0; g < group; ++g) {
-          const int64_t h = kh * group + g;
-          const float* __restrict qh = query + h * head_dim;
-          float dot = 0.f;
+  // One walker serves both passes: with `scoring` it writes q·k into the scores, else it adds p·v to acc.
+  auto pass = [&](const T* cache, bool scoring) {
+    for_each_block(cache, table, len, block_size, block_elems, rows, [&](int64_t first, int64_t count) {
+      for (int64_t t = 0; t < count; ++t) {
+        for (int64_t kh = 0; kh < num_kv_heads; ++kh) {
+          const float* __restrict vec = rows + t * row + kh * head_dim;
+          for (int64_t h = kh * group; h < (kh + 1) * group; ++h) {
+            if (scoring) {
+              const float* __restrict qh = query + h * head_dim;
+              float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < head_dim; ++d) dot += qh[d] * key[d];
-          scores[h * len + first + t] = dot;
-        }
-      }
-    }
-  });
-
-  for (int64_t h = 0; h < num_heads; ++h) {
-    float* s = scores + h * len;
-    const float top = *std::max_element(s, s + len);
-    float total = 0.f;
-    for (int64_t t = 0; t < len; ++t) {
-      s[t] = std::exp(s[t] - top);
-      total += s[t];
-    }
-    const float inv = 1.f / total;
-    for (int64_t t = 0; t < len; ++t) s[t] *= inv;
-  }
-
-  for_each_block(v_cache, table, len, block_size, block_elems, rows, [&](int64_t first, int64_t count) {
-    for (int64_t t = 0; t < count; ++t) {
-      for (int64_t kh = 0; kh < num_kv_heads; ++kh) {
-        const float* __restrict value = rows + t * row + kh * head_dim;
-        for (int64_t g = 0; g < group; ++g) {
-          const int64_t h = kh * group + g;
-          const float p = scores[h * len + first + t];
-          float* __restrict a = acc + h * head_dim;
+              for (int64_t d = 0; d < head_dim; ++d) dot += qh[d] * vec[d];
+              scores[h * len + first + t] = dot;
+            } else {
+              const float p = scores[h * len + first + t];
+              float* __restrict a = acc + h * head_dim;
 #pragma omp simd
-          for (int64_t d = 0; d < head_dim; ++d) a[d] += p * value[d];
+              for (int64_t d = 0; d < head_dim; ++d) a[d] += p * vec[d];
+            }
+          }
         }
       }
-    }
-  });
+    });
+  };
+  pass(k_cache, true);
+  softmax_rows(scores, num_heads, len);
+  pass(v_cache, false);
   for (int64_t i = 0; i < num_heads * head_dim; ++i) out[i] = static_cast<T>(acc[i]);
 }
 
-// Common head sizes get a compile-time head_dim so the per-head loops unroll fully; others use the generic path.
+// ---- bf16 with AVX512-BF16 ------------------------------------------------------------------------------
+
+#ifdef LORASERVE_BF16_DOT
+// v[i] holds 16 partial sums of token i; returns the 16 totals, token i in lane i.
+inline __m512 reduce16(__m512* v) {
+  __m512 w[8], u[4];
+  for (int i = 0; i < 8; ++i)
+    w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int j = 0; j < 4; ++j) {
+    const __m512d a = _mm512_castps_pd(w[2 * j]), b = _mm512_castps_pd(w[2 * j + 1]);
+    u[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  // u[j], 128-bit lane L, element e: lane L's partial sum of token 4j+e.
+  const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x44), _mm512_shuffle_f32x4(u[0], u[1], 0xEE));
+  const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x44), _mm512_shuffle_f32x4(u[2], u[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
+}
+
+inline __m512 widen16(const at::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+template <int64_t HEAD_DIM>
+void decode_one_sequence_bf16(const at::BFloat16* q, const at::BFloat16* k_cache, const at::BFloat16* v_cache,
+                              const int64_t* table, int64_t len, at::BFloat16* out, int64_t num_heads,
+                              int64_t num_kv_heads, int64_t block_size, float scale, std::vector<float>& scratch) {
+  static_assert(HEAD_DIM % 32 == 0, "the bf16 path takes head_dim in multiples of 32");
+  constexpr int64_t kChunks = HEAD_DIM / 32;  // 32 bf16 values per dot-product instruction
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t row = num_kv_heads * HEAD_DIM;
+  const int64_t block_elems = block_size * row;
+  const int64_t num_blocks = (len + block_size - 1) / block_size;
+  scratch.resize(num_heads * len + num_heads * HEAD_DIM);
+  float* scores = scratch.data();                // [num_heads, len]
+  float* acc = scores + num_heads * len;         // [num_heads, HEAD_DIM]
+  std::fill(acc, acc + num_heads * HEAD_DIM, 0.f);
+
+  for (int64_t blk = 0; blk < num_blocks; ++blk) {
+    if (blk + 1 < num_blocks) prefetch_block(k_cache + table[blk + 1] * block_elems, block_elems);
+    const at::BFloat16* block = k_cache + table[blk] * block_elems;
+    const int64_t first = blk * block_size, count = std::min(block_size, len - first);
+    for (int64_t t0 = 0; t0 < count; t0 += 16) {
+      const int64_t n = std::min<int64_t>(16, count - t0);
+      for (int64_t kh = 0; kh < num_kv_heads; ++kh) {
+        for (int64_t h = kh * group; h < (kh + 1) * group; ++h) {
+          __m512bh qv[kChunks];
+          for (int64_t c = 0; c < kChunks; ++c)
+            qv[c] = (__m512bh)_mm512_loadu_si512(q + h * HEAD_DIM + 32 * c);
+          __m512 partial[16];
+          for (int64_t t = 0; t < 16; ++t) {
+            __m512 s = _mm512_setzero_ps();
+            if (t < n) {
+              const at::BFloat16* key = block + (t0 + t) * row + kh * HEAD_DIM;
+              for (int64_t c = 0; c < kChunks; ++c)
+                s = _mm512_dpbf16_ps(s, qv[c], (__m512bh)_mm512_loadu_si512(key + 32 * c));
+            }
+            partial[t] = s;
+          }
+          _mm512_mask_storeu_ps(scores + h * len + first + t0, static_cast<__mmask16>((1u << n) - 1),
+                                _mm512_mul_ps(reduce16(partial), _mm512_set1_ps(scale)));
+        }
+      }
+    }
+  }
+
+  softmax_rows(scores, num_heads, len);
+
+  constexpr int64_t kVecs = HEAD_DIM / 16;
+  for (int64_t blk = 0; blk < num_blocks; ++blk) {
+    if (blk + 1 < num_blocks) prefetch_block(v_cache + table[blk + 1] * block_elems, block_elems);
+    const at::BFloat16* block = v_cache + table[blk] * block_elems;
+    const int64_t first = blk * block_size, count = std::min(block_size, len - first);
+    for (int64_t kh = 0; kh < num_kv_heads; ++kh) {
+      for (int64_t h = kh * group; h < (kh + 1) * group; ++h) {
+        __m512 a[kVecs];
+        for (int64_t i = 0; i < kVecs; ++i) a[i] = _mm512_loadu_ps(acc + h * HEAD_DIM + 16 * i);
+        const float* p = scores + h * len + first;
+        for (int64_t t = 0; t < count; ++t) {
+          const at::BFloat16* value = block + t * row + kh * HEAD_DIM;
+          const __m512 weight = _mm512_set1_ps(p[t]);
+          for (int64_t i = 0; i < kVecs; ++i) a[i] = _mm512_fmadd_ps(weight, widen16(value + 16 * i), a[i]);
+        }
+        for (int64_t i = 0; i < kVecs; ++i) _mm512_storeu_ps(acc + h * HEAD_DIM + 16 * i, a[i]);
+      }
+    }
+  }
+  for (int64_t i = 0; i < num_heads * HEAD_DIM; ++i) out[i] = static_cast<at::BFloat16>(acc[i]);
+}
+#endif
+
 template <typename T, int64_t HEAD_DIM>
 void decode_batch(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables, const int64_t* lens, T* out,
                   int64_t batch, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
@@ -115,10 +218,18 @@ void decode_batch(const T* q, const T* k_cache, const T* v_cache, const int64_t*
   {
     std::vector<float> scratch;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t b = 0; b < batch; ++b)
-      decode_one_sequence<T, HEAD_DIM>(q + b * num_heads * head_dim, k_cache, v_cache, tables + b * max_blocks, lens[b],
-                                       out + b * num_heads * head_dim, num_heads, num_kv_heads, head_dim, block_size,
-                                       scale, scratch);
+    for (int64_t b = 0; b < batch; ++b) {
+      const int64_t offset = b * num_heads * head_dim;
+#ifdef LORASERVE_BF16_DOT
+      if constexpr (std::is_same_v<T, at::BFloat16> && HEAD_DIM > 0 && HEAD_DIM % 32 == 0) {
+        decode_one_sequence_bf16<HEAD_DIM>(q + offset, k_cache, v_cache, tables + b * max_blocks, lens[b],
+                                           out + offset, num_heads, num_kv_heads, block_size, scale, scratch);
+        continue;
+      }
+#endif
+      decode_one_sequence<T, HEAD_DIM>(q + offset, k_cache, v_cache, tables + b * max_blocks, lens[b], out + offset,
+                                       num_heads, num_kv_heads, head_dim, block_size, scale, scratch);
+    }
   }
 }
 

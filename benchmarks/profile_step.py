@@ -1,0 +1,109 @@
+"""Where a decode step's time goes: torch.profiler over decode steps of N sequences, grouped.
+
+    python benchmarks/profile_step.py [--model M] [--dtype auto] [--seqs 64] [--steps 20] [--lora RANK]
+
+Prints milliseconds per step of: matmuls, decode attention, the LoRA kernel, the other ATen ops (norms,
+rotary, activations, KV writes, sampling; the largest are listed), and what is left of the wall time
+(Python: scheduling, batch building, output processing). `--lora RANK` serves every sequence with one of 8
+random all-linear adapters of that rank.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from lora_overhead import make_adapter
+from loraserve import LLM, LoRARequest, SamplingParams
+from loraserve.model.loader import load_tokenizer, resolve_model
+from throughput import make_prompts
+
+GROUPS = {
+    "matmul": ("aten::linear", "aten::addmm", "aten::mm", "aten::matmul", "mkldnn", "mkl::", "aten::bmm",
+               "loraserve::gemv"),
+    "attention": ("paged_decode_attention", "scaled_dot_product"),
+    "lora": ("lora_add_runs",),
+    "fused ops": ("loraserve::rms_norm", "loraserve::rotary_kv_write", "loraserve::gated_activation",
+                  "loraserve::argmax"),
+}
+
+
+def label_kernels() -> None:
+    """Make the C++ kernels (pybind functions, which the profiler does not see) show up by name."""
+    from loraserve.layers import cpu_kernels
+
+    for module in (cpu_kernels.paged_attention_module(), cpu_kernels.lora_module(), cpu_kernels.fused_ops_module()):
+        for name in [n for n in dir(module) if not n.startswith("_")]:
+            fn = getattr(module, name)
+
+            def labelled(*args, _fn=fn, _name=f"loraserve::{name}"):
+                with record_function(_name):
+                    return _fn(*args)
+            setattr(module, name, labelled)
+
+
+def group_of(name: str) -> str:
+    for group, keys in GROUPS.items():
+        if any(key in name for key in keys):
+            return group
+    return "other ops"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--seqs", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--lora", type=int, default=0, help="rank of 8 mixed adapters (0: none)")
+    args = parser.parse_args()
+
+    folder = resolve_model(args.model)
+    prompts = make_prompts(load_tokenizer(folder), args.seqs, seed=0)
+    options = dict(dtype=args.dtype, max_num_seqs=args.seqs)
+    loras: list = [None] * args.seqs
+    if args.lora:
+        options |= dict(enable_lora=True, max_loras=8, max_lora_rank=args.lora)
+        tmp = Path(tempfile.mkdtemp(prefix="profile-"))
+        paths = [make_adapter(folder, tmp / f"a{i}", args.lora, seed=i) for i in range(8)]
+        loras = [LoRARequest(f"a{i % 8}", i % 8 + 1, str(paths[i % 8])) for i in range(args.seqs)]
+    label_kernels()
+    llm = LLM(args.model, **options)
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=args.steps * 3 + 40, ignore_eos=True)
+    for i, (prompt, lora) in enumerate(zip(prompts, loras, strict=True)):
+        engine.add_request(str(i), None, prompt, params, lora)
+    while any(seq.num_computed_tokens < seq.prompt_len for r in engine.requests.values() for seq in r.seqs):
+        engine.step()  # prefill everything first
+    for _ in range(10):
+        engine.step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step()
+        wall = (time.perf_counter() - start) / args.steps * 1000
+    totals: dict[str, float] = defaultdict(float)
+    others: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        if event.key.startswith("ProfilerStep"):
+            continue
+        group = group_of(event.key)
+        ms = event.self_cpu_time_total / 1000 / args.steps
+        totals[group] += ms
+        if group == "other ops":
+            others[event.key] += ms
+    print(f"{args.seqs} sequences decoding, {'LoRA r' + str(args.lora) if args.lora else 'no LoRA'}: "
+          f"{wall:.1f} ms per step (under the profiler)")
+    for group in ("matmul", "attention", "lora", "fused ops", "other ops"):
+        print(f"  {group:10s} {totals[group]:6.2f} ms")
+    print(f"  {'python':10s} {wall - sum(totals.values()):6.2f} ms (the rest of the wall time)")
+    largest = sorted(others.items(), key=lambda kv: -kv[1])[:12]
+    print("  largest other ops: " + ", ".join(f"{k} {v:.2f}" for k, v in largest))
+
+
+if __name__ == "__main__":
+    main()
