@@ -137,6 +137,8 @@ inline __m512 reduce16(__m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
 }
 
+constexpr int64_t kPrefetch = 2;  // blocks requested ahead of the one being read
+
 inline __m512 widen16(const at::BFloat16* p) {
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
@@ -157,8 +159,13 @@ void decode_one_sequence_bf16(const at::BFloat16* q, const at::BFloat16* k_cache
   float* acc = scores + num_heads * len;         // [num_heads, HEAD_DIM]
   std::fill(acc, acc + num_heads * HEAD_DIM, 0.f);
 
+  // Memory-level parallelism: the K blocks kPrefetch ahead and the V block of the same tokens are requested
+  // while this block is scored, so the V pass finds its rows on their way in.
+  for (int64_t blk = 0; blk < std::min<int64_t>(kPrefetch, num_blocks); ++blk)
+    prefetch_block(k_cache + table[blk] * block_elems, block_elems);
   for (int64_t blk = 0; blk < num_blocks; ++blk) {
-    if (blk + 1 < num_blocks) prefetch_block(k_cache + table[blk + 1] * block_elems, block_elems);
+    if (blk + kPrefetch < num_blocks) prefetch_block(k_cache + table[blk + kPrefetch] * block_elems, block_elems);
+    prefetch_block(v_cache + table[blk] * block_elems, block_elems);
     const at::BFloat16* block = k_cache + table[blk] * block_elems;
     const int64_t first = blk * block_size, count = std::min(block_size, len - first);
     for (int64_t t0 = 0; t0 < count; t0 += 16) {
@@ -189,7 +196,7 @@ void decode_one_sequence_bf16(const at::BFloat16* q, const at::BFloat16* k_cache
 
   constexpr int64_t kVecs = HEAD_DIM / 16;
   for (int64_t blk = 0; blk < num_blocks; ++blk) {
-    if (blk + 1 < num_blocks) prefetch_block(v_cache + table[blk + 1] * block_elems, block_elems);
+    if (blk + kPrefetch < num_blocks) prefetch_block(v_cache + table[blk + kPrefetch] * block_elems, block_elems);
     const at::BFloat16* block = v_cache + table[blk] * block_elems;
     const int64_t first = blk * block_size, count = std::min(block_size, len - first);
     for (int64_t kh = 0; kh < num_kv_heads; ++kh) {
