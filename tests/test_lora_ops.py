@@ -121,9 +121,18 @@ def test_grouping_slices_contiguous_slots_and_gathers_others():
     batch = LoRABatch.build([0, 0, 1, 2, 2, 2], 0, torch.device("cpu"))
     assert batch.segments == [] and batch.grouped.slot_range == 3
     assert batch.grouped.index.tolist() == [[0, 1, 0], [2, 2, 2], [3, 4, 5]]
-    assert batch.grouped.runs.tolist() == [[0, 0, 2], [1, 2, 3], [2, 3, 6]]
+    assert batch.kernel_runs.tolist() == [[0, 0, 2], [1, 2, 3], [2, 3, 6]]
     batch = LoRABatch.build([-1, 1, 3, 3], 0, torch.device("cpu"))
     assert batch.grouped.slot_range is None and batch.grouped.slot_list == [1, 3]
+
+
+def test_kernel_takes_short_prefill_runs_and_leaves_long_ones_to_matmuls():
+    longest = LoRABatch.KERNEL_MAX_RUN
+    slots = [0] * (longest + 1) + [1] * 5 + [2, 1]
+    batch = LoRABatch.build(slots, longest + 6, torch.device("cpu"))
+    assert [(s.slot, s.start, s.end) for s in batch.long_segments] == [(0, 0, longest + 1)]
+    assert batch.kernel_runs.tolist() == [[1, longest + 1, longest + 6], [2, longest + 6, longest + 7],
+                                          [1, longest + 7, longest + 8]]
 
 
 def test_base_only_batch_has_no_lora_work():
@@ -140,3 +149,30 @@ def test_lora_dtype_differs_from_activations():
     expected = reference(y, x, lora_a, lora_b, widths, token_slots)
     add_lora(y, x, single_part(lora_a, lora_b, widths), LoRABatch.build(token_slots, 3, torch.device("cpu")))
     torch.testing.assert_close(y.float(), expected.float(), atol=0.1, rtol=0.02)
+
+
+@pytest.mark.parametrize("dim_in", [583, 64])
+def test_bf16_runs_of_every_length_and_rank_at_model_sizes(dim_in, path):
+    """The kernel's register tiles (4 rows x 4 tokens, 16 x 1, 8 x 2; 64-column expand tiles with masked
+    edges) at the sizes a model gives them, runs of 1 to 17 tokens, ranks 8 / 16 / 64 side by side, and a
+    prefill chunk longer than the kernel takes, against float math on the same bf16 weights."""
+    torch.manual_seed(1)
+    parts = {"q": 100, "k": 70}
+    ranks = [8, 16, 64]
+    layout = SlotLayout.allocate(parts, dim_in, num_slots=3, max_rank=64, dtype=torch.bfloat16,
+                                 device=torch.device("cpu"))
+    for slot, rank in enumerate(ranks):
+        layout.fill(slot, {name: (torch.randn(rank, dim_in, dtype=torch.bfloat16) * 0.1,
+                                  torch.randn(out, rank, dtype=torch.bfloat16) * 0.1)
+                           for name, out in parts.items() if slot != 1 or name == "k"})
+    longest = LoRABatch.KERNEL_MAX_RUN
+    prefill = [2] * (longest + 3) + [0] * 17
+    decode = [0] * 1 + [1] * 2 + [2] * 3 + [0, 0, 0, 0] + [-1] + [1] * 5 + [2] * 8
+    token_slots = prefill + decode
+    x = torch.randn(len(token_slots), dim_in, dtype=torch.bfloat16)
+    y = torch.randn(len(token_slots), 170, dtype=torch.bfloat16)
+    expected = reference(y.float(), x.float(), layout.lora_a.float(), layout.lora_b.float(), layout.widths,
+                         token_slots)
+    add_lora(y, x, layout, LoRABatch.build(token_slots, len(prefill), torch.device("cpu")))
+    # one bf16 rounding of the sum (the kernel keeps x·Aᵀ in float; the matmul path rounds it to bf16 too)
+    torch.testing.assert_close(y.float(), expected, atol=0.05, rtol=0.02)

@@ -25,7 +25,9 @@ _STALE_LOCK_SECONDS = 600
 
 
 def _build_dir(source: Path) -> Path:
-    key = hashlib.sha256(source.read_bytes() + " ".join(_CFLAGS).encode() + torch.__version__.encode()).hexdigest()[:16]
+    headers = b"".join(h.read_bytes() for h in sorted(_CSRC.glob("*.h")))  # shared by every kernel
+    key = hashlib.sha256(source.read_bytes() + headers + " ".join(_CFLAGS).encode()
+                         + torch.__version__.encode()).hexdigest()[:16]
     path = cache_dir() / "kernels" / f"{source.stem}-{key}"
     path.mkdir(parents=True, exist_ok=True)
     lock = path / "lock"

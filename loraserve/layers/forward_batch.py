@@ -2,7 +2,7 @@
 flat tokens, where their K/V go and come from, and which adapter slot each token uses."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -53,10 +53,8 @@ class LoRASegment:
 @dataclass
 class GroupedTokens:
     """Short runs gathered per slot: row s of `index` lists the tokens of slot `slots[s]`, right-padded
-    with that run's first token; `mask` zeroes the padding's contribution. `runs` lists the same tokens as
-    (slot, begin, end) rows for the CPU kernel."""
+    with that run's first token; `mask` zeroes the padding's contribution."""
 
-    runs: torch.Tensor  # [N, 3] int64
     slot_list: list[int]
     slots: torch.Tensor  # [S] int64, the same on the device
     index: torch.Tensor  # [S, L] int64 rows of the flat batch
@@ -71,6 +69,13 @@ class LoRABatch:
 
     segments: list[LoRASegment]  # long runs (prefill chunks), one matmul pair each
     grouped: GroupedTokens | None  # short runs (decode tokens), batched together
+    # For the CPU kernel: every run of at most KERNEL_MAX_RUN tokens as [N, 3] int64 (slot, begin, end), prefill
+    # chunks included, and the longer runs left to matmuls.
+    kernel_runs: torch.Tensor | None = None
+    long_segments: list[LoRASegment] = field(default_factory=list)
+
+    # Past this a run is a real matmul that BLAS does faster than the kernel's register tiles.
+    KERNEL_MAX_RUN = 256
 
     @classmethod
     def build(cls, token_slots: list[int], grouped_from: int, device: torch.device) -> LoRABatch | None:
@@ -93,17 +98,20 @@ class LoRABatch:
                 start = i
         if not segments and not short:
             return None
-        return cls(segments, _group(short, runs, device) if short else None)
+        long_segments = [seg for seg in segments if seg.end - seg.start > cls.KERNEL_MAX_RUN]
+        kernel_runs = [(seg.slot, seg.start, seg.end) for seg in segments
+                       if seg.end - seg.start <= cls.KERNEL_MAX_RUN] + runs
+        return cls(segments, _group(short, device) if short else None,
+                   torch.tensor(kernel_runs, dtype=torch.long, device=device) if kernel_runs else None, long_segments)
 
 
-def _group(tokens: dict[int, list[int]], runs: list[tuple[int, int, int]], device: torch.device) -> GroupedTokens:
+def _group(tokens: dict[int, list[int]], device: torch.device) -> GroupedTokens:
     slots = sorted(tokens)
     width = max(len(rows) for rows in tokens.values())
     index = [tokens[s] + [tokens[s][0]] * (width - len(tokens[s])) for s in slots]
     mask = [[True] * len(tokens[s]) + [False] * (width - len(tokens[s])) for s in slots]
     contiguous = slots == list(range(len(slots)))
     return GroupedTokens(
-        runs=torch.tensor(runs, dtype=torch.long, device=device),
         slot_list=slots,
         slots=torch.tensor(slots, dtype=torch.long, device=device),
         index=torch.tensor(index, dtype=torch.long, device=device),

@@ -6,11 +6,13 @@ targeted parts' A matrices are stacked row-wise so one shrink serves all of them
 the parts so one expand writes every part's output columns. A slot uses only its first widths[slot] rows,
 so the work follows the adapter's own rank rather than max_lora_rank.
 
-The model runner orders sequences by slot, so each adapter's tokens form contiguous runs. Long runs
-(prefill chunks) get one pair of matmuls each. Decode tokens, one per sequence, are many short runs: on CPU
-they go to one C++ call for all adapters (csrc/lora_segments.cpp: tiny matmuls pay a fixed cost that dwarfs
-their arithmetic); elsewhere they are gathered into a [slots, longest run] block and done with two batched
-matmuls for all adapters at once. Either way the number of calls does not grow with the number of adapters.
+The model runner orders sequences by slot, so each adapter's tokens form contiguous runs. On CPU one C++
+call per layer does every run of up to LoRABatch.KERNEL_MAX_RUN tokens, prefill chunks and decode tokens of
+all adapters alike (csrc/lora_segments.cpp: tiny matmuls pay a fixed cost that dwarfs their arithmetic, and
+the kernel reads each adapter's weights once per step); longer runs get a pair of matmuls each. Elsewhere
+prefill chunks get a pair of matmuls each and the decode tokens are gathered into a [slots, longest run]
+block done with two batched matmuls for all adapters at once. Either way the number of calls does not grow
+with the number of adapters.
 Tokens without an adapter cost nothing.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from loraserve.layers.cpu_kernels import lora_module
-from loraserve.layers.forward_batch import LoRABatch
+from loraserve.layers.forward_batch import LoRABatch, LoRASegment
 
 
 @dataclass
@@ -82,20 +84,19 @@ class SlotLayout:
 def add_lora(y: torch.Tensor, x: torch.Tensor, layout: SlotLayout, batch: LoRABatch) -> None:
     """y += (x · A[slot]ᵀ) · B[slot] per token, in place."""
     lora_a, lora_b, widths = layout.lora_a, layout.lora_b, layout.widths
-    for seg in batch.segments:
-        width = widths[seg.slot]
-        if width:
-            delta = _to(x[seg.start:seg.end], lora_a) @ lora_a[seg.slot, :width].T @ lora_b[seg.slot, :width]
-            y[seg.start:seg.end] += _to(delta, y)
+    kernel = lora_module() if y.device.type == "cpu" and x.dtype == lora_a.dtype == y.dtype else None
+    if kernel is not None:
+        if batch.kernel_runs is not None:
+            kernel.lora_add_runs(y, x.contiguous(), lora_a, lora_b, batch.kernel_runs, layout.part_rows,
+                                 layout.part_cols)
+        _add_segments(y, x, layout, batch.long_segments)
+        return
+    _add_segments(y, x, layout, batch.segments)
     group = batch.grouped
     if group is None:
         return
     width = max(widths[s] for s in group.slot_list)
     if width == 0:
-        return
-    kernel = lora_module() if y.device.type == "cpu" and x.dtype == lora_a.dtype == y.dtype else None
-    if kernel is not None:
-        kernel.lora_add_runs(y, x.contiguous(), lora_a, lora_b, group.runs, layout.part_rows, layout.part_cols)
         return
     if group.slot_range is not None:
         a, b = lora_a[:group.slot_range, :width], lora_b[:group.slot_range, :width]
@@ -104,6 +105,15 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, layout: SlotLayout, batch: LoRABa
     xs = _to(x[group.index], lora_a)  # [S, L, in]
     delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b) * group.mask  # [S, L, out]
     y.index_add_(0, group.index.view(-1), _to(delta.view(-1, delta.shape[-1]), y))
+
+
+def _add_segments(y: torch.Tensor, x: torch.Tensor, layout: SlotLayout, segments: list[LoRASegment]) -> None:
+    """One pair of matmuls per long run."""
+    for seg in segments:
+        width = layout.widths[seg.slot]
+        if width:
+            a, b = layout.lora_a[seg.slot, :width], layout.lora_b[seg.slot, :width]
+            y[seg.start:seg.end] += _to(_to(x[seg.start:seg.end], a) @ a.T @ b, y)
 
 
 def _to(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

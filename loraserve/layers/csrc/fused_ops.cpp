@@ -11,10 +11,7 @@
 #include <cmath>
 #include <cstring>
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-#include <immintrin.h>
-#define LORASERVE_AVX512 1
-#endif
+#include "simd.h"
 
 namespace {
 
@@ -95,7 +92,8 @@ inline float gate_scalar(float x) {
   }
 }
 
-#ifdef LORASERVE_AVX512
+#ifdef LORASERVE_BF16_SIMD
+using namespace loraserve_simd;
 // exp for 16 floats: 2^n * e^r with |r| <= ln2/2 and Cephes' degree-6 polynomial (about 1 ulp); large inputs
 // saturate to inf / 0 as std::exp does.
 inline __m512 exp16(__m512 x) {
@@ -127,19 +125,6 @@ inline __m512 gate16(__m512 x) {
   }
 }
 
-inline __m512 load_bf16(const at::BFloat16* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
-inline __m512 round_bf16(__m512 v) {  // to the nearest bf16 (even on ties), kept as float
-  const __m256i packed = (__m256i)_mm512_cvtneps_pbh(v);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(packed), 16));
-}
-
-inline void store_bf16(at::BFloat16* p, __m512 v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
-}
 #endif
 
 template <typename T, bool GELU>
@@ -150,7 +135,7 @@ void gated_rows(const T* gate_up, T* out, int64_t rows, int64_t inter) {
     const T* u = g + inter;
     T* o = out + r * inter;
     int64_t i = 0;
-#ifdef LORASERVE_AVX512
+#ifdef LORASERVE_BF16_SIMD
     for (; i + 16 <= inter; i += 16)
       store_bf16(o + i, _mm512_mul_ps(round_bf16(gate16<GELU>(load_bf16(g + i))), load_bf16(u + i)));
 #endif
@@ -163,7 +148,7 @@ template <typename T>
 int64_t argmax_row(const T* x, int64_t n) {
   int64_t i = 0, best = 0;
   float top = -INFINITY;
-#ifdef LORASERVE_AVX512
+#ifdef LORASERVE_BF16_SIMD
   if (n >= 16) {
     __m512 vmax = _mm512_set1_ps(-INFINITY);
     __m512i vidx = _mm512_setzero_si512(), lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);

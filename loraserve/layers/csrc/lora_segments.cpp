@@ -1,20 +1,32 @@
-// y[t] += (x[t] · A[slot]ᵀ) · B[slot] for runs of decode tokens that share an adapter slot, all slots in one
-// call (CPU).
+// y[t] += (x[t] · A[slot]ᵀ) · B[slot] for runs of tokens that share an adapter slot (decode tokens and short
+// prefill chunks), all slots in one call (CPU).
 //
 // Decode gives each adapter a handful of tokens, so the BLAS route costs two tiny matmuls per adapter per
-// layer, and each of those pays ~15 us of fixed overhead whatever its size: that, not arithmetic, made LoRA
-// cost 40% of a bf16 decode step. Here every run is cut into tiles of up to kTile tokens; a tile widens each
-// A row (and B row) to float once and applies it to all its tokens, accumulating in float. Packed layers
-// (qkv, gate_up) store B block-diagonally (part p's rank rows only touch part p's output columns), so the
-// expand visits only those blocks: the work is the adapter's real rank times the real output width.
-#include <torch/extension.h>
+// layer, each paying ~15 us of fixed overhead whatever its size. Here the whole step is two parallel passes:
+//   shrink: s[t, :width] = x[t] · A[slot]ᵀ for every token (work items: a run x 16 rank rows);
+//   expand: y[t, cols]  += s[t, rows] · B[slot, rows, cols] (work items: a run x one part's 64 columns).
+// Each item reads its A rows or B columns once and applies them to every token of the run (tiles of tokens
+// loop inside, so the weights stay in L1 while the run's activations stream past): an adapter's weights are
+// read once per step however many of its tokens there are. Items are split among threads in order (static
+// schedule), so each thread walks its weights front to back and the hardware prefetcher keeps up; with a
+// dynamic schedule the weights, cold after the base matmuls, took twice as long to arrive. Packed layers (qkv, gate_up) store B
+// block-diagonally (part p's rank rows only touch part p's output columns), so the expand visits only those
+// blocks: the work is each adapter's own rank times the real output width.
+//
+// bf16 on a CPU with AVX512-BF16 dots x with A by vdpbf16ps on the bf16 rows (products exact, float sums) and
+// widens B in registers; the shrunk s stays float. Other dtypes use plain loops the compiler vectorises.
+#include "simd.h"
 
 #include <algorithm>
 #include <vector>
 
 namespace {
 
-constexpr int64_t kTile = 8;  // tokens sharing each widened A / B row
+using loraserve_simd::prefetch_rows;
+
+constexpr int64_t kShrinkRows = 16;   // A rows per shrink item
+constexpr int64_t kExpandCols = 64;   // B columns per expand item
+constexpr int64_t kTileTokens = 8;    // tokens per tile of the portable expand
 
 struct Layout {
   int64_t in, out, max_width, num_parts;
@@ -22,94 +34,222 @@ struct Layout {
   const int64_t* part_cols;  // [parts, 2]: output columns [begin, end) of each part
 };
 
+struct Run {
+  int64_t slot, begin, end;
+};
+
+struct ShrinkItem {
+  int64_t run, row0, row1;
+};
+
+struct ExpandItem {
+  int64_t run, part, col0, col1;
+};
+
+// s[t * lds + r] = x[t] · a[r] for `tokens` rows of x and `rows` rows of a.
 template <typename T>
-void widen(const T* src, float* dst, int64_t count) {
-#pragma omp simd
-  for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<float>(src[i]);
-}
-
-// Register blocks: the shrink keeps kRowBlock A rows x kTile tokens of partial dot products, the expand kTile
-// tokens x kColBlock output columns of sums, so each widened weight vector feeds several FMAs. Loops run
-// to the full tile (missing tokens are zero rows) so their bounds are constants the compiler unrolls.
-constexpr int64_t kRowBlock = 2;
-constexpr int64_t kColBlock = 32;
-
-template <typename T>
-void add_tile(T* y, const T* x, const T* lora_a, const T* lora_b, int64_t slot, int64_t first, int64_t count,
-              const Layout& L, std::vector<float>& scratch) {
-  const int64_t* rows = L.part_rows + slot * L.num_parts * 2;
-  int64_t width = 0;
-  for (int64_t p = 0; p < L.num_parts; ++p) width = std::max(width, rows[2 * p + 1]);
-  if (width == 0) return;
-  const int64_t padded_width = (width + kRowBlock - 1) / kRowBlock * kRowBlock;
-  scratch.assign(kTile * L.in + kRowBlock * L.in + kColBlock + kTile * padded_width, 0.f);
-  float* xs = scratch.data();                  // [kTile, in], zero rows past count
-  float* a_rows = xs + kTile * L.in;           // kRowBlock A rows widened
-  float* b_row = a_rows + kRowBlock * L.in;    // kColBlock columns of one B row widened
-  float* shrunk = b_row + kColBlock;           // [padded_width, kTile]
-  for (int64_t t = 0; t < count; ++t) widen(x + (first + t) * L.in, xs + t * L.in, L.in);
-
-  const T* a = lora_a + slot * L.max_width * L.in;
-  for (int64_t w0 = 0; w0 < width; w0 += kRowBlock) {
-    const int64_t rows_here = std::min(kRowBlock, width - w0);
-    widen(a + w0 * L.in, a_rows, rows_here * L.in);
-    for (int64_t t = 0; t < kTile; ++t) {
-      const float* xt = xs + t * L.in;
-      float dots[kRowBlock] = {};
-      for (int64_t r = 0; r < kRowBlock; ++r) {
-        const float* ar = a_rows + r * L.in;
-        float dot = 0.f;
+void shrink_block(const T* x, const T* a, int64_t in, int64_t tokens, int64_t rows, float* s, int64_t lds) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* ar = a + r * in;
+    for (int64_t t = 0; t < tokens; ++t) {
+      const T* xt = x + t * in;
+      float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-        for (int64_t i = 0; i < L.in; ++i) dot += xt[i] * ar[i];
-        dots[r] = dot;
-      }
-      for (int64_t r = 0; r < kRowBlock; ++r) shrunk[(w0 + r) * kTile + t] = dots[r];
-    }
-  }
-
-  const T* b = lora_b + slot * L.max_width * L.out;
-  for (int64_t p = 0; p < L.num_parts; ++p) {
-    const int64_t r0 = rows[2 * p], r1 = rows[2 * p + 1];
-    if (r0 == r1) continue;  // part not targeted by this adapter
-    for (int64_t c0 = L.part_cols[2 * p]; c0 < L.part_cols[2 * p + 1]; c0 += kColBlock) {
-      const int64_t n = std::min(kColBlock, L.part_cols[2 * p + 1] - c0);
-      float acc[kTile][kColBlock] = {};
-      for (int64_t w = r0; w < r1; ++w) {
-        widen(b + w * L.out + c0, b_row, n);
-        const float* s = shrunk + w * kTile;
-        for (int64_t t = 0; t < kTile; ++t)
-#pragma omp simd
-          for (int64_t o = 0; o < kColBlock; ++o) acc[t][o] += s[t] * b_row[o];
-      }
-      for (int64_t t = 0; t < count; ++t) {
-        T* yt = y + (first + t) * L.out + c0;
-        for (int64_t o = 0; o < n; ++o) yt[o] = static_cast<T>(static_cast<float>(yt[o]) + acc[t][o]);
-      }
+      for (int64_t i = 0; i < in; ++i) dot += static_cast<float>(xt[i]) * static_cast<float>(ar[i]);
+      s[t * lds + r] = dot;
     }
   }
 }
 
+// y[t, :cols] += Σ_w s[t * lds + w] · b[w, :cols] for `tokens` rows, `rows` rank rows of b.
 template <typename T>
-void add_runs(T* y, const T* x, const T* lora_a, const T* lora_b, const int64_t* runs, int64_t num_runs,
-              const Layout& L) {
-  std::vector<int64_t> tiles;  // (slot, first token, count) triples
-  for (int64_t r = 0; r < num_runs; ++r)
-    for (int64_t first = runs[3 * r + 1]; first < runs[3 * r + 2]; first += kTile)
-      tiles.insert(tiles.end(), {runs[3 * r], first, std::min(kTile, runs[3 * r + 2] - first)});
-  const int64_t num_tiles = static_cast<int64_t>(tiles.size()) / 3;
+void expand_block(const float* s, int64_t lds, const T* b, int64_t ldb, int64_t rows, int64_t cols, int64_t tokens,
+                  T* y, int64_t ldy) {
+  for (int64_t t0 = 0; t0 < tokens; t0 += kTileTokens) {
+    const int64_t nt = std::min(kTileTokens, tokens - t0);
+    float acc[kTileTokens][kExpandCols] = {};
+    for (int64_t w = 0; w < rows; ++w) {
+      float brow[kExpandCols] = {};
+      for (int64_t o = 0; o < cols; ++o) brow[o] = static_cast<float>(b[w * ldb + o]);
+      for (int64_t t = 0; t < nt; ++t) {
+        const float sv = s[(t0 + t) * lds + w];
+#pragma omp simd
+        for (int64_t o = 0; o < kExpandCols; ++o) acc[t][o] += sv * brow[o];
+      }
+    }
+    for (int64_t t = 0; t < nt; ++t) {
+      T* yt = y + (t0 + t) * ldy;
+      for (int64_t o = 0; o < cols; ++o) yt[o] = static_cast<T>(static_cast<float>(yt[o]) + acc[t][o]);
+    }
+  }
+}
+
+#ifdef LORASERVE_BF16_SIMD
+using namespace loraserve_simd;
+
+inline __m512bh load_pairs(const at::BFloat16* p, __mmask32 mask) {
+  return (__m512bh)_mm512_maskz_loadu_epi16(mask, p);
+}
+
+// R A rows x TT tokens per register block (R * TT = 16 accumulators, reduced together by one transpose-add),
+// 32 features per instruction; runs of one or two tokens take taller blocks so no lane idles.
+template <int R, int TT>
+void shrink_bf16(const at::BFloat16* x, const at::BFloat16* a, int64_t in, int64_t tokens, int64_t rows, float* s,
+                 int64_t lds) {
+  static_assert(R * TT == 16, "one reduce16 per block");
+  const int64_t full = in / 32 * 32;
+  const __mmask32 tail = static_cast<__mmask32>((1ull << (in - full)) - 1);
+  for (int64_t r0 = 0; r0 < rows; r0 += R) {
+    const at::BFloat16* ar[R];
+    for (int j = 0; j < R; ++j) ar[j] = a + std::min<int64_t>(r0 + j, rows - 1) * in;
+    for (int64_t t0 = 0; t0 < tokens; t0 += TT) {
+      const at::BFloat16* xt[TT];
+      for (int j = 0; j < TT; ++j) xt[j] = x + std::min<int64_t>(t0 + j, tokens - 1) * in;
+      __m512 acc[16];
+      for (auto& v : acc) v = _mm512_setzero_ps();
+      auto step = [&](int64_t i, __mmask32 mask) {
+        __m512bh xv[TT];
+        for (int j = 0; j < TT; ++j) xv[j] = load_pairs(xt[j] + i, mask);
+        for (int r = 0; r < R; ++r) {
+          const __m512bh av = load_pairs(ar[r] + i, mask);
+          for (int t = 0; t < TT; ++t) acc[TT * r + t] = _mm512_dpbf16_ps(acc[TT * r + t], av, xv[t]);
+        }
+      };
+      for (int64_t i = 0; i < full; i += 32) step(i, ~__mmask32(0));
+      if (tail) step(full, tail);
+      alignas(64) float dots[16];
+      _mm512_store_ps(dots, reduce16(acc));
+      for (int64_t r = 0; r < std::min<int64_t>(R, rows - r0); ++r)
+        for (int64_t t = 0; t < std::min<int64_t>(TT, tokens - t0); ++t) s[(t0 + t) * lds + r0 + r] = dots[TT * r + t];
+    }
+  }
+}
+
+template <>
+void shrink_block<at::BFloat16>(const at::BFloat16* x, const at::BFloat16* a, int64_t in, int64_t tokens,
+                                int64_t rows, float* s, int64_t lds) {
+  if (tokens >= 4) {
+    shrink_bf16<4, 4>(x, a, in, tokens, rows, s, lds);
+  } else if (tokens >= 2) {
+    shrink_bf16<8, 2>(x, a, in, tokens, rows, s, lds);
+  } else {
+    shrink_bf16<16, 1>(x, a, in, tokens, rows, s, lds);
+  }
+}
+
+// NT tokens x 64 columns per register tile: NT x 4 accumulators and 4 widened B vectors, reused across the
+// tile. Every bound is a constant so the accumulators stay in registers through the w loop.
+template <int NT>
+void expand_tile_bf16(const float* s, int64_t lds, const at::BFloat16* b, int64_t ldb, int64_t rows,
+                      const __mmask16* masks, at::BFloat16* y, int64_t ldy) {
+  constexpr int kVecs = kExpandCols / 16;
+  const __mmask16 m0 = masks[0], m1 = masks[1], m2 = masks[2], m3 = masks[3];
+  auto load = [m0, m1, m2, m3](const at::BFloat16* p, int v) {
+    const __mmask16 m = v == 0 ? m0 : v == 1 ? m1 : v == 2 ? m2 : m3;
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p + 16 * v)), 16));
+  };
+  __m512 acc[NT][kVecs];
+  _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t)
+    _Pragma("GCC unroll 4") for (int v = 0; v < kVecs; ++v) acc[t][v] = _mm512_setzero_ps();
+  for (int64_t w = 0; w < rows; ++w) {  // full-width vectors: masked loads read zeros past the columns
+    __m512 bv[kVecs];
+    _Pragma("GCC unroll 4") for (int v = 0; v < kVecs; ++v) bv[v] = load(b + w * ldb, v);
+    _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) {
+      const __m512 sv = _mm512_set1_ps(s[t * lds + w]);
+      _Pragma("GCC unroll 4") for (int v = 0; v < kVecs; ++v) acc[t][v] = _mm512_fmadd_ps(sv, bv[v], acc[t][v]);
+    }
+  }
+  _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t)
+    _Pragma("GCC unroll 4") for (int v = 0; v < kVecs; ++v) {
+      const __m512 sum = _mm512_add_ps(load(y + t * ldy, v), acc[t][v]);
+      _mm256_mask_storeu_epi16(y + t * ldy + 16 * v, masks[v], (__m256i)_mm512_cvtneps_pbh(sum));
+    }
+}
+
+template <>
+void expand_block<at::BFloat16>(const float* s, int64_t lds, const at::BFloat16* b, int64_t ldb, int64_t rows,
+                                int64_t cols, int64_t tokens, at::BFloat16* y, int64_t ldy) {
+  __mmask16 masks[kExpandCols / 16];
+  for (int64_t v = 0; v < kExpandCols / 16; ++v)
+    masks[v] = static_cast<__mmask16>((1u << std::clamp<int64_t>(cols - 16 * v, 0, 16)) - 1);
+  int64_t t = 0;
+  for (; t + 4 <= tokens; t += 4) expand_tile_bf16<4>(s + t * lds, lds, b, ldb, rows, masks, y + t * ldy, ldy);
+  switch (tokens - t) {
+    case 3: expand_tile_bf16<3>(s + t * lds, lds, b, ldb, rows, masks, y + t * ldy, ldy); break;
+    case 2: expand_tile_bf16<2>(s + t * lds, lds, b, ldb, rows, masks, y + t * ldy, ldy); break;
+    case 1: expand_tile_bf16<1>(s + t * lds, lds, b, ldb, rows, masks, y + t * ldy, ldy); break;
+    default: break;
+  }
+}
+#endif
+
+template <typename T>
+void add_runs(T* y, const T* x, const T* lora_a, const T* lora_b, const std::vector<Run>& runs, const Layout& L) {
+  auto width_of = [&](int64_t slot) {
+    const int64_t* rows = L.part_rows + slot * L.num_parts * 2;
+    int64_t width = 0;
+    for (int64_t p = 0; p < L.num_parts; ++p) width = std::max(width, rows[2 * p + 1]);
+    return width;
+  };
+  std::vector<ShrinkItem> shrinks;
+  std::vector<ExpandItem> expands;
+  std::vector<int64_t> offsets;  // each run's first row in the shrunk buffer
+  int64_t total = 0;
+  for (int64_t r = 0; r < static_cast<int64_t>(runs.size()); ++r) {
+    offsets.push_back(total);
+    total += runs[r].end - runs[r].begin;
+    const int64_t width = width_of(runs[r].slot);
+    for (int64_t w = 0; w < width; w += kShrinkRows) shrinks.push_back({r, w, std::min(width, w + kShrinkRows)});
+    const int64_t* rows = L.part_rows + runs[r].slot * L.num_parts * 2;
+    for (int64_t p = 0; p < L.num_parts; ++p) {
+      if (rows[2 * p] == rows[2 * p + 1]) continue;  // part not targeted by this adapter
+      for (int64_t c = L.part_cols[2 * p]; c < L.part_cols[2 * p + 1]; c += kExpandCols)
+        expands.push_back({r, p, c, std::min(L.part_cols[2 * p + 1], c + kExpandCols)});
+    }
+  }
+  if (shrinks.empty()) return;
+  const int64_t lds = L.max_width;
+  std::vector<float> shrunk(total * lds);
+  const int64_t num_shrinks = static_cast<int64_t>(shrinks.size()), num_expands = static_cast<int64_t>(expands.size());
 #pragma omp parallel
   {
-    std::vector<float> scratch;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < num_tiles; ++i)
-      add_tile<T>(y, x, lora_a, lora_b, tiles[3 * i], tiles[3 * i + 1], tiles[3 * i + 2], L, scratch);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < num_shrinks; ++i) {
+      const ShrinkItem& item = shrinks[i];
+      const Run& run = runs[item.run];
+      if (i + 1 < num_shrinks) {  // the next item's A rows are on their way while these are used
+        const ShrinkItem& next = shrinks[i + 1];
+        prefetch_rows(lora_a + (runs[next.run].slot * L.max_width + next.row0) * L.in, 1, 0,
+                      (next.row1 - next.row0) * L.in);
+      }
+      shrink_block<T>(x + run.begin * L.in, lora_a + (run.slot * L.max_width + item.row0) * L.in, L.in,
+                      run.end - run.begin, item.row1 - item.row0, shrunk.data() + offsets[item.run] * lds + item.row0,
+                      lds);
+    }
+    // the implicit barrier: every shrink is done before any expand reads it
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < num_expands; ++i) {
+      const ExpandItem& item = expands[i];
+      const Run& run = runs[item.run];
+      const int64_t* rows = L.part_rows + (run.slot * L.num_parts + item.part) * 2;
+      if (i + 1 < num_expands) {  // B is read in short pieces of many rows: ask for the next item's ahead
+        const ExpandItem& next = expands[i + 1];
+        const int64_t* next_rows = L.part_rows + (runs[next.run].slot * L.num_parts + next.part) * 2;
+        prefetch_rows(lora_b + (runs[next.run].slot * L.max_width + next_rows[0]) * L.out + next.col0,
+                      next_rows[1] - next_rows[0], L.out, next.col1 - next.col0);
+      }
+      expand_block<T>(shrunk.data() + offsets[item.run] * lds + rows[0], lds,
+                      lora_b + (run.slot * L.max_width + rows[0]) * L.out + item.col0, L.out, rows[1] - rows[0],
+                      item.col1 - item.col0, run.end - run.begin, y + run.begin * L.out + item.col0, L.out);
+    }
   }
 }
 
 }  // namespace
 
 // y [T, out] (updated in place), x [T, in], lora_a [slots, W, in], lora_b [slots, W, out], all one dtype;
-// runs [N, 3] int64 (slot, begin, end) over y's rows; part_rows [slots, parts, 2]; part_cols [parts, 2].
+// runs [N, 3] int64 (slot, begin, end) over y's rows, not overlapping; part_rows [slots, parts, 2];
+// part_cols [parts, 2].
 void lora_add_runs(torch::Tensor y, torch::Tensor x, torch::Tensor lora_a, torch::Tensor lora_b, torch::Tensor runs,
                    torch::Tensor part_rows, torch::Tensor part_cols) {
   TORCH_CHECK(y.is_contiguous() && x.is_contiguous() && lora_a.is_contiguous() && lora_b.is_contiguous(),
@@ -119,11 +259,14 @@ void lora_add_runs(torch::Tensor y, torch::Tensor x, torch::Tensor lora_a, torch
   runs = runs.contiguous();
   part_rows = part_rows.contiguous();
   part_cols = part_cols.contiguous();
+  std::vector<Run> run_list(runs.size(0));
+  const int64_t* r = runs.data_ptr<int64_t>();
+  for (size_t i = 0; i < run_list.size(); ++i) run_list[i] = {r[3 * i], r[3 * i + 1], r[3 * i + 2]};
   const Layout layout{x.size(1), y.size(1), lora_a.size(1), part_cols.size(0), part_rows.data_ptr<int64_t>(),
                       part_cols.data_ptr<int64_t>()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, y.scalar_type(), "lora_add_runs", [&] {
     add_runs<scalar_t>(y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), lora_a.data_ptr<scalar_t>(),
-                       lora_b.data_ptr<scalar_t>(), runs.data_ptr<int64_t>(), runs.size(0), layout);
+                       lora_b.data_ptr<scalar_t>(), run_list, layout);
   });
 }
 

@@ -20,18 +20,11 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
-#include <immintrin.h>
-#define LORASERVE_BF16_DOT 1
-#endif
+#include "simd.h"
 
 namespace {
 
-template <typename T>
-void prefetch_block(const T* start, int64_t count) {
-  const char* p = reinterpret_cast<const char*>(start);
-  for (int64_t offset = 0; offset < count * static_cast<int64_t>(sizeof(T)); offset += 64) __builtin_prefetch(p + offset);
-}
+using loraserve_simd::prefetch_rows;
 
 template <typename T>
 void widen(const T* src, float* dst, int64_t count) {
@@ -65,7 +58,7 @@ void for_each_block(const T* cache, const int64_t* table, int64_t len, int64_t b
                     float* rows, Fn&& fn) {
   const int64_t num_blocks = (len + block_size - 1) / block_size;
   for (int64_t blk = 0; blk < num_blocks; ++blk) {
-    if (blk + 1 < num_blocks) prefetch_block(cache + table[blk + 1] * block_elems, block_elems);
+    if (blk + 1 < num_blocks) prefetch_rows(cache + table[blk + 1] * block_elems, 1, 0, block_elems);
     const int64_t first = blk * block_size, count = std::min(block_size, len - first);
     widen(cache + table[blk] * block_elems, rows, count * block_elems / block_size);
     fn(first, count);
@@ -121,28 +114,9 @@ void decode_one_sequence(const T* q, const T* k_cache, const T* v_cache, const i
 
 // ---- bf16 with AVX512-BF16 ------------------------------------------------------------------------------
 
-#ifdef LORASERVE_BF16_DOT
-// v[i] holds 16 partial sums of token i; returns the 16 totals, token i in lane i.
-inline __m512 reduce16(__m512* v) {
-  __m512 w[8], u[4];
-  for (int i = 0; i < 8; ++i)
-    w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-  for (int j = 0; j < 4; ++j) {
-    const __m512d a = _mm512_castps_pd(w[2 * j]), b = _mm512_castps_pd(w[2 * j + 1]);
-    u[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
-  }
-  // u[j], 128-bit lane L, element e: lane L's partial sum of token 4j+e.
-  const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x44), _mm512_shuffle_f32x4(u[0], u[1], 0xEE));
-  const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x44), _mm512_shuffle_f32x4(u[2], u[3], 0xEE));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
-}
-
+#ifdef LORASERVE_BF16_SIMD
+using namespace loraserve_simd;
 constexpr int64_t kPrefetch = 2;  // blocks requested ahead of the one being read
-
-inline __m512 widen16(const at::BFloat16* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
 
 template <int64_t HEAD_DIM>
 void decode_one_sequence_bf16(const at::BFloat16* q, const at::BFloat16* k_cache, const at::BFloat16* v_cache,
@@ -162,10 +136,10 @@ void decode_one_sequence_bf16(const at::BFloat16* q, const at::BFloat16* k_cache
   // Memory-level parallelism: the K blocks kPrefetch ahead and the V block of the same tokens are requested
   // while this block is scored, so the V pass finds its rows on their way in.
   for (int64_t blk = 0; blk < std::min<int64_t>(kPrefetch, num_blocks); ++blk)
-    prefetch_block(k_cache + table[blk] * block_elems, block_elems);
+    prefetch_rows(k_cache + table[blk] * block_elems, 1, 0, block_elems);
   for (int64_t blk = 0; blk < num_blocks; ++blk) {
-    if (blk + kPrefetch < num_blocks) prefetch_block(k_cache + table[blk + kPrefetch] * block_elems, block_elems);
-    prefetch_block(v_cache + table[blk] * block_elems, block_elems);
+    if (blk + kPrefetch < num_blocks) prefetch_rows(k_cache + table[blk + kPrefetch] * block_elems, 1, 0, block_elems);
+    prefetch_rows(v_cache + table[blk] * block_elems, 1, 0, block_elems);
     const at::BFloat16* block = k_cache + table[blk] * block_elems;
     const int64_t first = blk * block_size, count = std::min(block_size, len - first);
     for (int64_t t0 = 0; t0 < count; t0 += 16) {
@@ -196,7 +170,7 @@ void decode_one_sequence_bf16(const at::BFloat16* q, const at::BFloat16* k_cache
 
   constexpr int64_t kVecs = HEAD_DIM / 16;
   for (int64_t blk = 0; blk < num_blocks; ++blk) {
-    if (blk + kPrefetch < num_blocks) prefetch_block(v_cache + table[blk + kPrefetch] * block_elems, block_elems);
+    if (blk + kPrefetch < num_blocks) prefetch_rows(v_cache + table[blk + kPrefetch] * block_elems, 1, 0, block_elems);
     const at::BFloat16* block = v_cache + table[blk] * block_elems;
     const int64_t first = blk * block_size, count = std::min(block_size, len - first);
     for (int64_t kh = 0; kh < num_kv_heads; ++kh) {
@@ -207,7 +181,7 @@ void decode_one_sequence_bf16(const at::BFloat16* q, const at::BFloat16* k_cache
         for (int64_t t = 0; t < count; ++t) {
           const at::BFloat16* value = block + t * row + kh * HEAD_DIM;
           const __m512 weight = _mm512_set1_ps(p[t]);
-          for (int64_t i = 0; i < kVecs; ++i) a[i] = _mm512_fmadd_ps(weight, widen16(value + 16 * i), a[i]);
+          for (int64_t i = 0; i < kVecs; ++i) a[i] = _mm512_fmadd_ps(weight, load_bf16(value + 16 * i), a[i]);
         }
         for (int64_t i = 0; i < kVecs; ++i) _mm512_storeu_ps(acc + h * HEAD_DIM + 16 * i, a[i]);
       }
@@ -227,7 +201,7 @@ void decode_batch(const T* q, const T* k_cache, const T* v_cache, const int64_t*
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < batch; ++b) {
       const int64_t offset = b * num_heads * head_dim;
-#ifdef LORASERVE_BF16_DOT
+#ifdef LORASERVE_BF16_SIMD
       if constexpr (std::is_same_v<T, at::BFloat16> && HEAD_DIM > 0 && HEAD_DIM % 32 == 0) {
         decode_one_sequence_bf16<HEAD_DIM>(q + offset, k_cache, v_cache, tables + b * max_blocks, lens[b],
                                            out + offset, num_heads, num_kv_heads, block_size, scale, scratch);

@@ -1,0 +1,59 @@
+// Helpers shared by the CPU kernels (each kernel is its own extension; this header is compiled into each).
+// The AVX512-BF16 ones exist when the compiler targets a CPU that has the instructions (LORASERVE_BF16_SIMD).
+#pragma once
+
+#include <torch/extension.h>
+
+namespace loraserve_simd {
+
+// Asks for `rows` rows of `count` elements, `stride` elements apart, ahead of their use: the hardware
+// prefetcher follows one sequential stream, not a walk over short pieces of many rows.
+template <typename T>
+inline void prefetch_rows(const T* start, int64_t rows, int64_t stride, int64_t count) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const char* p = reinterpret_cast<const char*>(start + r * stride);
+    for (int64_t offset = 0; offset < count * static_cast<int64_t>(sizeof(T)); offset += 64) __builtin_prefetch(p + offset);
+  }
+}
+
+}  // namespace loraserve_simd
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+#define LORASERVE_BF16_SIMD 1
+
+namespace loraserve_simd {
+
+// 16 bf16 values widened to float (exact: a bf16 is the top half of a float).
+inline __m512 load_bf16(const at::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// To the nearest bf16 (even on ties), kept as float.
+inline __m512 round_bf16(__m512 v) {
+  const __m256i packed = (__m256i)_mm512_cvtneps_pbh(v);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(packed), 16));
+}
+
+inline void store_bf16(at::BFloat16* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+// v[i] holds 16 partial sums of dot product i; returns the 16 totals, dot product i in lane i.
+inline __m512 reduce16(const __m512* v) {
+  __m512 w[8], u[4];
+  for (int i = 0; i < 8; ++i)
+    w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int j = 0; j < 4; ++j) {
+    const __m512d a = _mm512_castps_pd(w[2 * j]), b = _mm512_castps_pd(w[2 * j + 1]);
+    u[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  // u[j], 128-bit lane L, element e: lane L's partial sum of dot product 4j+e.
+  const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x44), _mm512_shuffle_f32x4(u[0], u[1], 0xEE));
+  const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x44), _mm512_shuffle_f32x4(u[2], u[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
+}
+
+}  // namespace loraserve_simd
+#endif
