@@ -59,3 +59,15 @@ def memory_bandwidth(gigabytes: float = 1.0, repeats: int = 5) -> float:
 
 def weight_bytes(shapes: list[tuple[int, int]], dtype: torch.dtype) -> int:
     return sum(out * inp for out, inp in shapes) * dtype.itemsize
+
+
+def matmul_rate(shapes: list[tuple[int, int]], tokens: int, dtype: torch.dtype) -> float:
+    """FLOP/s of the decode step's own matmuls at `tokens` rows."""
+    return matmul_flops(shapes, tokens) / matmul_step_seconds(shapes, tokens, dtype)
+
+
+def lora_bound(base_step_seconds: float, adapter_bytes: float, lora_flops: float, bandwidth: float,
+               rate: float) -> float:
+    """The best throughput ratio (LoRA / base) physics allows a step: its adapters' weights must be read
+    once (bytes / bandwidth) and their FLOPs done at the matmul rate, on top of the base step."""
+    return base_step_seconds / (base_step_seconds + adapter_bytes / bandwidth + lora_flops / rate)

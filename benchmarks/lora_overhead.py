@@ -1,40 +1,85 @@
-"""What LoRA costs: one run, same prompts, output tokens/s of each way of serving adapters.
+"""What LoRA costs, next to what physics allows: one run, same prompts, output tokens/s of each way of
+serving adapters, each LoRA case beside its bound measured in the same run.
 
-    python benchmarks/lora_overhead.py [--dtype auto] [--num-prompts 64] [--output-len 128]
+    python benchmarks/lora_overhead.py [--dtype auto] [--num-prompts 64] [--output-len 128] [--repeats 3]
 
 Settings: the base model; LoRA enabled with no adapter used; one r16 adapter for every request; 8 distinct
-r16 adapters mixed in one batch; one r64 adapter; that r16 adapter merged into the weights; and
-transformers + PEFT serving the 8-adapter mix (one batched generate per adapter group). Adapters are random
-(non-zero B) all-linear PEFT adapters of the default model, made in a temp folder.
+r16 adapters mixed; 64 distinct r16 adapters mixed (max_loras 64); one r64 adapter; 4 r8 and 4 r64
+adapters mixed (the work must follow each adapter's own rank); that r16 adapter merged into the weights;
+and transformers + PEFT serving the 8-adapter mix (one batched generate per adapter group). Adapters are
+random (non-zero B) all-linear PEFT adapters of the default model, made in a temp folder.
+
+The bound of a case (benchmarks/bounds.py) is base step time / (base step time + the bytes of the distinct
+adapters one step reads / measured bandwidth + the step's LoRA FLOPs / the measured matmul rate), with the
+base step time taken from the base row of this run; `of bound` is the measured ratio over that.
 """
 from __future__ import annotations
 
+import functools
+import math
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+from bounds import decode_shapes, lora_bound, matmul_rate, memory_bandwidth
 from loraserve import LLM, LoRARequest, SamplingParams
 from loraserve.lora.merge import merge_adapter
 from loraserve.model.loader import load_tokenizer, resolve_model
 from throughput import llm_dtype, make_prompts, workload_parser
 
 
-def make_adapter(folder: Path, out: Path, rank: int, seed: int) -> Path:
-    torch.manual_seed(seed)
+def make_adapters(folder: Path, out: Path, rank: int, count: int, seed: int,
+                  target_modules: str | list[str] = "all-linear") -> list[Path]:
+    """`count` random PEFT adapters of one shape, written by PEFT itself (one model, re-randomised per
+    adapter). B is scaled down so generations stay natural."""
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", init_lora_weights=False)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=target_modules, init_lora_weights=False)
     peft_model = get_peft_model(model, config)
-    with torch.no_grad():  # keep the adapter's effect moderate so generations stay natural
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.mul_(0.01)
-    peft_model.save_pretrained(out)
-    return out
+    paths = []
+    for i in range(count):
+        torch.manual_seed(seed + i)
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_A" in name or "lora_B" in name:
+                    torch.nn.init.kaiming_uniform_(param, a=math.sqrt(5))
+                    if "lora_B" in name:
+                        param.mul_(0.01)
+        path = out / f"r{rank}-{seed + i}"
+        peft_model.save_pretrained(path)
+        paths.append(path)
+    return paths
+
+
+@functools.cache
+def adapter_numel(path: Path) -> int:
+    with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118 - safe_open is not iterable
+
+
+@dataclass
+class Machine:
+    """What the bounds are measured against, once per run."""
+
+    base_step_seconds: float
+    bandwidth: float
+    rate: float
+    itemsize: int
+    tokens_per_step: int
+
+    def bound(self, adapters: list[Path]) -> float:
+        """`adapters`: the adapter of each request (requests cycle over them, all in flight together)."""
+        distinct = sorted(set(adapters))
+        per_token = statistics.mean(adapter_numel(p) for p in adapters)
+        nbytes = sum(adapter_numel(p) for p in distinct) * self.itemsize
+        flops = 2 * per_token * self.tokens_per_step
+        return lora_bound(self.base_step_seconds, nbytes, flops, self.bandwidth, self.rate)
 
 
 def run_engine(llm: LLM, prompts: list[list[int]], output_len: int, loras, repeats: int) -> tuple[float, list[float]]:
@@ -71,6 +116,15 @@ def peft_mixed_throughput(folder: Path, adapters: list[Path], prompts: list[list
     return len(prompts) * output_len / (time.perf_counter() - start)
 
 
+_IDS: dict[Path, int] = {}  # one lora_int_id per adapter for the whole run
+
+
+def requests_for(adapters: list[Path], count: int) -> tuple[list[LoRARequest], list[Path]]:
+    """Request i uses adapter i mod len(adapters)."""
+    chosen = [adapters[i % len(adapters)] for i in range(count)]
+    return [LoRARequest(path.name, _IDS.setdefault(path, len(_IDS) + 1), str(path)) for path in chosen], chosen
+
+
 def main() -> None:
     parser = workload_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=3)
@@ -81,35 +135,58 @@ def main() -> None:
     tokenizer = load_tokenizer(folder)
     prompts = make_prompts(tokenizer, args.num_prompts, seed=0)
     tmp = Path(tempfile.mkdtemp(prefix="lora-overhead-"))
-    r16 = [make_adapter(folder, tmp / f"r16-{i}", 16, seed=i) for i in range(8)]
-    r64 = make_adapter(folder, tmp / "r64", 64, seed=100)
+    r16 = make_adapters(folder, tmp, 16, 64, seed=0)
+    r64 = make_adapters(folder, tmp, 64, 4, seed=100)
+    r8 = make_adapters(folder, tmp, 8, 4, seed=200)
     merged = merge_adapter(args.model, str(r16[0]), tmp / "merged")
-    one = LoRARequest("r16-0", 1, str(r16[0]))
-    mix = [LoRARequest(f"r16-{i % 8}", i % 8 + 1, str(r16[i % 8])) for i in range(len(prompts))]
     common = dict(dtype=args.dtype, max_num_seqs=args.num_prompts)
     print(f"model {folder}  dtype {args.dtype}  {len(prompts)} prompts x {args.output_len} tokens, "
-          f"median of {args.repeats}")
+          f"median of {args.repeats}", flush=True)
 
     results: dict[str, float] = {}
+    machine: Machine | None = None
 
-    def report(name: str, llm: LLM, loras) -> None:
+    def report(name: str, llm: LLM, loras, adapters: list[Path] | None = None) -> None:
         median, runs = run_engine(llm, prompts, args.output_len, loras, args.repeats)
         results[name] = median
-        print(f"{name:34s} {median:8.1f} out tok/s  ({median / results['base']:.3f}x base)  "
-              f"runs: {', '.join(f'{r:.0f}' for r in runs)}", flush=True)
+        line = (f"{name:34s} {median:8.1f} out tok/s  ({median / results.get('base', median):.3f}x base)  "
+                f"runs: {', '.join(f'{r:.0f}' for r in runs)}")
+        if adapters is not None:
+            bound = machine.bound(adapters)
+            line += f"  | bound {bound:.3f}x, of bound {median / results['base'] / bound:.2f}"
+        print(line, flush=True)
 
-    results["base"] = 1.0
-    report("base", LLM(args.model, **common), None)
+    base = LLM(args.model, **common)
+    report("base", base, None)
+    shapes, dtype = decode_shapes(base.engine.model), base.engine.dtype
+    machine = Machine(base_step_seconds=args.num_prompts / results["base"], bandwidth=memory_bandwidth(),
+                      rate=matmul_rate(shapes, args.num_prompts, dtype), itemsize=dtype.itemsize,
+                      tokens_per_step=args.num_prompts)
+    print(f"bounds from: base step {machine.base_step_seconds * 1e3:.1f} ms, bandwidth "
+          f"{machine.bandwidth / 1e9:.1f} GB/s, matmul rate {machine.rate / 1e9:.0f} GFLOP/s", flush=True)
+    del base
+
     lora_llm = LLM(args.model, enable_lora=True, max_loras=8, max_lora_rank=16, **common)
     report("LoRA enabled, no adapter used", lora_llm, None)
-    report("one r16 adapter for all", lora_llm, one)
-    report("8 distinct r16 adapters mixed", lora_llm, mix)
+    loras, chosen = requests_for(r16[:1], args.num_prompts)
+    report("one r16 adapter for all", lora_llm, loras[0], chosen)
+    loras, chosen = requests_for(r16[:8], args.num_prompts)
+    report("8 distinct r16 adapters mixed", lora_llm, loras, chosen)
     del lora_llm
-    report("one r64 adapter for all", LLM(args.model, enable_lora=True, max_lora_rank=64, **common),
-           LoRARequest("r64", 9, str(r64)))
+    many = LLM(args.model, enable_lora=True, max_loras=64, max_lora_rank=16, **common)
+    loras, chosen = requests_for(r16, args.num_prompts)
+    report("64 distinct r16 adapters mixed", many, loras, chosen)
+    del many
+    wide = LLM(args.model, enable_lora=True, max_loras=8, max_lora_rank=64, **common)
+    loras, chosen = requests_for(r64[:1], args.num_prompts)
+    report("one r64 adapter for all", wide, loras[0], chosen)
+    loras, chosen = requests_for([p for pair in zip(r8, r64, strict=True) for p in pair], args.num_prompts)
+    report("4 r8 + 4 r64 adapters mixed", wide, loras, chosen)
+    print(f"{'':34s} (if every adapter cost r64: bound {machine.bound(r64[:4] * 2):.3f}x)")
+    del wide
     report("r16 adapter merged into weights", LLM(str(merged), **common), None)
     if not args.skip_peft:
-        peft = peft_mixed_throughput(folder, r16, prompts, args.output_len, llm_dtype(args.dtype),
+        peft = peft_mixed_throughput(folder, r16[:8], prompts, args.output_len, llm_dtype(args.dtype),
                                      tokenizer.pad_token_id or 0)
         print(f"{'transformers+peft, 8-adapter mix':34s} {peft:8.1f} out tok/s  "
               f"(engine mix is {results['8 distinct r16 adapters mixed'] / peft:.1f}x)")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from lora_overhead import make_adapter
+from lora_overhead import make_adapters
 from loraserve import LLM, LoRARequest, SamplingParams
 from loraserve.model.loader import load_tokenizer, resolve_model
 from throughput import make_prompts
@@ -69,7 +69,7 @@ def main() -> None:
     if args.lora:
         options |= dict(enable_lora=True, max_loras=8, max_lora_rank=args.lora)
         tmp = Path(tempfile.mkdtemp(prefix="profile-"))
-        paths = [make_adapter(folder, tmp / f"a{i}", args.lora, seed=i) for i in range(8)]
+        paths = make_adapters(folder, tmp, args.lora, 8, seed=0)
         loras = [LoRARequest(f"a{i % 8}", i % 8 + 1, str(paths[i % 8])) for i in range(args.seqs)]
     label_kernels()
     llm = LLM(args.model, **options)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import httpx
 
-from lora_overhead import make_adapter
+from lora_overhead import make_adapters
 from loraserve.model.loader import load_tokenizer, resolve_model
 from throughput import make_prompts
 
@@ -171,11 +171,10 @@ def main() -> None:
         run_sweep("url", args.url, args.models, prompts, args)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        made: list[Path] = []
+        needed = max(SCENARIOS[scenario][0] for scenario in args.scenarios)  # shared: 32 includes the 8
+        made = make_adapters(folder, Path(tmp), args.lora_rank, needed, seed=0) if needed else []
         for scenario in args.scenarios:
             num_adapters, max_loras = SCENARIOS[scenario]
-            while len(made) < num_adapters:  # shared by the scenarios: 32 includes the 8
-                made.append(make_adapter(folder, Path(tmp) / f"lora{len(made)}", args.lora_rank, seed=len(made)))
             port = free_port()
             server = start_server(args, made[:num_adapters], max_loras, port, Path(tmp) / f"{scenario}.log")
             try:
