@@ -25,8 +25,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model_positional: bool
                     group.add_argument("model", nargs="?", default=None, help=doc)
                 else:
                     group.add_argument("--model", default=None, help=doc)
-            elif kind is None:
-                group.add_argument(f"--{option.name.replace('_', '-')}", action="store_true", help=doc)
+            elif kind is None:  # a switch: --x, and --no-x where it is on by default
+                action = argparse.BooleanOptionalAction if option.default else "store_true"
+                group.add_argument(f"--{option.name.replace('_', '-')}", action=action, default=option.default,
+                                   help=doc)
             else:
                 group.add_argument(f"--{option.name.replace('_', '-')}", type=kind, default=option.default,
                                    help=f"{doc} (default: %(default)s)")

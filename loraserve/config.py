@@ -78,6 +78,8 @@ class EngineConfig:
     num_kv_blocks: int | None = _option(None, "KV-cache blocks (default: sized from kv_cache_memory_gb or "
                                               "free memory)", int)
     kv_cache_memory_gb: float | None = _option(None, "memory for the KV cache, in GiB", float)
+    enable_prefix_caching: bool = _option(True, "reuse the KV of prompt prefixes already computed under "
+                                                "the same adapter (--no-enable-prefix-caching turns it off)")
     seed: int = _option(0, "seed of the sampling noise of requests without a seed of their own", int)
     enable_lora: bool = _option(False, "serve LoRA adapters")
     lora: LoRAConfig = field(default_factory=LoRAConfig)

@@ -58,7 +58,7 @@ class LLMEngine:
                 f"the KV cache holds {num_blocks * config.block_size} tokens, fewer than max_model_len="
                 f"{self.max_model_len}; lower max_model_len or give the KV cache more blocks or memory")
         self.model.allocate_kv_cache(num_blocks, config.block_size)
-        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.lora.max_loras if config.enable_lora else None)
         self.eos_token_ids = _eos_token_ids(self.model_path, hf_config, self.tokenizer)
@@ -191,6 +191,7 @@ class LLMEngine:
         sampled, result = self.runner.run(scheduled, lora_slots)
         for s in scheduled:
             s.seq.num_computed_tokens += s.num_tokens
+            self.blocks.register_computed(s.seq)
             metrics = self.requests[s.seq.request_id].metrics
             if metrics.first_scheduled_time is None:
                 metrics.first_scheduled_time = started
@@ -223,7 +224,8 @@ class LLMEngine:
             running=len({seq.request_id for seq in self.scheduler.running}),
             waiting=len({seq.request_id for seq in self.scheduler.waiting}),
             num_blocks=self.blocks.num_blocks, free_blocks=self.blocks.num_free_blocks,
-            preemptions=self.scheduler.num_preemptions,
+            preemptions=self.scheduler.num_preemptions, prefix_queried_tokens=self.blocks.queried_tokens,
+            prefix_hit_tokens=self.blocks.hit_tokens,
             lora=self.lora_manager.stats() if self.lora_manager is not None else None)
 
 

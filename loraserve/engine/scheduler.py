@@ -1,5 +1,6 @@
 """Continuous batching with a per-step token budget, chunked prefill, preemption by recompute, and
-adapter-aware admission (at most max_loras distinct adapters among running sequences)."""
+adapter-aware admission (at most max_loras distinct adapters among running sequences). An admitted
+sequence starts from its longest cached prefix (block_manager.py)."""
 from __future__ import annotations
 
 from collections import deque
@@ -86,9 +87,12 @@ class Scheduler:
                     if waited > MAX_LORA_BYPASS_STEPS:
                         break
                 continue
+            queried = self.blocks.reuse_prefix(seq)
             num_tokens = min(seq.num_pending_tokens, budget)
             if not self.blocks.can_allocate(seq, num_tokens):
+                self.blocks.free(seq)
                 break
+            self.blocks.count_lookup(queried, seq.num_computed_tokens)
             self.waiting.remove(seq)
             self._bypassed.pop(seq.seq_id, None)
             seq.status = SequenceStatus.RUNNING

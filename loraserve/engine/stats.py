@@ -13,4 +13,6 @@ class EngineStats:
     num_blocks: int
     free_blocks: int
     preemptions: int
+    prefix_queried_tokens: int  # prompt tokens of admitted sequences looked up in the prefix cache
+    prefix_hit_tokens: int  # of those, found there (not recomputed)
     lora: LoRAStats | None  # None when LoRA is disabled

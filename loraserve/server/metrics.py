@@ -35,6 +35,10 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily("loraserve_kv_cache_blocks", "KV-cache blocks in all.", s.num_blocks)
         yield CounterMetricFamily("loraserve_num_preemptions", "Sequences preempted for lack of KV blocks.",
                                   s.preemptions)
+        yield CounterMetricFamily("loraserve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                  s.prefix_queried_tokens)
+        yield CounterMetricFamily("loraserve_prefix_cache_hits", "Prompt tokens found in the prefix cache (their "
+                                  "KV reused, not recomputed).", s.prefix_hit_tokens)
         lora = s.lora
         if lora is None:
             return
