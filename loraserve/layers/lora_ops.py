@@ -58,9 +58,10 @@ class SlotLayout:
 
     def fill(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Write an adapter into `slot`: part name -> (A [r, in], B [out_part, r], scaling folded in). Parts
-        left out get no rows, so they cost nothing."""
+        left out get no rows, so they cost nothing. Runs inside a step, so it touches only what the old and
+        the new adapter occupy."""
         self.clear(slot)
-        offset = 0
+        offset, rows = 0, [[0, 0] for _ in self.part_names]
         for index, name in enumerate(self.part_names):
             if name not in weights:
                 continue
@@ -69,14 +70,22 @@ class SlotLayout:
             col_start, col_end = self.part_cols[index].tolist()
             self.lora_a[slot, offset:offset + rank].copy_(lora_a)
             self.lora_b[slot, offset:offset + rank, col_start:col_end].copy_(lora_b.T)
-            self.part_rows[slot, index] = torch.tensor([offset, offset + rank])
+            rows[index] = [offset, offset + rank]
             offset += rank
+        self.part_rows[slot] = torch.tensor(rows, dtype=torch.long)
         self.widths[slot] = offset
 
     def clear(self, slot: int) -> None:
+        """Zero the slot's rows. In B only each part's own block is non-zero (the rest of its rows stays
+        zero from allocation on), so only those blocks are zeroed."""
         width = self.widths[slot]
+        if width == 0:
+            return
         self.lora_a[slot, :width].zero_()
-        self.lora_b[slot, :width].zero_()
+        for (row_start, row_end), (col_start, col_end) in zip(self.part_rows[slot].tolist(),
+                                                               self.part_cols.tolist(), strict=True):
+            if row_end > row_start:
+                self.lora_b[slot, row_start:row_end, col_start:col_end].zero_()
         self.part_rows[slot].zero_()
         self.widths[slot] = 0
 
