@@ -4,7 +4,8 @@ do not. One run, cache on and off side by side.
     python benchmarks/prefix_cache.py [--num-prompts 64] [--output-len 64] [--system-tokens 400] [--repeats 3]
 
 Shared: `--num-prompts` chat requests with one system prompt of about `--system-tokens` tokens and a
-different short question each, base model and one r16 adapter. Unshared: throughput.py's prompts. Each
+different short question each, base model and one r16 adapter. Unshared: throughput.py's prompts, new ones
+in every run (only the chat template's opening block repeats). Each
 line: output tokens/s and TTFT p50 / p90 (arrival to first token, the whole batch submitted at once), and
 the prompt tokens served from the cache.
 """
@@ -53,21 +54,23 @@ def main() -> None:
     folder = resolve_model(args.model)
     tokenizer = load_tokenizer(folder)
     shared = shared_prompts(tokenizer, args.num_prompts, args.system_tokens)
-    unshared = make_prompts(tokenizer, args.num_prompts, seed=0)
     adapter = make_adapters(folder, Path(tempfile.mkdtemp(prefix="prefix-")), 16, 1, seed=0)
     loras, _ = requests_for(adapter, args.num_prompts)
     print(f"model {folder}; shared prompts {statistics.mean(map(len, shared)):.0f} tokens on average, "
           f"{args.num_prompts} requests x {args.output_len} tokens; medians of {args.repeats}", flush=True)
     engines = {on: LLM(args.model, dtype=args.dtype, max_num_seqs=args.num_prompts, enable_lora=True, max_loras=1,
                        max_lora_rank=16, enable_prefix_caching=on) for on in (True, False)}
-    cases = (("shared system prompt, base", shared, None), ("shared system prompt, r16 adapter", shared, loras),
-             ("no shared prefix, base", unshared, None))
-    for name, prompts, lora in cases:
+    cases = (("shared system prompt, base", lambda r: shared, None),
+             ("shared system prompt, r16 adapter", lambda r: shared, loras),
+             ("no shared prefix, base", lambda r: make_prompts(tokenizer, args.num_prompts, seed=100 + r), None))
+    for name, prompts_of, lora in cases:
+        prompts = prompts_of(-1)
         for on, llm in engines.items():
             run(llm, prompts[:2], 4, lora[:2] if lora else None)  # warm-up (and, cache on, the prefix)
             blocks = llm.engine.blocks
             hits_before = blocks.hit_tokens
-            results = [run(llm, prompts, args.output_len, lora) for _ in range(args.repeats)]
+            # the unshared prompts are new in every run: nothing but the chat template's first block repeats
+            results = [run(llm, prompts_of(r), args.output_len, lora) for r in range(args.repeats)]
             tps = statistics.median(r[0] for r in results)
             ttft = sorted(t for r in results for t in r[1])
             hit = (blocks.hit_tokens - hits_before) / args.repeats

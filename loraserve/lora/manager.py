@@ -15,7 +15,6 @@ from loraserve.config import LoRAConfig
 from loraserve.layers.linear import Linear
 from loraserve.lora.adapter import LoRAAdapter, LoRATargetSpec, load_adapter
 from loraserve.lora.host_cache import HostCache, HostCacheStats
-from loraserve.lora.reader import AdapterReader
 from loraserve.lora.slots import AdapterSlots, SlotStats
 from loraserve.lora_request import LoRARequest
 
@@ -34,9 +33,8 @@ class LoRAManager:
         """`linears`: checkpoint module name -> (packed Linear, part), as CausalLM.linear_modules gives."""
         self.config = config
         self.spec = LoRATargetSpec.of_linears(linears, model_name)
-        reader = AdapterReader()
-        self.host = HostCache(lambda request, folder: reader.run(load_adapter, request, self.spec, config.max_lora_rank,
-                                                                 dtype, folder), config.max_cpu_loras)
+        self.host = HostCache(lambda request, folder: load_adapter(request, self.spec, config.max_lora_rank, dtype,
+                                                                   folder), config.max_cpu_loras)
         self.slots = AdapterSlots(linears, config.max_loras, config.max_lora_rank, dtype)
 
     def acquire(self, request: LoRARequest) -> LoRAAdapter:
