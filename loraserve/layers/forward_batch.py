@@ -2,7 +2,7 @@
 flat tokens, where their K/V go and come from, and which adapter slot each token uses."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 import torch
@@ -65,14 +65,13 @@ class GroupedTokens:
 @dataclass
 class LoRABatch:
     """Which adapter slot each token of the flat batch uses, as runs: the model runner orders sequences by
-    slot, so each slot's tokens are contiguous."""
+    slot, so each slot's tokens are contiguous. Each path builds its own view of the runs on first use (the
+    CPU kernel `kernel_runs` and `long_segments`, other devices `segments` and `grouped`), so a step pays
+    only for the path it takes."""
 
-    segments: list[LoRASegment]  # long runs (prefill chunks), one matmul pair each
-    grouped: GroupedTokens | None  # short runs (decode tokens), batched together
-    # For the CPU kernel: every run of at most KERNEL_MAX_RUN tokens as [N, 3] int64 (slot, begin, end), prefill
-    # chunks included, and the longer runs left to matmuls.
-    kernel_runs: torch.Tensor | None = None
-    long_segments: list[LoRASegment] = field(default_factory=list)
+    segments: list[LoRASegment]  # prefill chunks
+    decode_runs: list[LoRASegment]  # runs of decode tokens
+    device: torch.device
 
     # Past this a run is a real matmul that BLAS does faster than the kernel's register tiles.
     KERNEL_MAX_RUN = 256
@@ -80,29 +79,42 @@ class LoRABatch:
     @classmethod
     def build(cls, token_slots: list[int], grouped_from: int, device: torch.device) -> LoRABatch | None:
         """Runs of equal slot in token order (slot -1, no adapter, makes none). Runs starting at or after
-        token `grouped_from` (the decode tokens) are batched; earlier runs stay segments. None if no
-        token has an adapter."""
+        token `grouped_from` are decode runs; earlier runs are prefill segments. None if no token has an
+        adapter."""
         segments: list[LoRASegment] = []
-        short: dict[int, list[int]] = {}
-        runs: list[tuple[int, int, int]] = []
+        decode_runs: list[LoRASegment] = []
         start = 0
         for i in range(1, len(token_slots) + 1):
             if i == len(token_slots) or token_slots[i] != token_slots[start] or i == grouped_from:
                 slot = token_slots[start]
                 if slot >= 0:
-                    if start >= grouped_from:
-                        short.setdefault(slot, []).extend(range(start, i))
-                        runs.append((slot, start, i))
-                    else:
-                        segments.append(LoRASegment(slot, start, i))
+                    (decode_runs if start >= grouped_from else segments).append(LoRASegment(slot, start, i))
                 start = i
-        if not segments and not short:
+        if not segments and not decode_runs:
             return None
-        long_segments = [seg for seg in segments if seg.end - seg.start > cls.KERNEL_MAX_RUN]
-        kernel_runs = [(seg.slot, seg.start, seg.end) for seg in segments
-                       if seg.end - seg.start <= cls.KERNEL_MAX_RUN] + runs
-        return cls(segments, _group(short, device) if short else None,
-                   torch.tensor(kernel_runs, dtype=torch.long, device=device) if kernel_runs else None, long_segments)
+        return cls(segments, decode_runs, device)
+
+    @cached_property
+    def kernel_runs(self) -> torch.Tensor | None:
+        """[N, 3] int64 (slot, begin, end): every run of at most KERNEL_MAX_RUN tokens, prefill chunks included."""
+        runs = [(r.slot, r.start, r.end) for r in self.segments + self.decode_runs
+                if r.end - r.start <= self.KERNEL_MAX_RUN]
+        return torch.tensor(runs, dtype=torch.long, device=self.device) if runs else None
+
+    @cached_property
+    def long_segments(self) -> list[LoRASegment]:
+        """The runs the kernel leaves to matmuls."""
+        return [seg for seg in self.segments + self.decode_runs if seg.end - seg.start > self.KERNEL_MAX_RUN]
+
+    @cached_property
+    def grouped(self) -> GroupedTokens | None:
+        """The decode runs gathered per slot, for the batched-matmul path."""
+        if not self.decode_runs:
+            return None
+        tokens: dict[int, list[int]] = {}
+        for run in self.decode_runs:
+            tokens.setdefault(run.slot, []).extend(range(run.start, run.end))
+        return _group(tokens, self.device)
 
 
 def _group(tokens: dict[int, list[int]], device: torch.device) -> GroupedTokens:
