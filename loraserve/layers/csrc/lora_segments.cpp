@@ -22,6 +22,7 @@
 
 namespace {
 
+using loraserve_simd::prefetch_range;
 using loraserve_simd::prefetch_rows;
 
 constexpr int64_t kShrinkRows = 16;   // A rows per shrink item
@@ -143,17 +144,12 @@ template <int NT>
 void expand_tile_bf16(const float* s, int64_t lds, const at::BFloat16* b, int64_t ldb, int64_t rows,
                       const __mmask16* masks, at::BFloat16* y, int64_t ldy) {
   constexpr int kVecs = kExpandCols / 16;
-  const __mmask16 m0 = masks[0], m1 = masks[1], m2 = masks[2], m3 = masks[3];
-  auto load = [m0, m1, m2, m3](const at::BFloat16* p, int v) {
-    const __mmask16 m = v == 0 ? m0 : v == 1 ? m1 : v == 2 ? m2 : m3;
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p + 16 * v)), 16));
-  };
   __m512 acc[NT][kVecs];
   _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t)
     _Pragma("GCC unroll 4") for (int v = 0; v < kVecs; ++v) acc[t][v] = _mm512_setzero_ps();
   for (int64_t w = 0; w < rows; ++w) {  // full-width vectors: masked loads read zeros past the columns
     __m512 bv[kVecs];
-    _Pragma("GCC unroll 4") for (int v = 0; v < kVecs; ++v) bv[v] = load(b + w * ldb, v);
+    _Pragma("GCC unroll 4") for (int v = 0; v < kVecs; ++v) bv[v] = load_bf16_masked(b + w * ldb + 16 * v, masks[v]);
     _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) {
       const __m512 sv = _mm512_set1_ps(s[t * lds + w]);
       _Pragma("GCC unroll 4") for (int v = 0; v < kVecs; ++v) acc[t][v] = _mm512_fmadd_ps(sv, bv[v], acc[t][v]);
@@ -161,7 +157,7 @@ void expand_tile_bf16(const float* s, int64_t lds, const at::BFloat16* b, int64_
   }
   _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t)
     _Pragma("GCC unroll 4") for (int v = 0; v < kVecs; ++v) {
-      const __m512 sum = _mm512_add_ps(load(y + t * ldy, v), acc[t][v]);
+      const __m512 sum = _mm512_add_ps(load_bf16_masked(y + t * ldy + 16 * v, masks[v]), acc[t][v]);
       _mm256_mask_storeu_epi16(y + t * ldy + 16 * v, masks[v], (__m256i)_mm512_cvtneps_pbh(sum));
     }
 }
@@ -219,8 +215,8 @@ void add_runs(T* y, const T* x, const T* lora_a, const T* lora_b, const std::vec
       const Run& run = runs[item.run];
       if (i + 1 < num_shrinks) {  // the next item's A rows are on their way while these are used
         const ShrinkItem& next = shrinks[i + 1];
-        prefetch_rows(lora_a + (runs[next.run].slot * L.max_width + next.row0) * L.in, 1, 0,
-                      (next.row1 - next.row0) * L.in);
+        prefetch_range(lora_a + (runs[next.run].slot * L.max_width + next.row0) * L.in,
+                       (next.row1 - next.row0) * L.in);
       }
       shrink_block<T>(x + run.begin * L.in, lora_a + (run.slot * L.max_width + item.row0) * L.in, L.in,
                       run.end - run.begin, item.row1 - item.row0, shrunk.data() + offsets[item.run] * lds + item.row0,

@@ -24,7 +24,7 @@
 
 namespace {
 
-using loraserve_simd::prefetch_rows;
+using loraserve_simd::prefetch_range;
 
 template <typename T>
 void widen(const T* src, float* dst, int64_t count) {
@@ -58,7 +58,7 @@ void for_each_block(const T* cache, const int64_t* table, int64_t len, int64_t b
                     float* rows, Fn&& fn) {
   const int64_t num_blocks = (len + block_size - 1) / block_size;
   for (int64_t blk = 0; blk < num_blocks; ++blk) {
-    if (blk + 1 < num_blocks) prefetch_rows(cache + table[blk + 1] * block_elems, 1, 0, block_elems);
+    if (blk + 1 < num_blocks) prefetch_range(cache + table[blk + 1] * block_elems, block_elems);
     const int64_t first = blk * block_size, count = std::min(block_size, len - first);
     widen(cache + table[blk] * block_elems, rows, count * block_elems / block_size);
     fn(first, count);
@@ -136,10 +136,10 @@ void decode_one_sequence_bf16(const at::BFloat16* q, const at::BFloat16* k_cache
   // Memory-level parallelism: the K blocks kPrefetch ahead and the V block of the same tokens are requested
   // while this block is scored, so the V pass finds its rows on their way in.
   for (int64_t blk = 0; blk < std::min<int64_t>(kPrefetch, num_blocks); ++blk)
-    prefetch_rows(k_cache + table[blk] * block_elems, 1, 0, block_elems);
+    prefetch_range(k_cache + table[blk] * block_elems, block_elems);
   for (int64_t blk = 0; blk < num_blocks; ++blk) {
-    if (blk + kPrefetch < num_blocks) prefetch_rows(k_cache + table[blk + kPrefetch] * block_elems, 1, 0, block_elems);
-    prefetch_rows(v_cache + table[blk] * block_elems, 1, 0, block_elems);
+    if (blk + kPrefetch < num_blocks) prefetch_range(k_cache + table[blk + kPrefetch] * block_elems, block_elems);
+    prefetch_range(v_cache + table[blk] * block_elems, block_elems);
     const at::BFloat16* block = k_cache + table[blk] * block_elems;
     const int64_t first = blk * block_size, count = std::min(block_size, len - first);
     for (int64_t t0 = 0; t0 < count; t0 += 16) {
@@ -170,7 +170,7 @@ void decode_one_sequence_bf16(const at::BFloat16* q, const at::BFloat16* k_cache
 
   constexpr int64_t kVecs = HEAD_DIM / 16;
   for (int64_t blk = 0; blk < num_blocks; ++blk) {
-    if (blk + kPrefetch < num_blocks) prefetch_rows(v_cache + table[blk + kPrefetch] * block_elems, 1, 0, block_elems);
+    if (blk + kPrefetch < num_blocks) prefetch_range(v_cache + table[blk + kPrefetch] * block_elems, block_elems);
     const at::BFloat16* block = v_cache + table[blk] * block_elems;
     const int64_t first = blk * block_size, count = std::min(block_size, len - first);
     for (int64_t kh = 0; kh < num_kv_heads; ++kh) {

@@ -9,11 +9,14 @@ namespace loraserve_simd {
 // Asks for `rows` rows of `count` elements, `stride` elements apart, ahead of their use: the hardware
 // prefetcher follows one sequential stream, not a walk over short pieces of many rows.
 template <typename T>
+inline void prefetch_range(const T* start, int64_t count) {
+  const char* p = reinterpret_cast<const char*>(start);
+  for (int64_t offset = 0; offset < count * static_cast<int64_t>(sizeof(T)); offset += 64) __builtin_prefetch(p + offset);
+}
+
+template <typename T>
 inline void prefetch_rows(const T* start, int64_t rows, int64_t stride, int64_t count) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const char* p = reinterpret_cast<const char*>(start + r * stride);
-    for (int64_t offset = 0; offset < count * static_cast<int64_t>(sizeof(T)); offset += 64) __builtin_prefetch(p + offset);
-  }
+  for (int64_t r = 0; r < rows; ++r) prefetch_range(start + r * stride, count);
 }
 
 }  // namespace loraserve_simd
@@ -28,6 +31,11 @@ namespace loraserve_simd {
 inline __m512 load_bf16(const at::BFloat16* p) {
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// The first popcount(mask) of 16 bf16 values widened (the rest read as zero, never touched in memory).
+inline __m512 load_bf16_masked(const at::BFloat16* p, __mmask16 mask) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
 }
 
 // To the nearest bf16 (even on ties), kept as float.
