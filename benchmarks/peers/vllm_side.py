@@ -22,7 +22,8 @@ def main() -> None:
 
     with open(sys.argv[1]) as f:
         work = json.load(f)
-    prompts = [{"prompt_token_ids": ids} for ids in work["prompts"]]
+    every = [{"prompt_token_ids": ids} for ids in work["prompts"]]
+    prompts = every[:work["num_prompts"]]  # the cases' workload; the sweep takes what it needs of `every`
     params = SamplingParams(temperature=0, max_tokens=work["output_len"], ignore_eos=True)
     warm = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     common = dict(model=work["model"], dtype="bfloat16", max_num_seqs=len(prompts), max_model_len=2048, seed=0)
@@ -31,7 +32,7 @@ def main() -> None:
         llm = LLM(**dict(common, max_num_seqs=c))
         sweep_params = SamplingParams(temperature=0, max_tokens=work["sweep_output_len"], ignore_eos=True)
         llm.generate(prompts[:2], warm, use_tqdm=False)
-        results["concurrency"][c] = timed(llm, prompts[:work["sweep_prompts"][str(c)]], sweep_params, None)
+        results["concurrency"][c] = timed(llm, every[:work["sweep_prompts"][str(c)]], sweep_params, None)
         del llm
     for case in work["cases"]:
         if case == "base":
