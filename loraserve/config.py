@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+# Kept here, not imported from model/, so configs stay pure; tests/test_quantization.py checks they agree.
+QUANTIZATION_METHODS = ("gptq", "awq", "compressed-tensors", "gguf", "int8", "int4")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -69,6 +71,10 @@ class EngineConfig:
     dtype: str | torch.dtype = _option("auto", "weights and activations: auto (bf16 where its matmuls are "
                                                "fast, else fp32), bfloat16, float16, float32", str)
     device: str = _option("cpu", "torch device", str)
+    quantization: str | None = _option(
+        None, "weights kept quantized: unset reads a GPTQ / AWQ / compressed-tensors checkpoint's own scheme "
+              "(a float model stays float, a .gguf is de-quantized); gguf keeps a .gguf's quantized blocks; "
+              "int8 / int4 quantize a float model's linear layers at load", str)
     max_model_len: int | None = _option(None, "context length (default: the model's, at most 4096)", int)
     max_num_seqs: int = _option(256, "sequences decoded together in one step", int)
     max_num_batched_tokens: int = _option(512, "tokens per engine step; longer prompts are prefilled in "
@@ -86,6 +92,9 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         _check_dtype_name(self.dtype, "dtype")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} (or unset to follow "
+                             f"the checkpoint); got {self.quantization!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_n"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -241,8 +241,9 @@ def test_penalised_greedy_matches_the_penalty_formula(llm, hf, prompt, penalty):
     ("x" * 20, greedy(120), "lower max_tokens to at most 108"),
     ("", greedy(4), "prompt is empty"),
     ({"prompt_token_ids": []}, greedy(4), "prompt is empty"),
-    ({"prompt_token_ids": [5, 272]}, greedy(4), r"prompt token ids must be in \[0, 272\)"),
-], ids=["prompt-too-long", "max-tokens-too-many", "empty-text", "empty-ids", "id-outside-vocab"])
+    ({"prompt_token_ids": [5, 272]}, greedy(4), r"prompt token ids must be integers in \[0, 272\)"),
+    ({"prompt_token_ids": [5, "6"]}, greedy(4), r"prompt token ids must be integers in \[0, 272\)"),
+], ids=["prompt-too-long", "max-tokens-too-many", "empty-text", "empty-ids", "id-outside-vocab", "id-not-int"])
 def test_requests_that_cannot_run_are_refused_and_the_engine_keeps_working(llm, hf, prompt, params, message):
     with pytest.raises(ValueError, match=message):
         llm.generate(["A fine prompt", prompt], [greedy(4), params], use_tqdm=False)

@@ -32,6 +32,7 @@ from loraserve.lora.manager import LoRAManager
 from loraserve.lora_request import LoRARequest
 from loraserve.model.builder import build_model, load_hf_config
 from loraserve.model.loader import DEFAULT_MODEL_NAME, load_tokenizer, resolve_model
+from loraserve.model.quantization import resolve_quantization
 from loraserve.model.registry import decoder_spec, max_model_len
 from loraserve.outputs import RequestMetrics, RequestOutput
 from loraserve.sampling_params import SamplingParams
@@ -45,12 +46,15 @@ class LLMEngine:
         self.device = torch.device(config.device)
         torch.manual_seed(config.seed)
         self.dtype, lora_dtype = resolve_dtypes(config)
-        self.model_path = resolve_model(config.model)
+        self.model_path = resolve_model(config.model, keep_gguf=config.quantization == "gguf")
         self.model_name = config.model or DEFAULT_MODEL_NAME
         hf_config = load_hf_config(self.model_path)
+        self.quantization = resolve_quantization(self.model_path, config.quantization)
         self.tokenizer = load_tokenizer(self.model_path)
         self.max_model_len = max_model_len(decoder_spec(hf_config), config.max_model_len)
-        self.model = build_model(self.model_path, hf_config, self.dtype, self.device, self.max_model_len)
+        self.model = build_model(self.model_path, hf_config, self.dtype, self.device, self.max_model_len,
+                                 self.quantization)
+        self.weight_bytes = self.model.weight_bytes()
         num_blocks = config.num_kv_blocks or choose_num_blocks(self.model.spec, config, self.dtype,
                                                                 self.max_model_len)
         if num_blocks * config.block_size < self.max_model_len:
@@ -69,9 +73,9 @@ class LLMEngine:
             self.lora_manager = LoRAManager(self.model.linear_modules(), config.lora, lora_dtype, self.model_name)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
-        logger.info("model %s: %d layers, dtype %s, max_model_len %d, %d KV blocks of %d tokens",
-                    self.model_path, self.model.spec.num_layers, self.dtype, self.max_model_len, num_blocks,
-                    config.block_size)
+        logger.info("model %s: %d layers, dtype %s, weights %s (%.1f MiB), max_model_len %d, %d KV blocks of %d "
+                    "tokens", self.model_path, self.model.spec.num_layers, self.dtype, self.quantization or "dense",
+                    self.weight_bytes / 2**20, self.max_model_len, num_blocks, config.block_size)
 
     # ---- making requests: any thread ---------------------------------------------------------------
 
@@ -112,8 +116,8 @@ class LLMEngine:
         if not prompt_token_ids:
             raise ParamError("prompt", "the {param} is empty; give at least one token")
         vocab = self.model.spec.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_token_ids):
-            raise ParamError("prompt", f"{{param}} token ids must be in [0, {vocab})")
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in prompt_token_ids):
+            raise ParamError("prompt", f"{{param}} token ids must be integers in [0, {vocab})")
         length = len(prompt_token_ids)
         room = self.max_model_len - length
         if room < 1:

@@ -64,10 +64,14 @@ def fused_ops_module():
     return _module("fused_ops")
 
 
+def quant_module():
+    return _module("quant_matmul")
+
+
 def build_all() -> dict[str, bool]:
     """Compile every kernel now (for `loraserve prepare`); name -> built."""
     return {"paged attention": paged_attention_module() is not None, "LoRA runs": lora_module() is not None,
-            "fused ops": fused_ops_module() is not None}
+            "fused ops": fused_ops_module() is not None, "quantized matmul": quant_module() is not None}
 
 
 def cpu_kernel(module, x: torch.Tensor):

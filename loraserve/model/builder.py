@@ -7,7 +7,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from loraserve.model.llama import CausalLM
-from loraserve.model.loader import iter_weights
+from loraserve.model.quantization import ON_THE_FLY, checkpoint_weights
 from loraserve.model.registry import decoder_spec
 
 
@@ -16,13 +16,16 @@ def load_hf_config(folder: Path) -> PretrainedConfig:
 
 
 def build_model(folder: Path, config: PretrainedConfig, dtype: torch.dtype, device: torch.device,
-                max_positions: int) -> CausalLM:
-    """Allocate on the target device, load the checkpoint, cast the parameters once (the rotary tables
-    are buffers and stay float32)."""
+                max_positions: int, quantization: str | None = None) -> CausalLM:
+    """Allocate on the target device, load the checkpoint (quantized tensors stay quantized; int8 / int4
+    quantize the float linears from their checkpoint values), cast the other parameters once (the rotary
+    tables are buffers and stay float32). `quantization` is resolve_quantization's answer."""
     spec = decoder_spec(config)
     with torch.device(device):
         model = CausalLM(spec, config, max_positions)
-    model.load_weights(iter_weights(folder))
+    model.load_weights(checkpoint_weights(folder, config, quantization, model.checkpoint_names()))
+    if quantization in ON_THE_FLY:
+        model.quantize_linears(quantization)
     for param in model.parameters():
         param.data = param.data.to(dtype)
     model.pack_weights()

@@ -15,6 +15,7 @@ from loraserve.layers.attention import PagedAttention
 from loraserve.layers.forward_batch import ForwardBatch
 from loraserve.layers.linear import Linear
 from loraserve.layers.matmul import MatmulWeight
+from loraserve.layers.quantized import QuantizedMatmul, QuantizedTensor
 from loraserve.layers.norm import RMSNorm
 from loraserve.layers.rotary import RotaryEmbedding, rotate_and_store
 from loraserve.model.registry import DecoderSpec
@@ -104,14 +105,25 @@ class CausalLM(nn.Module):
         if not spec.tie_word_embeddings:
             self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
             self.lm_head.weight.requires_grad_(False)
-        self.lm_head_matmul: MatmulWeight | None = None  # set by pack_weights
+        self.lm_head_matmul: MatmulWeight | QuantizedMatmul | None = None  # set by pack_weights
+        # embeddings / LM head a checkpoint ships quantized (GGUF): kept so, never de-quantized whole
+        self.quantized: dict[str, QuantizedTensor] = {}
+
+    def lm_head_name(self) -> str:
+        return "model.embed_tokens.weight" if self.spec.tie_word_embeddings else "lm_head.weight"
 
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.spec.tie_word_embeddings else self.lm_head.weight
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        table = self.quantized.get("model.embed_tokens.weight")
+        if table is None:
+            return self.model.embed_tokens(input_ids)
+        return table.dequantize(torch.float32, rows=input_ids).to(self.model.norm.weight.dtype)
+
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        h = self.model.embed_tokens(batch.input_ids)
+        h = self.embed(batch.input_ids)
         if self.spec.embed_scale is not None:
             h = h * torch.tensor(self.spec.embed_scale, dtype=h.dtype)
         cos, sin = self.rotary.lookup(batch.positions, h.dtype)
@@ -124,15 +136,49 @@ class CausalLM(nn.Module):
             return self.lm_head_matmul(h)
         return F.linear(h, self.lm_head_weight())
 
+    def quantize_linears(self, method: str) -> None:
+        """Quantize every Linear's loaded float weight (quantization="int8" / "int4"); embeddings and the LM
+        head stay as they are, as in vLLM's weight-only schemes."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.quantize(method)
+
     def pack_weights(self) -> None:
         """Hand every matmul weight to its fastest form once the weights are final (layers/matmul.py)."""
         for module in self.modules():
             if isinstance(module, Linear):
                 module.pack()
+        head = self.quantized.get(self.lm_head_name())
+        if head is not None:
+            self.lm_head_matmul = QuantizedMatmul([head])
+            return
         self.lm_head_matmul = MatmulWeight(self.lm_head_weight().data)
         if not self.spec.tie_word_embeddings and self.lm_head_matmul.dense is None:
             self.lm_head.weight.data = torch.empty(0, dtype=self.lm_head.weight.dtype,
                                                    device=self.lm_head.weight.device)
+
+    def weight_bytes(self) -> int:
+        """Bytes of model weights held (quantized weights at their quantized size; the KV cache excluded)."""
+        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        counted = {id(p) for m in linears for p in m.parameters()}
+        if not self.spec.tie_word_embeddings:
+            counted.add(id(self.lm_head.weight))  # held by lm_head_matmul
+        total = sum(m.nbytes for m in linears) + sum(t.nbytes for t in self.quantized.values())
+        total += sum(p.numel() * p.element_size() for p in self.parameters() if id(p) not in counted)
+        head = self.lm_head_matmul
+        if isinstance(head, MatmulWeight):  # a quantized head is one of self.quantized
+            shared = head.dense is not None and self.spec.tie_word_embeddings  # the embedding table itself
+            total += head.nbytes - (head.dense.numel() * head.dense.element_size() if shared else 0)
+        return total
+
+    def _load_quantized_table(self, name: str, tensor: QuantizedTensor, params: dict) -> None:
+        if name not in ("model.embed_tokens.weight", "lm_head.weight") or tensor.input_perm is not None:
+            raise ValueError(f"checkpoint tensor {name!r} is quantized; loraserve keeps quantized only linear "
+                             f"layers, the embedding table and the LM head")
+        if params[name].shape != tensor.shape:
+            raise ValueError(f"{name}: checkpoint shape {tensor.shape}, model expects {tuple(params[name].shape)}")
+        self.quantized[name] = tensor.to(params[name].device)
+        params[name].data = torch.empty(0, dtype=params[name].dtype, device=params[name].device)
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         dtype, device = self.model.embed_tokens.weight.dtype, self.model.embed_tokens.weight.device
@@ -151,20 +197,28 @@ class CausalLM(nn.Module):
                     found[f"{parent}.{part}"] = (module, part)
         return found
 
+    def checkpoint_names(self) -> set[str]:
+        """The tensor names a checkpoint of this model holds (Hugging Face's, q/k/v and gate/up unpacked)."""
+        linears = self.linear_modules()
+        linear_params = {id(p) for linear, _ in linears.values() for p in linear.parameters()}
+        names = {f"{name}.{p}" for name, (lin, _) in linears.items() for p in ("weight", "bias")
+                 if getattr(lin, p) is not None}
+        return names | {name for name, p in self.named_parameters() if id(p) not in linear_params}
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy checkpoint tensors into the modules; every parameter must be covered exactly once."""
+        """Copy checkpoint tensors into the modules; every parameter must be covered exactly once. Quantized
+        tensors (QuantizedTensor) stay quantized: linear parts, the embedding table, the LM head."""
         linears = self.linear_modules()
         params = dict(self.named_parameters())
-        linear_params = {id(p) for linear, _ in linears.values() for p in linear.parameters()}
-        expected = {f"{name}.{p}" for name, (lin, _) in linears.items() for p in ("weight", "bias")
-                    if getattr(lin, p) is not None}
-        expected |= {name for name, p in params.items() if id(p) not in linear_params}
+        expected = self.checkpoint_names()
         loaded = set()
         for name, tensor in weights:
             if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.spec.tie_word_embeddings):
                 continue
             module_name, _, param = name.rpartition(".")
-            if module_name in linears:
+            if isinstance(tensor, QuantizedTensor) and module_name not in linears:
+                self._load_quantized_table(name, tensor, params)
+            elif module_name in linears:
                 linear, part = linears[module_name]
                 linear.load_part(part, param, tensor)
             elif name in params:

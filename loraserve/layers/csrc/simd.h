@@ -4,6 +4,8 @@
 
 #include <torch/extension.h>
 
+#include <algorithm>
+
 namespace loraserve_simd {
 
 // Asks for `rows` rows of `count` elements, `stride` elements apart, ahead of their use: the hardware
@@ -61,6 +63,58 @@ inline __m512 reduce16(const __m512* v) {
   const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x44), _mm512_shuffle_f32x4(u[0], u[1], 0xEE));
   const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x44), _mm512_shuffle_f32x4(u[2], u[3], 0xEE));
   return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
+}
+
+inline __m512bh load_pairs(const at::BFloat16* p, __mmask32 mask) {
+  return (__m512bh)_mm512_maskz_loadu_epi16(mask, p);
+}
+
+// out(t, r, x[t] · a[r]) for `tokens` rows of x and `rows` rows of a (both bf16, `in` long): R rows x TT tokens
+// per register block (R * TT = 16 accumulators, reduced together by one transpose-add), 32 features per
+// vdpbf16ps (products exact, float sums).
+template <int R, int TT, typename Out>
+inline void dot_block_bf16(const at::BFloat16* x, int64_t ldx, const at::BFloat16* a, int64_t lda, int64_t in,
+                           int64_t tokens, int64_t rows, Out&& out) {
+  static_assert(R * TT == 16, "one reduce16 per block");
+  const int64_t full = in / 32 * 32;
+  const __mmask32 tail = static_cast<__mmask32>((1ull << (in - full)) - 1);
+  for (int64_t r0 = 0; r0 < rows; r0 += R) {
+    const at::BFloat16* ar[R];
+    for (int j = 0; j < R; ++j) ar[j] = a + std::min<int64_t>(r0 + j, rows - 1) * lda;
+    for (int64_t t0 = 0; t0 < tokens; t0 += TT) {
+      const at::BFloat16* xt[TT];
+      for (int j = 0; j < TT; ++j) xt[j] = x + std::min<int64_t>(t0 + j, tokens - 1) * ldx;
+      __m512 acc[16];
+      for (auto& v : acc) v = _mm512_setzero_ps();
+      auto step = [&](int64_t i, __mmask32 mask) {
+        __m512bh xv[TT];
+        for (int j = 0; j < TT; ++j) xv[j] = load_pairs(xt[j] + i, mask);
+        for (int r = 0; r < R; ++r) {
+          const __m512bh av = load_pairs(ar[r] + i, mask);
+          for (int t = 0; t < TT; ++t) acc[TT * r + t] = _mm512_dpbf16_ps(acc[TT * r + t], av, xv[t]);
+        }
+      };
+      for (int64_t i = 0; i < full; i += 32) step(i, ~__mmask32(0));
+      if (tail) step(full, tail);
+      alignas(64) float dots[16];
+      _mm512_store_ps(dots, reduce16(acc));
+      for (int64_t r = 0; r < std::min<int64_t>(R, rows - r0); ++r)
+        for (int64_t t = 0; t < std::min<int64_t>(TT, tokens - t0); ++t) out(t0 + t, r0 + r, dots[TT * r + t]);
+    }
+  }
+}
+
+// dot_block_bf16 with the block shape that leaves no lane idle: runs of one or two tokens take taller blocks.
+template <typename Out>
+inline void dot_rows_bf16(const at::BFloat16* x, int64_t ldx, const at::BFloat16* a, int64_t lda, int64_t in,
+                          int64_t tokens, int64_t rows, Out&& out) {
+  if (tokens >= 4) {
+    dot_block_bf16<4, 4>(x, ldx, a, lda, in, tokens, rows, out);
+  } else if (tokens >= 2) {
+    dot_block_bf16<8, 2>(x, ldx, a, lda, in, tokens, rows, out);
+  } else {
+    dot_block_bf16<16, 1>(x, ldx, a, lda, in, tokens, rows, out);
+  }
 }
 
 }  // namespace loraserve_simd

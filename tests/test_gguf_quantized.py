@@ -1,0 +1,197 @@
+"""GGUF files served with their weights kept quantized (quantization="gguf"), against transformers loading
+the same file (transformers de-quantizes it with the gguf package) — fp32, so the comparison is tight.
+
+- tiny Llama GGUFs written here with the gguf package's own writer and quantizers (K-quant blocks the
+  package cannot make are random bytes: every bit pattern is a valid block), every supported block type
+  in some tensor, embeddings and LM head quantized too;
+- the default model as shipped (Q4_1, with a Q8_0 embedding table that is also its tied LM head), base and
+  its trained demo adapters in one mixed batch, against transformers + PEFT.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from loraserve import LLM, LoRARequest, SamplingParams
+from loraserve.layers import quantized
+from loraserve.model.loader import _default_gguf
+from test_lora_fidelity import engine_logits
+
+STEPS = 24
+TOLERANCE = 1e-4
+EXAMPLES = Path(__file__).parent.parent / "examples" / "adapters"
+HIDDEN, FFN, HEADS, KV_HEADS, LAYERS = 256, 512, 4, 2, 2
+# (attention, MLP, embedding, LM head) block types of each tiny file: together they cover every type
+FILES = {
+    "q4_0-q5_1": ("Q4_0", "Q5_1", "Q8_0", "Q6_K"),
+    "k-quants": ("Q4_K", "Q5_K", "Q4_1", "Q5_0"),
+    "q8_0-f16": ("Q8_0", "F16", "F32", "Q8_0"),
+}
+
+
+def _tensor(kind: str, shape: tuple[int, int], rng: np.random.Generator) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+    qtype = gguf.GGMLQuantizationType[kind]
+    weights = (rng.standard_normal(shape) * 0.2).astype(np.float32)
+    if kind in ("F32", "F16"):
+        return weights.astype(np.float16 if kind == "F16" else np.float32), qtype
+    try:
+        return gguf.quants.quantize(weights, qtype), qtype
+    except NotImplementedError:  # K-quants: random blocks, scales chosen so weights are ~0.1 around zero
+        block_elems, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+        raw = rng.integers(0, 256, size=(shape[0], shape[1] // block_elems, block_bytes), dtype=np.uint8)
+        half = lambda v: np.frombuffer(np.float16(v).tobytes(), np.uint8)  # noqa: E731
+        if kind == "Q6_K":
+            raw[..., -2:] = half(0.0002)
+        else:  # minimums cancel the mean of d·sc·q (q averages 7.5 in Q4_K, 15.5 in Q5_K)
+            raw[..., 0:2], raw[..., 2:4] = half(0.0004), half(0.0004 * (7.5 if kind == "Q4_K" else 15.5))
+        return raw.reshape(shape[0], -1), qtype
+
+
+def write_tiny_gguf(path: Path, attention: str, mlp: str, embedding: str, head: str, seed: int = 0) -> Path:
+    """A 2-layer Llama GGUF with the default model's tokenizer (copied field by field) and random weights."""
+    source = gguf.GGUFReader(str(_default_gguf()))
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for key, field in source.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or key.startswith("llama."):
+            continue
+        value_type = field.types[0]
+        sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), value_type, sub_type=sub_type)
+    vocab = len(source.fields["tokenizer.ggml.tokens"].contents())
+    writer.add_block_count(LAYERS)
+    writer.add_context_length(512)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_feed_forward_length(FFN)
+    writer.add_head_count(HEADS)
+    writer.add_head_count_kv(KV_HEADS)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(vocab)
+    writer.add_rope_dimension_count(HIDDEN // HEADS)
+    rng = np.random.default_rng(seed)
+    head_dim = HIDDEN // HEADS
+
+    def add(name: str, kind: str, shape: tuple[int, ...]) -> None:
+        if len(shape) == 1:
+            writer.add_tensor(name, (1 + rng.standard_normal(shape) * 0.1).astype(np.float32))
+            return
+        data, qtype = _tensor(kind, shape, rng)
+        writer.add_tensor(name, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
+
+    add("token_embd.weight", embedding, (vocab, HIDDEN))
+    add("output.weight", head, (vocab, HIDDEN))
+    add("output_norm.weight", "F32", (HIDDEN,))
+    for i in range(LAYERS):
+        add(f"blk.{i}.attn_norm.weight", "F32", (HIDDEN,))
+        add(f"blk.{i}.ffn_norm.weight", "F32", (HIDDEN,))
+        add(f"blk.{i}.attn_q.weight", attention, (HIDDEN, HIDDEN))
+        add(f"blk.{i}.attn_k.weight", attention, (KV_HEADS * head_dim, HIDDEN))
+        add(f"blk.{i}.attn_v.weight", attention, (KV_HEADS * head_dim, HIDDEN))
+        add(f"blk.{i}.attn_output.weight", attention, (HIDDEN, HIDDEN))
+        add(f"blk.{i}.ffn_gate.weight", mlp, (FFN, HIDDEN))
+        add(f"blk.{i}.ffn_up.weight", mlp, (FFN, HIDDEN))
+        add(f"blk.{i}.ffn_down.weight", mlp, (HIDDEN, FFN))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def greedy_reference(model, prompt_ids: list[int]) -> tuple[list[int], torch.Tensor]:
+    input_ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                             max_new_tokens=STEPS, min_new_tokens=STEPS, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=0)
+    tokens = out.sequences[0, len(prompt_ids):].tolist()
+    return tokens, torch.stack([step[0].float() for step in out.logits]).log_softmax(-1)
+
+
+def assert_matches(completion, tokens: list[int], logprobs: torch.Tensor) -> None:
+    assert completion.token_ids == tokens
+    for step, entries in enumerate(completion.logprobs):
+        for token_id, logprob in entries.items():
+            assert abs(logprob.logprob - logprobs[step, token_id].item()) < TOLERANCE, (step, token_id)
+
+
+@pytest.mark.parametrize("name", list(FILES))
+def test_tiny_gguf_matches_transformers(name, tmp_path):
+    path = write_tiny_gguf(tmp_path / f"{name}.gguf", *FILES[name])
+    llm = LLM(str(path), quantization="gguf", dtype="float32", max_model_len=128, num_kv_blocks=64, block_size=8)
+    model = llm.engine.model
+    quantized_kinds = {type(m.matmul).__name__ for m in model.modules() if hasattr(m, "matmul")}
+    assert "QuantizedMatmul" in quantized_kinds or FILES[name][0] == "F16"
+    assert ("model.embed_tokens.weight" in model.quantized) == (FILES[name][2] not in ("F32", "F16"))
+    reference = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+    tokenizer = llm.get_tokenizer()
+    prompts = [tokenizer.encode(p) for p in ("Quantized weights", "A GGUF file keeps its blocks, and")]
+    params = SamplingParams(temperature=0, max_tokens=STEPS, min_tokens=STEPS, ignore_eos=True, logprobs=3)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    for prompt, output in zip(prompts, outputs, strict=True):
+        tokens, logprobs = greedy_reference(reference, prompt)
+        assert len(set(tokens)) > 3  # not one token repeated: positions and weights matter
+        assert_matches(output.outputs[0], tokens, logprobs)
+
+
+def test_tiny_gguf_bf16_kernel_is_no_worse_than_pytorch_bf16(tmp_path, monkeypatch):
+    """bf16 runs the C++ kernel; against the exact fp32 path it must drift no more than PyTorch's own bf16
+    path (de-quantize to bf16, F.linear) does."""
+    path = write_tiny_gguf(tmp_path / "k.gguf", *FILES["k-quants"])
+    prompt = list(range(100, 164))
+
+    def logprobs(dtype: str) -> torch.Tensor:
+        llm = LLM(str(path), quantization="gguf", dtype=dtype, max_model_len=128, num_kv_blocks=64, block_size=8,
+                  enable_lora=True)
+        return engine_logits(llm, {"row": prompt}, {})["row"].float().log_softmax(-1)
+
+    exact, kernel = logprobs("float32"), logprobs("bfloat16")
+    monkeypatch.setattr(quantized, "_kernel_for", lambda x, w: None)
+    plain = logprobs("bfloat16")
+    top = exact.topk(5, dim=-1).indices
+    drift = {name: (lp.gather(1, top) - exact.gather(1, top)).abs().mean().item()
+             for name, lp in (("kernel", kernel), ("pytorch", plain))}
+    assert drift["kernel"] < 1.5 * drift["pytorch"], drift
+    assert (kernel.argmax(-1) == exact.argmax(-1)).float().mean() > 0.85
+
+
+def test_default_model_as_q4_1_with_trained_adapters(default_model_path):
+    """The shipped Q4_1 file kept quantized, base + both demo adapters in one batch, against transformers +
+    PEFT on the same file de-quantized (the default model's converted folder is transformers' own load of
+    that GGUF, saved)."""
+    llm = LLM(quantization="gguf", dtype="float32", enable_lora=True, max_loras=2, max_model_len=256,
+              num_kv_blocks=64)
+    engine = llm.engine
+    assert engine.quantization == "gguf"
+    # nothing de-quantized: the weights take what the file takes (~0.36x of bf16)
+    assert engine.weight_bytes <= _default_gguf().stat().st_size
+    tokenizer = llm.get_tokenizer()
+    prompts = {
+        "base": "What is the capital of France?",
+        "uppercase": "Tell me about the moon.",
+        "json": "Give me a person named Ada who is 36.",
+    }
+    chat = {row: tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                               tokenize=False) for row, text in prompts.items()}
+    ids = {row: tokenizer.encode(text, add_special_tokens=False) for row, text in chat.items()}
+    loras = {name: LoRARequest(name, i, str(EXAMPLES / name)) for i, name in enumerate(("uppercase", "json"), 1)}
+    params = SamplingParams(temperature=0, max_tokens=STEPS, min_tokens=STEPS, ignore_eos=True, logprobs=2)
+    rows = list(prompts)
+    outputs = llm.generate([{"prompt_token_ids": ids[r]} for r in rows], params, use_tqdm=False,
+                           lora_request=[loras.get(r) for r in rows])
+    hf = AutoModelForCausalLM.from_pretrained(default_model_path, dtype=torch.float32).eval()
+    tokens, logprobs = greedy_reference(hf, ids["base"])
+    assert_matches(outputs[0].outputs[0], tokens, logprobs)
+    peft_model = PeftModel.from_pretrained(hf, loras["uppercase"].lora_path, adapter_name="uppercase").eval()
+    peft_model.load_adapter(loras["json"].lora_path, adapter_name="json")
+    for row, output in zip(rows[1:], outputs[1:], strict=True):
+        peft_model.set_adapter(row)
+        tokens, logprobs = greedy_reference(peft_model, ids[row])
+        assert_matches(output.outputs[0], tokens, logprobs)
+    assert outputs[1].outputs[0].text.upper() == outputs[1].outputs[0].text  # the adapter is really at work

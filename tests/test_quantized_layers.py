@@ -1,0 +1,129 @@
+"""Quantized weights at the layer level: the C++ kernel against the de-quantize-then-F.linear path it stands
+beside, GGUF's block types against the gguf package's own de-quantizer, and the int8 / int4 quantizers."""
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loraserve.config import QUANTIZATION_METHODS
+from loraserve.layers.cpu_kernels import quant_module
+from loraserve.layers.quantized import QuantizedMatmul, QuantizedTensor, quantize_int4, quantize_int8
+from loraserve.model.quantization import METHODS
+from loraserve.model.quantization.gguf import UNPACKERS
+
+
+def test_config_lists_every_method():
+    assert set(QUANTIZATION_METHODS) == set(METHODS)
+
+
+def test_kernel_builds_and_serves_bf16_here():
+    module = quant_module()
+    assert module is not None and module.available  # this machine has AVX512-BF16: the kernel must serve
+
+
+def _random_weight(rows: int, cols: int, bits: int, group: int, offsets: bool, half: bool, seed: int,
+                   perm: bool = False) -> QuantizedTensor:
+    g = torch.Generator().manual_seed(seed)
+    if bits == 4:
+        q = torch.randint(0, 16, (rows, cols), generator=g)
+    else:
+        q = torch.randint(-128, 128, (rows, cols), generator=g)
+    scales = torch.rand(rows, cols // group, generator=g) * 0.02 + 0.001
+    if half:
+        scales = scales.half().float()
+    off = (torch.randn(rows, cols // group, generator=g) * 0.05) if offsets else None
+    if off is not None and half:
+        off = off.half().float()
+    input_perm = torch.randperm(cols, generator=g) if perm else None
+    return QuantizedTensor.from_values(q, scales, off, group, signed=bits == 8, input_perm=input_perm)
+
+
+CASES = [(4, 32, True, True), (4, 128, True, False), (4, 64, False, True), (8, 16, False, False),
+         (8, 256, True, True)]
+
+
+@pytest.mark.parametrize("bits,group,offsets,half", CASES)
+@pytest.mark.parametrize("tokens", [1, 3, 17, 64])
+def test_kernel_matches_dequantized_linear(bits, group, offsets, half, tokens):
+    weight = _random_weight(200, 256, bits, group, offsets, half, seed=tokens + bits)
+    assert weight.bits == bits and weight.scales.dtype == (torch.float16 if half else torch.float32)
+    x = torch.randn(tokens, 256).bfloat16()
+    bias = torch.randn(200).bfloat16()
+    got = QuantizedMatmul([weight])(x, bias)
+    want = F.linear(x.float(), weight.dequantize(torch.bfloat16).float(), bias.float())
+    # the kernel holds the same bf16 weights and sums in float; only the output's bf16 rounding differs
+    torch.testing.assert_close(got.float(), want, rtol=2 ** -8, atol=1e-2)
+
+
+def test_act_order_permutation_and_unstackable_parts():
+    """Parts sorted by different input permutations cannot share a matmul: each gets its own."""
+    a = _random_weight(64, 128, 4, 32, True, True, seed=1, perm=True)
+    b = _random_weight(32, 128, 4, 32, True, True, seed=2, perm=True)
+    matmul = QuantizedMatmul([a, b])
+    assert len(matmul.weights) == 2
+    x = torch.randn(5, 128)
+    for dtype in (torch.float32, torch.bfloat16):
+        want = F.linear(x, torch.cat([a.dequantize(), b.dequantize()]))
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -6, atol=5e-2)
+        torch.testing.assert_close(matmul(x.to(dtype)).float(), want, **tol)
+    # dequantize puts columns back in input order
+    q = a.values().float() * a.scales.float().repeat_interleave(32, 1) + a.offsets.float().repeat_interleave(32, 1)
+    assert torch.equal(a.dequantize()[:, a.input_perm], q)
+
+
+def test_int4_packs_two_per_byte_and_odd_widths_fall_back_to_a_byte():
+    packed = QuantizedTensor.from_values(torch.randint(0, 16, (4, 64)), torch.ones(4, 2), None, 32, signed=False)
+    assert packed.bits == 4 and packed.data.shape == (4, 32)
+    wide = QuantizedTensor.from_values(torch.randint(0, 16, (4, 48)), torch.ones(4, 3), None, 16, signed=False)
+    assert wide.bits == 8 and wide.data.shape == (4, 48)
+    assert torch.equal(packed.values(), packed.values().clone())
+    assert QuantizedMatmul([wide])(torch.randn(2, 48).bfloat16()).shape == (2, 4)
+
+
+def test_on_the_fly_quantizers_error_and_size():
+    torch.manual_seed(0)
+    w = torch.randn(256, 512) * 0.05
+    q8, q4 = quantize_int8(w), quantize_int4(w)
+    assert q4.group_size == 128 and q4.bits == 4 and q8.bits == 8
+    # round-to-nearest: at most half a step off (plus float16 rounding of the scale)
+    step8 = q8.scales.float().repeat_interleave(512, 1)
+    assert bool(((q8.dequantize() - w).abs() <= step8 * 0.5 + 1e-6).all())
+    step4 = q4.scales.float().repeat_interleave(128, 1)
+    assert bool(((q4.dequantize() - w).abs() <= step4 * 0.5 + 2e-3 * step4 + 1e-6).all())
+    bf16_bytes = w.numel() * 2
+    assert q4.nbytes <= 0.30 * bf16_bytes and q8.nbytes <= 0.52 * bf16_bytes
+
+
+def _gguf_blocks(kind: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Blocks quantized by the gguf package where it can; else random bytes (every bit pattern is a valid
+    K-quant block) with sane float16 scales."""
+    qtype = gguf.GGMLQuantizationType[kind]
+    block_elems, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    try:
+        return gguf.quants.quantize(rng.standard_normal((rows, cols)).astype(np.float32), qtype)
+    except NotImplementedError:
+        raw = rng.integers(0, 256, size=(rows, cols // block_elems, block_bytes), dtype=np.uint8)
+        half = lambda v: np.frombuffer(np.float16(v).tobytes(), np.uint8)  # noqa: E731
+        if kind in ("Q4_K", "Q5_K"):
+            raw[..., 0:2], raw[..., 2:4] = half(0.01), half(0.004)
+        else:  # Q6_K: d last
+            raw[..., -2:] = half(0.003)
+        return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("kind", sorted(UNPACKERS))
+def test_gguf_blocks_match_gguf_dequantize(kind):
+    rng = np.random.default_rng(7)
+    rows, cols = 12, 512
+    raw = _gguf_blocks(kind, rows, cols, rng)
+    qtype = gguf.GGMLQuantizationType[kind]
+    want = gguf.quants.dequantize(raw, qtype).reshape(rows, cols)
+    block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
+    got = UNPACKERS[kind](raw.reshape(rows, -1, block_bytes))
+    assert np.array_equal(got.dequantize().numpy(), want)  # the same numbers, bit for bit
+    x = torch.randn(3, cols).bfloat16()
+    torch.testing.assert_close(QuantizedMatmul([got])(x).float(),
+                               x.float() @ torch.from_numpy(want).bfloat16().float().T, rtol=2 ** -8, atol=2e-2)
