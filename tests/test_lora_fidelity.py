@@ -12,12 +12,14 @@ PEFT running that adapter alone:
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from peft import PeftModel
+from torch import nn
 from transformers import AutoModelForCausalLM
 
 from lora_fixtures import make_peft_adapter
@@ -130,10 +132,15 @@ def engine_logits(llm: LLM, token_ids: dict[str, list[int]], loras: dict[str, Lo
     return {s.seq.request_id: logits[span.start:span.end] for s, span in zip(order, spans, strict=True)}
 
 
-def serve(path: Path, cases: dict[str, Case], adapters_dir: Path, **engine_kwargs) -> Served:
-    """Serve base + every case from one engine in one mixed batch; PEFT runs each alone for reference."""
+def serve(path: Path, cases: dict[str, Case], adapters_dir: Path,
+          reference: Callable[[LLM], nn.Module] | None = None, **engine_kwargs) -> Served:
+    """Serve base + every case from one engine in one mixed batch; PEFT runs each alone for reference, on
+    transformers' load of `path` or on `reference(llm)` (e.g. a quantized model's de-quantized weights)."""
     llm = LLM(str(path), dtype="float32", enable_lora=True, max_loras=len(cases), **engine_kwargs)
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    if reference is None:
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    else:
+        hf = reference(llm)
     packed = any(name.endswith("qkv_proj") for name, _ in hf.named_modules())
     eos = llm.engine.eos_token_ids
     prompt_ids = llm.get_tokenizer().encode(PROMPT)
