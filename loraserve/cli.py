@@ -61,7 +61,7 @@ def _generate(args: argparse.Namespace) -> None:
 def _merge(args: argparse.Namespace) -> None:
     from loraserve.lora.merge import merge_adapter
 
-    print(merge_adapter(args.model, args.adapter, args.out))
+    print(merge_adapter(args.model, args.adapter, args.out, dequantize=args.dequantize))
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--model", default=None, help="base model (default: SmolLM2-135M-Instruct)")
     merge.add_argument("--adapter", required=True, help="PEFT adapter folder or hub id")
     merge.add_argument("--out", required=True, help="new output folder")
+    merge.add_argument("--dequantize", action="store_true",
+                       help="for a quantized base (GPTQ, AWQ, compressed-tensors): write a de-quantized float "
+                            "model with the adapter merged (without it, a quantized base is refused)")
     merge.set_defaults(func=_merge)
     _add_serve_parser(commands)
     return parser

@@ -35,7 +35,8 @@ FILES = {
 }
 
 
-def _tensor(kind: str, shape: tuple[int, int], rng: np.random.Generator) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+def _tensor(kind: str, shape: tuple[int, int],
+            rng: np.random.Generator) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
     qtype = gguf.GGMLQuantizationType[kind]
     weights = (rng.standard_normal(shape) * 0.2).astype(np.float32)
     if kind in ("F32", "F16"):
@@ -58,7 +59,7 @@ def write_tiny_gguf(path: Path, attention: str, mlp: str, embedding: str, head: 
     source = gguf.GGUFReader(str(_default_gguf()))
     writer = gguf.GGUFWriter(str(path), "llama")
     for key, field in source.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture" or key.startswith("llama."):
+        if key.startswith(("GGUF.", "llama.")) or key == "general.architecture":
             continue
         value_type = field.types[0]
         sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None

@@ -52,3 +52,33 @@ def test_merge_refuses_non_empty_output(tmp_path):
     adapter_dir = make_peft_adapter(base, tmp_path / "adapter", r=4, target_modules=["q_proj"])
     with pytest.raises(FileExistsError, match="not empty"):
         merge_adapter(str(base_dir), str(adapter_dir), base_dir)
+
+
+def test_merge_refuses_a_quantized_base_unless_asked_to_dequantize(tmp_path):
+    """GPTQ weights cannot take an adapter without re-quantizing it away; --dequantize writes a float model
+    that serves exactly what the quantized base plus the adapter serves."""
+    from test_quantized_models import FIXTURES
+
+    base_dir = FIXTURES / "gptq-4bit-g32-asym-actorder"
+    adapter_dir = make_peft_adapter(_tiny_llama_like(base_dir), tmp_path / "adapter", seed=5, r=8, lora_alpha=16,
+                                    target_modules="all-linear")
+    with pytest.raises(ValueError, match=r"is a gptq checkpoint: a LoRA adapter cannot be merged .* --dequantize"):
+        merge_adapter(str(base_dir), str(adapter_dir), tmp_path / "refused")
+    merged_dir = merge_adapter(str(base_dir), str(adapter_dir), tmp_path / "merged", dequantize=True)
+    assert "quantization_config" not in (merged_dir / "config.json").read_text()
+    settings = dict(dtype="float32", max_model_len=64, num_kv_blocks=32, block_size=4)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    prompts = [{"prompt_token_ids": [5, 6, 7, 8]}, {"prompt_token_ids": [40, 41]}]
+    quantized = LLM(str(base_dir), enable_lora=True, **settings).generate(
+        prompts, params, lora_request=LoRARequest("a", 1, str(adapter_dir)), use_tqdm=False)
+    merged = LLM(str(merged_dir), **settings).generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in merged] == [o.outputs[0].token_ids for o in quantized]
+
+
+def _tiny_llama_like(folder):
+    """A float model of the fixture's shape, for PEFT to write an adapter against."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    del config.quantization_config
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)

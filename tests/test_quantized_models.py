@@ -92,7 +92,7 @@ def engine_dequantized(path: Path):
 
 
 @pytest.fixture(scope="module", params=[("llama", "int8"), ("llama", "int4"), ("qwen2", "int4"), ("phi3", "int4")],
-                ids=lambda p: "-".join(p))
+                ids="-".join)
 def on_the_fly_served(request, tmp_path_factory):
     arch, method = request.param
     folder = tmp_path_factory.mktemp(f"{arch}-{method}")
@@ -148,7 +148,7 @@ def test_checkpoint_scheme_asked_of_a_float_model_is_refused(tmp_path):
     path = make_sharp_tiny_model("llama", tmp_path / "model")
     with pytest.raises(ValueError, match="has no quantization_config: it is not a gptq checkpoint"):
         LLM(str(path), quantization="gptq", dtype="float32", **ENGINE)
-    with pytest.raises(ValueError, match="quantization='gguf' needs a .gguf file"):
+    with pytest.raises(ValueError, match=r"quantization='gguf' needs a \.gguf file"):
         LLM(str(path), quantization="gguf", dtype="float32", **ENGINE)
     with pytest.raises(ValueError, match="quantization must be one of gptq, awq, compressed-tensors, gguf, int8"):
         LLM(str(path), quantization="fp8", dtype="float32", **ENGINE)

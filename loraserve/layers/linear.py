@@ -64,7 +64,8 @@ class Linear(nn.Module):
     def nbytes(self) -> int:
         """Bytes of weight and bias this layer holds."""
         bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
-        return bias + (self.matmul.nbytes if self.matmul is not None else self.weight.numel() * self.weight.element_size())
+        held = self.matmul.nbytes if self.matmul is not None else self.weight.numel() * self.weight.element_size()
+        return bias + held
 
     def part_slice(self, part: str) -> slice:
         start = 0

@@ -2,17 +2,20 @@
 one adapter with no LoRA cost at all."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from loraserve.layers.quantized import QuantizedTensor
 from loraserve.lora.adapter import LoRATargetSpec, load_adapter
 from loraserve.lora_request import LoRARequest
 from loraserve.model.builder import load_hf_config
 from loraserve.model.llama import CausalLM
-from loraserve.model.loader import iter_weights, resolve_model
+from loraserve.model.loader import resolve_model
+from loraserve.model.quantization import checkpoint_weights, resolve_quantization
 from loraserve.model.registry import decoder_spec
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -27,17 +30,31 @@ def target_spec(folder: Path, model_name: str) -> LoRATargetSpec:
     return LoRATargetSpec.of_linears(model.linear_modules(), model_name)
 
 
-def merge_adapter(model: str | None, adapter_path: str, out_dir: str | Path) -> Path:
+def merge_adapter(model: str | None, adapter_path: str, out_dir: str | Path, dequantize: bool = False) -> Path:
     """Write `model` with the adapter merged into `out_dir` (config, tokenizer, one safetensors file).
-    The sum is computed in float32 and stored in each tensor's original dtype."""
+    The sum is computed in float32 and stored in each tensor's original dtype. A quantized base (GPTQ, AWQ,
+    compressed-tensors) is refused: merging into it would re-quantize the adapter away. With `dequantize`
+    its weights are de-quantized and the merged model is written in float (config.json's dtype, else fp16).
+    (A .gguf base is de-quantized on load, as serving it without quantization='gguf' does.)"""
     folder = resolve_model(model)
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; choose a new output folder")
+    scheme = resolve_quantization(folder, None)
+    if scheme is not None and not dequantize:
+        raise ValueError(f"{folder} is a {scheme} checkpoint: a LoRA adapter cannot be merged into quantized weights "
+                         f"without re-quantizing it away. Serve it with the adapter instead (LoRA runs on top of "
+                         f"the quantized base), or pass --dequantize to write a de-quantized float model with the "
+                         f"adapter merged")
+    config = load_hf_config(folder)
+    float_dtype = _float_dtype(config)
     spec = target_spec(folder, str(model or folder))
     adapter = load_adapter(LoRARequest("merge", 1, adapter_path), spec, max_lora_rank=2**16, dtype=torch.float32)
     merged = {}
-    for name, tensor in iter_weights(folder):
+    names = _checkpoint_names(folder)
+    for name, tensor in checkpoint_weights(folder, config, scheme, names):
+        if isinstance(tensor, QuantizedTensor):
+            tensor = tensor.dequantize(torch.float32).to(float_dtype)
         module = name.removesuffix(".weight")
         weights = adapter.modules.get(module)
         if weights is not None and name.endswith(".weight"):
@@ -48,4 +65,24 @@ def merge_adapter(model: str | None, adapter_path: str, out_dir: str | Path) -> 
     for item in folder.iterdir():
         if item.is_file() and item.name not in _WEIGHT_FILES and not item.name.endswith((".safetensors", ".bin")):
             shutil.copy2(item, out / item.name)
+    if scheme is not None:  # the merged folder is a float model now
+        config_path = out / "config.json"
+        saved = json.loads(config_path.read_text())
+        saved.pop("quantization_config", None)
+        config_path.write_text(json.dumps(saved, indent=2))
+        (out / "quantize_config.json").unlink(missing_ok=True)
     return out
+
+
+def _float_dtype(config) -> torch.dtype:
+    """The dtype the checkpoint's config names (transformers keeps a torch.dtype or its name), else float16."""
+    dtype = getattr(config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float16
+
+
+def _checkpoint_names(folder: Path) -> set[str]:
+    config = load_hf_config(folder)
+    with torch.device("meta"):
+        return CausalLM(decoder_spec(config), config, max_positions=1).checkpoint_names()

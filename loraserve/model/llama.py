@@ -15,8 +15,8 @@ from loraserve.layers.attention import PagedAttention
 from loraserve.layers.forward_batch import ForwardBatch
 from loraserve.layers.linear import Linear
 from loraserve.layers.matmul import MatmulWeight
-from loraserve.layers.quantized import QuantizedMatmul, QuantizedTensor
 from loraserve.layers.norm import RMSNorm
+from loraserve.layers.quantized import QuantizedMatmul, QuantizedTensor
 from loraserve.layers.rotary import RotaryEmbedding, rotate_and_store
 from loraserve.model.registry import DecoderSpec
 

@@ -150,7 +150,7 @@ def gguf_weights(path: Path, config: PretrainedConfig, names: Iterable[str]) -> 
                              f"supported GGUF types: {', '.join((*UNPACKERS, *FLOAT_TYPES))} (or load the file "
                              f"without quantization='gguf' to de-quantize it)")
         rows = int(tensor.shape[-1]) if len(tensor.shape) > 1 else 1
-        block_elems, block_bytes = gguf.GGML_QUANT_SIZES[tensor.tensor_type]
+        block_bytes = gguf.GGML_QUANT_SIZES[tensor.tensor_type][1]
         blocks = np.asarray(tensor.data).reshape(rows, -1, block_bytes)
         quantized = UNPACKERS[kind](blocks)
         yield hf_name, _reorder_rows(quantized, processor, tensor.name)

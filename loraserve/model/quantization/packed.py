@@ -34,7 +34,7 @@ def to_quantized(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, bit
                  g_idx: torch.Tensor | None, group_size: int) -> QuantizedTensor:
     """q [out, in] unsigned, zeros / scales [out, groups]; g_idx [in] the group of each input feature (act
     order), None when feature k is in group k // group_size."""
-    rows, cols = q.shape
+    cols = q.shape[1]
     perm = None
     if g_idx is not None and not torch.equal(g_idx.long(), torch.arange(cols) // group_size):
         perm = torch.argsort(g_idx.long(), stable=True)
