@@ -53,9 +53,12 @@ def test_kernel_matches_dequantized_linear(bits, group, offsets, half, tokens):
     x = torch.randn(tokens, 256).bfloat16()
     bias = torch.randn(200).bfloat16()
     got = QuantizedMatmul([weight])(x, bias)
-    want = F.linear(x.float(), weight.dequantize(torch.bfloat16).float(), bias.float())
-    # the kernel holds the same bf16 weights and sums in float; only the output's bf16 rounding differs
-    torch.testing.assert_close(got.float(), want, rtol=2 ** -8, atol=1e-2)
+    exact = weight.dequantize(torch.float32)
+    want = F.linear(x.float(), exact, bias.float())
+    # few tokens: float weights, float sums; more: the weights rounded once to bf16 (as a bf16 copy of the
+    # de-quantized weight holds them, at most 2^-9 relative each), float sums; the output rounded to bf16
+    bound = 2 ** -9 * (x.float().abs() @ exact.abs().T) + 2 ** -8 * want.abs() + 1e-3
+    assert bool(((got.float() - want).abs() <= bound).all()), ((got.float() - want).abs() / bound).max()
 
 
 def test_act_order_permutation_and_unstackable_parts():
@@ -125,5 +128,7 @@ def test_gguf_blocks_match_gguf_dequantize(kind):
     got = UNPACKERS[kind](raw.reshape(rows, -1, block_bytes))
     assert np.array_equal(got.dequantize().numpy(), want)  # the same numbers, bit for bit
     x = torch.randn(3, cols).bfloat16()
-    torch.testing.assert_close(QuantizedMatmul([got])(x).float(),
-                               x.float() @ torch.from_numpy(want).bfloat16().float().T, rtol=2 ** -8, atol=2e-2)
+    exact = torch.from_numpy(want)
+    out = x.float() @ exact.T
+    bound = 2 ** -9 * (x.float().abs() @ exact.abs().T) + 2 ** -8 * out.abs() + 1e-3
+    assert bool(((QuantizedMatmul([got])(x).float() - out).abs() <= bound).all())

@@ -19,7 +19,7 @@ namespace {
 
 using namespace loraserve_simd;
 
-constexpr int64_t kTileRows = 16;
+constexpr int64_t kTileRows = 32;
 
 template <typename S>
 inline float scalar(S v) {
@@ -59,13 +59,152 @@ void dequantize_row(const Weight& w, const S* scales, const S* offsets, int64_t 
   }
 }
 
+// 16 rows of 16 32-bit words (bf16 pairs), rows `stride` words apart, written transposed into `out` (16 words
+// per output row, `out_stride` apart): out[j][i] = in[i][j].
+inline void transpose16(const uint32_t* in, int64_t stride, uint32_t* out, int64_t out_stride) {
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(in + i * stride);
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  // r[4i + c], 128-bit lane L: rows 4i..4i+3 of column 4L + c
+  for (int i = 0; i < 2; ++i)
+    for (int c = 0; c < 4; ++c) {
+      t[8 * i + c] = _mm512_shuffle_i32x4(r[8 * i + c], r[8 * i + 4 + c], 0x88);
+      t[8 * i + 4 + c] = _mm512_shuffle_i32x4(r[8 * i + c], r[8 * i + 4 + c], 0xDD);
+    }
+  // t[8i + c]: lanes rows 8i..8i+3 / 8i+4..8i+7 of columns c, 8 + c; t[8i + 4 + c] the same of 4 + c, 12 + c
+  for (int c = 0; c < 4; ++c) {
+    _mm512_storeu_si512(out + c * out_stride, _mm512_shuffle_i32x4(t[c], t[8 + c], 0x88));
+    _mm512_storeu_si512(out + (c + 8) * out_stride, _mm512_shuffle_i32x4(t[c], t[8 + c], 0xDD));
+    _mm512_storeu_si512(out + (c + 4) * out_stride, _mm512_shuffle_i32x4(t[4 + c], t[12 + c], 0x88));
+    _mm512_storeu_si512(out + (c + 12) * out_stride, _mm512_shuffle_i32x4(t[4 + c], t[12 + c], 0xDD));
+  }
+}
+
+// y[t, 0:32] for T tokens against a tile in pair-interleaved (VNNI) form, b[p * 32 + n] holding features
+// 2p, 2p + 1 of row n: every dpbf16 multiplies a broadcast pair of x by 16 rows, 2 x T accumulators.
+template <int T>
+inline void tile_tokens(const uint32_t* x, int64_t ldx, const uint32_t* b, int64_t pairs, int64_t rows,
+                        const at::BFloat16* bias, at::BFloat16* y, int64_t ldy) {
+  __m512 acc[T][2];
+  for (int t = 0; t < T; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + p * 32), b1 = (__m512bh)_mm512_loadu_si512(b + p * 32 + 16);
+    _Pragma("GCC unroll 12") for (int t = 0; t < T; ++t) {
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[t * ldx + p]));
+      acc[t][0] = _mm512_dpbf16_ps(acc[t][0], xv, b0);
+      acc[t][1] = _mm512_dpbf16_ps(acc[t][1], xv, b1);
+    }
+  }
+  const __mmask16 m0 = static_cast<__mmask16>((1u << std::min<int64_t>(rows, 16)) - 1);
+  const __mmask16 m1 = static_cast<__mmask16>((1u << std::clamp<int64_t>(rows - 16, 0, 16)) - 1);
+  __m512 bias0 = _mm512_setzero_ps(), bias1 = _mm512_setzero_ps();
+  if (bias != nullptr) bias0 = load_bf16_masked(bias, m0), bias1 = load_bf16_masked(bias + 16, m1);
+  for (int t = 0; t < T; ++t) {
+    _mm256_mask_storeu_epi16(y + t * ldy, m0, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[t][0], bias0)));
+    _mm256_mask_storeu_epi16(y + t * ldy + 16, m1, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[t][1], bias1)));
+  }
+}
+
+constexpr int kTokens = 12;  // tokens per register block: 24 accumulators, 2 tile vectors, 1 broadcast
+
+template <int T = kTokens>
+inline void tile_tail(int tokens, const uint32_t* x, int64_t ldx, const uint32_t* b, int64_t pairs, int64_t rows,
+                      const at::BFloat16* bias, at::BFloat16* y, int64_t ldy) {
+  if constexpr (T > 0) {
+    if (tokens == T) return tile_tokens<T>(x, ldx, b, pairs, rows, bias, y, ldy);
+    return tile_tail<T - 1>(tokens, x, ldx, b, pairs, rows, bias, y, ldy);
+  }
+}
+
+// Few tokens (decode of a handful of sequences): no tile. Each row's values are widened to float and multiplied
+// straight into float copies of x, the group's scale applied once to its partial sum and the offsets through
+// per-group sums of x (w = q·s + o, so x·w = s·Σ q·x + o·Σ x); 16 rows at a time end in one transpose-add.
+template <typename S, bool kOffset, int T>
+void matmul_rows(const at::BFloat16* x, const Weight& w, const S* scales, const S* offsets,
+                 const at::BFloat16* bias, at::BFloat16* y) {
+  const int64_t groups = w.k / w.group, blocks = (w.n + 15) / 16;
+  std::vector<float> xf(T * w.k), xsum(T * groups, 0.f);
+  for (int t = 0; t < T; ++t)
+    for (int64_t i = 0; i < w.k; ++i) {
+      xf[t * w.k + i] = static_cast<float>(x[t * w.k + i]);
+      xsum[t * groups + i / w.group] += xf[t * w.k + i];
+    }
+#pragma omp parallel for schedule(static)
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    __m512 totals[T][16];
+    float offset_sums[T][16] = {};
+    for (int r = 0; r < 16; ++r) {
+      const int64_t row = std::min(blk * 16 + r, w.n - 1);
+      const S* srow = scales + row * groups;
+      __m512 total[T], part[T];
+      for (int t = 0; t < T; ++t) total[t] = part[t] = _mm512_setzero_ps();
+      auto half = [&](__m512 q, int64_t feature) {
+        for (int t = 0; t < T; ++t) part[t] = _mm512_fmadd_ps(q, _mm512_loadu_ps(&xf[t * w.k + feature]), part[t]);
+        if ((feature + 16) % w.group == 0) {
+          const __m512 scale = _mm512_set1_ps(scalar(srow[feature / w.group]));
+          for (int t = 0; t < T; ++t) total[t] = _mm512_fmadd_ps(part[t], scale, total[t]), part[t] = _mm512_setzero_ps();
+        }
+      };
+      for (int64_t c = 0; c < w.k; c += 32) {
+        if (w.bits == 4) {
+          const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.data + (row * w.k + c) / 2));
+          const __m512i v = _mm512_cvtepu8_epi32(bytes);
+          half(_mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0xF))), c);
+          half(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), c + 16);
+        } else {
+          const int8_t* q = reinterpret_cast<const int8_t*>(w.data) + row * w.k + c;
+          half(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)))), c);
+          half(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)))),
+               c + 16);
+        }
+      }
+      for (int t = 0; t < T; ++t) totals[t][r] = total[t];
+      if (kOffset) {
+        const S* orow = offsets + row * groups;
+        for (int t = 0; t < T; ++t)
+          for (int64_t g = 0; g < groups; ++g) offset_sums[t][r] += scalar(orow[g]) * xsum[t * groups + g];
+      }
+    }
+    const int64_t rows = std::min<int64_t>(16, w.n - blk * 16);
+    const __mmask16 mask = static_cast<__mmask16>((1u << rows) - 1);
+    const __m512 bias_v = bias != nullptr ? load_bf16_masked(bias + blk * 16, mask) : _mm512_setzero_ps();
+    for (int t = 0; t < T; ++t) {
+      const __m512 out = _mm512_add_ps(_mm512_add_ps(reduce16(totals[t]), _mm512_loadu_ps(offset_sums[t])), bias_v);
+      _mm256_mask_storeu_epi16(y + t * w.n + blk * 16, mask, (__m256i)_mm512_cvtneps_pbh(out));
+    }
+  }
+}
+
+constexpr int kFewTokens = 4;  // up to this many tokens take matmul_rows
+
+template <typename S, bool kOffset, int T = kFewTokens>
+void matmul_few(int64_t m, const at::BFloat16* x, const Weight& w, const S* scales, const S* offsets,
+                const at::BFloat16* bias, at::BFloat16* y) {
+  if constexpr (T > 0) {
+    if (m == T) return matmul_rows<S, kOffset, T>(x, w, scales, offsets, bias, y);
+    return matmul_few<S, kOffset, T - 1>(m, x, w, scales, offsets, bias, y);
+  }
+}
+
 template <typename S, bool kOffset>
 void matmul_tiles(const at::BFloat16* x, int64_t m, const Weight& w, const S* scales, const S* offsets,
                   const at::BFloat16* bias, at::BFloat16* y) {
-  const int64_t tiles = (w.n + kTileRows - 1) / kTileRows;
+  if (m <= kFewTokens) return matmul_few<S, kOffset>(m, x, w, scales, offsets, bias, y);
+  const int64_t tiles = (w.n + kTileRows - 1) / kTileRows, pairs = w.k / 2;
+  const auto* x32 = reinterpret_cast<const uint32_t*>(x);
 #pragma omp parallel
   {
-    std::vector<at::BFloat16> tile(kTileRows * w.k);
+    std::vector<at::BFloat16> rows_buf(kTileRows * w.k);
+    std::vector<uint32_t> tile(pairs * kTileRows);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t row0 = t * kTileRows, rows = std::min(kTileRows, w.n - row0);
@@ -73,11 +212,17 @@ void matmul_tiles(const at::BFloat16* x, int64_t m, const Weight& w, const S* sc
         prefetch_range(w.data + (row0 + kTileRows) * w.k * w.bits / 8,
                        std::min(kTileRows, w.n - row0 - kTileRows) * w.k * w.bits / 8);
       }
-      for (int64_t r = 0; r < rows; ++r) dequantize_row<S, kOffset>(w, scales, offsets, row0 + r, tile.data() + r * w.k);
-      dot_rows_bf16(x, w.k, tile.data(), w.k, w.k, m, rows, [&](int64_t token, int64_t r, float v) {
-        if (bias != nullptr) v += static_cast<float>(bias[row0 + r]);
-        y[token * w.n + row0 + r] = static_cast<at::BFloat16>(v);
-      });
+      for (int64_t r = 0; r < kTileRows; ++r)  // rows past the end repeat the last one (never stored)
+        dequantize_row<S, kOffset>(w, scales, offsets, row0 + std::min(r, rows - 1), rows_buf.data() + r * w.k);
+      const auto* rows32 = reinterpret_cast<const uint32_t*>(rows_buf.data());
+      for (int64_t half = 0; half < kTileRows; half += 16)
+        for (int64_t p = 0; p < pairs; p += 16)
+          transpose16(rows32 + half * pairs + p, pairs, tile.data() + p * kTileRows + half, kTileRows);
+      const at::BFloat16* tile_bias = bias != nullptr ? bias + row0 : nullptr;
+      for (int64_t t0 = 0; t0 < m; t0 += kTokens) {
+        const int tokens = static_cast<int>(std::min<int64_t>(kTokens, m - t0));
+        tile_tail(tokens, x32 + t0 * pairs, pairs, tile.data(), pairs, rows, tile_bias, y + t0 * w.n + row0, w.n);
+      }
     }
   }
 }
