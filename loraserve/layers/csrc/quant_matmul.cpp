@@ -21,9 +21,12 @@ using namespace loraserve_simd;
 
 constexpr int64_t kTileRows = 32;
 
-template <typename S>
-inline float scalar(S v) {
-  return static_cast<float>(v);
+inline float scalar(float v) {
+  return v;
+}
+
+inline float scalar(at::Half v) {  // the F16C instruction: c10's portable conversion is a dozen integer ops
+  return _cvtsh_ss(v.x);
 }
 
 struct Weight {
@@ -31,31 +34,30 @@ struct Weight {
   int64_t n, k, group, bits;
 };
 
-// Row `row` of W, features [0, k), into `out` as bf16.
+// Features [f, f + 16) of row `row` (f a multiple of 16) as float: in a 32-feature int4 chunk the first 16 are
+// the low nibbles of its 16 bytes, the next 16 the high ones.
+inline __m512 load16(const Weight& w, int64_t row, int64_t f) {
+  if (w.bits == 4) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.data + (row * w.k + (f & ~int64_t(31))) / 2));
+    const __m512i v = _mm512_cvtepu8_epi32(bytes);
+    return _mm512_cvtepi32_ps(f & 16 ? _mm512_srli_epi32(v, 4) : _mm512_and_si512(v, _mm512_set1_epi32(0xF)));
+  }
+  const auto* q = reinterpret_cast<const __m128i*>(w.data + row * w.k + f);
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q)));
+}
+
+// Row `row` of W into `out` as bf16, group by group (no division in the loop: group sizes need not be powers
+// of two).
 template <typename S, bool kOffset>
 void dequantize_row(const Weight& w, const S* scales, const S* offsets, int64_t row, at::BFloat16* out) {
   const int64_t groups = w.k / w.group;
-  const S* srow = scales + row * groups;
-  const S* orow = kOffset ? offsets + row * groups : nullptr;
-  auto affine = [&](__m512 q, int64_t feature) {
-    const int64_t g = feature / w.group;
-    const __m512 s = _mm512_set1_ps(scalar(srow[g]));
-    return kOffset ? _mm512_fmadd_ps(q, s, _mm512_set1_ps(scalar(orow[g]))) : _mm512_mul_ps(q, s);
-  };
-  for (int64_t c = 0; c < w.k; c += 32) {
-    __m512 lo, hi;
-    if (w.bits == 4) {
-      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.data + (row * w.k + c) / 2));
-      const __m512i v = _mm512_cvtepu8_epi32(bytes);
-      lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0xF)));
-      hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
-    } else {
-      const int8_t* q = reinterpret_cast<const int8_t*>(w.data) + row * w.k + c;
-      lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
-      hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16))));
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m512 s = _mm512_set1_ps(scalar(scales[row * groups + g]));
+    const __m512 o = kOffset ? _mm512_set1_ps(scalar(offsets[row * groups + g])) : _mm512_setzero_ps();
+    for (int64_t f = g * w.group; f < (g + 1) * w.group; f += 16) {
+      const __m512 v = kOffset ? _mm512_fmadd_ps(load16(w, row, f), s, o) : _mm512_mul_ps(load16(w, row, f), s);
+      store_bf16(out + f, v);
     }
-    const __m512bh pair = _mm512_cvtne2ps_pbh(affine(hi, c + 16), affine(lo, c));
-    _mm512_storeu_si512(reinterpret_cast<void*>(out + c), (__m512i)pair);
   }
 }
 
@@ -145,27 +147,17 @@ void matmul_rows(const at::BFloat16* x, const Weight& w, const S* scales, const 
     for (int r = 0; r < 16; ++r) {
       const int64_t row = std::min(blk * 16 + r, w.n - 1);
       const S* srow = scales + row * groups;
-      __m512 total[T], part[T];
-      for (int t = 0; t < T; ++t) total[t] = part[t] = _mm512_setzero_ps();
-      auto half = [&](__m512 q, int64_t feature) {
-        for (int t = 0; t < T; ++t) part[t] = _mm512_fmadd_ps(q, _mm512_loadu_ps(&xf[t * w.k + feature]), part[t]);
-        if ((feature + 16) % w.group == 0) {
-          const __m512 scale = _mm512_set1_ps(scalar(srow[feature / w.group]));
-          for (int t = 0; t < T; ++t) total[t] = _mm512_fmadd_ps(part[t], scale, total[t]), part[t] = _mm512_setzero_ps();
+      __m512 total[T];
+      for (int t = 0; t < T; ++t) total[t] = _mm512_setzero_ps();
+      for (int64_t g = 0; g < groups; ++g) {
+        __m512 part[T];
+        for (int t = 0; t < T; ++t) part[t] = _mm512_setzero_ps();
+        for (int64_t f = g * w.group; f < (g + 1) * w.group; f += 16) {
+          const __m512 q = load16(w, row, f);
+          for (int t = 0; t < T; ++t) part[t] = _mm512_fmadd_ps(q, _mm512_loadu_ps(&xf[t * w.k + f]), part[t]);
         }
-      };
-      for (int64_t c = 0; c < w.k; c += 32) {
-        if (w.bits == 4) {
-          const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.data + (row * w.k + c) / 2));
-          const __m512i v = _mm512_cvtepu8_epi32(bytes);
-          half(_mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0xF))), c);
-          half(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), c + 16);
-        } else {
-          const int8_t* q = reinterpret_cast<const int8_t*>(w.data) + row * w.k + c;
-          half(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)))), c);
-          half(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)))),
-               c + 16);
-        }
+        const __m512 scale = _mm512_set1_ps(scalar(srow[g]));
+        for (int t = 0; t < T; ++t) total[t] = _mm512_fmadd_ps(part[t], scale, total[t]);
       }
       for (int t = 0; t < T; ++t) totals[t][r] = total[t];
       if (kOffset) {

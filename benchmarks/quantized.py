@@ -1,0 +1,95 @@
+"""Quantized bases side by side, one run: weight memory, single-stream decode and throughput at 64 in flight,
+without and with 8 mixed LoRA adapters, for each way of holding the default model's weights.
+
+    python benchmarks/quantized.py [--num-prompts 64] [--output-len 128] [--repeats 3]
+
+Rows: bf16 (the GGUF de-quantized, the default); int8 (per-channel, quantized at load); int4 (GPTQ-style
+asymmetric groups of 64 with float16 scale and zero, quantized at load: the layout a GPTQ/AWQ/compressed-tensors
+int4 checkpoint is held in); GGUF Q4_1 (the shipped file kept quantized, Q8_0 embeddings); GGUF Q8_0 (the
+same weights re-quantized to Q8_0 by the gguf package, written next to the run). Memory is the engine's own
+count of the weight bytes it holds (linear layers and all). LoRA: 8 distinct random r16 all-linear adapters,
+requests round-robin over them; "LoRA x" is LoRA throughput over the same base's.
+"""
+from __future__ import annotations
+
+import statistics
+import tempfile
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from lora_overhead import make_adapters, requests_for, run_engine
+from loraserve import LLM
+from loraserve.layers.linear import Linear
+from loraserve.model.loader import _default_gguf, load_tokenizer, resolve_model
+from throughput import make_prompts, single_stream_ms_per_token, workload_parser
+
+
+def requantize_gguf(source: Path, out: Path, kind: str) -> Path:
+    """`source` with every quantized tensor de-quantized and re-quantized to `kind` by the gguf package."""
+    reader = gguf.GGUFReader(str(source))
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(str(out), arch)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        value_type = field.types[0]
+        writer.add_key_value(key, field.contents(), value_type,
+                             sub_type=field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None)
+    qtype = gguf.GGMLQuantizationType[kind]
+    for tensor in reader.tensors:
+        values = gguf.dequantize(tensor.data, tensor.tensor_type)
+        if tensor.tensor_type.name in ("F32", "F16"):
+            writer.add_tensor(tensor.name, np.ascontiguousarray(values))
+        else:
+            shape = tuple(reversed(tensor.shape.tolist()))
+            writer.add_tensor(tensor.name, gguf.quants.quantize(values.reshape(shape), qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+def main() -> None:
+    parser = workload_parser(__doc__)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    folder = resolve_model(None)
+    tokenizer = load_tokenizer(folder)
+    prompts = make_prompts(tokenizer, args.num_prompts, seed=0)
+    tmp = Path(tempfile.mkdtemp(prefix="quantized-bench-"))
+    adapters = make_adapters(folder, tmp, 16, 8, seed=0)
+    q8_0 = requantize_gguf(_default_gguf(), tmp / "SmolLM2-135M-Instruct.Q8_0.gguf", "Q8_0")
+    rows = {
+        "bf16": dict(model=None),
+        "int8 (at load)": dict(model=None, quantization="int8"),
+        "int4 g64 (at load)": dict(model=None, quantization="int4"),
+        "GGUF Q4_1": dict(model=None, quantization="gguf"),
+        "GGUF Q8_0": dict(model=str(q8_0), quantization="gguf"),
+    }
+    print(f"{len(prompts)} prompts x {args.output_len} tokens, dtype bfloat16, median of {args.repeats}; "
+          f"LoRA: 8 mixed r16 all-linear adapters", flush=True)
+    print(f"{'weights':20s} {'MiB all':>8s} {'linears':>8s} {'x bf16':>7s} {'1 stream ms':>11s} {'x bf16':>7s} "
+          f"{'64: tok/s':>9s} {'x bf16':>7s} {'+LoRA tok/s':>11s} {'LoRA x':>7s}")
+    reference: dict[str, float] = {}
+    for name, options in rows.items():
+        llm = LLM(dtype="bfloat16", max_num_seqs=args.num_prompts, enable_lora=True, max_loras=8, **options)
+        model = llm.engine.model
+        linear_bytes = sum(m.nbytes for m in model.modules() if isinstance(m, Linear))
+        latency = statistics.median(single_stream_ms_per_token(llm, prompts[0], args.output_len)
+                                    for _ in range(args.repeats))
+        base, _ = run_engine(llm, prompts, args.output_len, None, args.repeats)
+        loras, _ = requests_for(adapters, args.num_prompts)
+        lora, _ = run_engine(llm, prompts, args.output_len, loras, args.repeats)
+        if not reference:
+            reference = dict(linears=linear_bytes, latency=latency, base=base)
+        print(f"{name:20s} {llm.engine.weight_bytes / 2**20:8.1f} {linear_bytes / 2**20:8.1f} "
+              f"{linear_bytes / reference['linears']:7.2f} {latency:11.2f} {latency / reference['latency']:7.2f} "
+              f"{base:9.1f} {base / reference['base']:7.2f} {lora:11.1f} {lora / base:7.3f}", flush=True)
+        del llm, model
+
+
+if __name__ == "__main__":
+    main()
