@@ -144,11 +144,13 @@ def test_unload_while_streaming_finishes_on_the_old_weights(server, http, files,
 def test_reload_in_place_while_streaming(server, http, files, offline):
     """load_inplace swaps a name to the new files at once for new requests; the running stream finishes
     on the weights it started with."""
+    replacement = make_peft_adapter(files["hf"], files["root"] / "replacement", seed=99, **ADAPTERS["a2"])
+    new = offline_texts(offline, lora("new", str(replacement), 92), "new", PROMPTS[:1], temperature=0,
+                        max_tokens=10, ignore_eos=True)[0]
+    # all the slow work is done before the stream starts: the swap below must happen while it runs
     folder, stream, old = serve_copy(http, offline, files, "a0", "swapped", 91)
     shutil.rmtree(folder)
-    make_peft_adapter(files["hf"], folder, seed=99, **ADAPTERS["a2"])
-    new = offline_texts(offline, lora("new", str(folder), 92), "new", PROMPTS[:1], temperature=0, max_tokens=10,
-                        ignore_eos=True)[0]
+    shutil.copytree(replacement, folder)
     response = http.post("/v1/load_lora_adapter", json={"lora_name": "swapped", "lora_path": str(folder),
                                                         "load_inplace": True})
     assert response.status_code == 200, response.text

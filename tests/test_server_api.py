@@ -409,7 +409,7 @@ def test_64_concurrent_requests_over_4_adapters(app, offline, lora_requests):
     assert asyncio.run(run()) == [expected[job] for job in jobs]
 
 
-def test_metrics(http, client):
+def test_metrics(http, client, offline):
     before = http.get("/metrics").text
     response = client.completions.create(model="a2", prompt="metrics", max_tokens=5, extra_body={"ignore_eos": True})
     after = http.get("/metrics")
@@ -426,6 +426,8 @@ def test_metrics(http, client):
     assert metric(text, "loraserve_lora_slot_cache_events_total", event="eviction") >= 2
     assert metric(text, "loraserve_lora_load_seconds_count") >= 4
     assert "loraserve_num_requests_waiting" in text and "loraserve_kv_cache_usage_perc" in text
+    # the same model loaded offline holds the same weights
+    assert metric(text, "loraserve_model_weight_bytes") == offline.engine.weight_bytes > 0
 
 
 def test_host_cache_counts_one_event_per_adapter_use(http, client):

@@ -229,7 +229,7 @@ class LLMEngine:
             waiting=len({seq.request_id for seq in self.scheduler.waiting}),
             num_blocks=self.blocks.num_blocks, free_blocks=self.blocks.num_free_blocks,
             preemptions=self.scheduler.num_preemptions, prefix_queried_tokens=self.blocks.queried_tokens,
-            prefix_hit_tokens=self.blocks.hit_tokens,
+            prefix_hit_tokens=self.blocks.hit_tokens, weight_bytes=self.weight_bytes,
             lora=self.lora_manager.stats() if self.lora_manager is not None else None)
 
 

@@ -15,4 +15,5 @@ class EngineStats:
     preemptions: int
     prefix_queried_tokens: int  # prompt tokens of admitted sequences looked up in the prefix cache
     prefix_hit_tokens: int  # of those, found there (not recomputed)
+    weight_bytes: int  # model weights held (quantized ones at their quantized size)
     lora: LoRAStats | None  # None when LoRA is disabled

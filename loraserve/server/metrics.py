@@ -33,6 +33,8 @@ class _EngineCollector(Collector):
                                 1 - s.free_blocks / s.num_blocks)
         yield GaugeMetricFamily("loraserve_kv_cache_free_blocks", "Free KV-cache blocks.", s.free_blocks)
         yield GaugeMetricFamily("loraserve_kv_cache_blocks", "KV-cache blocks in all.", s.num_blocks)
+        yield GaugeMetricFamily("loraserve_model_weight_bytes", "Bytes of model weights held (quantized weights "
+                                "at their quantized size).", s.weight_bytes)
         yield CounterMetricFamily("loraserve_num_preemptions", "Sequences preempted for lack of KV blocks.",
                                   s.preemptions)
         yield CounterMetricFamily("loraserve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
