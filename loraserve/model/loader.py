@@ -87,16 +87,10 @@ def local_snapshot(repo_id: str) -> Path:
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
-    """Dequantize `gguf_path` into a float32 Hugging Face folder at `out_dir`, atomically.
-
-    The folder appears complete or not at all (written beside it, then renamed), so a crash never
-    leaves a half-written cache entry and two processes converting at once both end up using one.
-    """
+    """Dequantize `gguf_path` into a float32 Hugging Face folder at `out_dir`, atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    def fill(tmp: Path) -> None:
         src, name = str(gguf_path.parent), gguf_path.name
         model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
         config = model.config
@@ -114,14 +108,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(src, gguf_file=name).save_pretrained(tmp)
-        del model, state
-        for path in (tmp, *tmp.iterdir()):  # mkdtemp made it owner-only; a cache should read like any folder
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        _publish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+
+    return _write_folder(out_dir, fill)
 
 
 def _gguf_metadata(gguf_path: Path) -> Path:
@@ -132,9 +120,7 @@ def _gguf_metadata(gguf_path: Path) -> Path:
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    def fill(tmp: Path) -> None:
         src, name = str(gguf_path.parent), gguf_path.name
         config = AutoConfig.from_pretrained(src, gguf_file=name)
         config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
@@ -142,7 +128,19 @@ def _gguf_metadata(gguf_path: Path) -> Path:
         GenerationConfig.from_model_config(config).save_pretrained(tmp)
         AutoTokenizer.from_pretrained(src, gguf_file=name).save_pretrained(tmp)
         (tmp / GGUF_WEIGHTS).symlink_to(gguf_path)
-        for path in (tmp, *tmp.iterdir()):
+
+    return _write_folder(out_dir, fill)
+
+
+def _write_folder(out_dir: Path, fill) -> Path:
+    """Make `out_dir` with `fill(tmp)`, atomically: the folder appears complete or not at all (written beside
+    it, then renamed), so a crash never leaves a half-written cache entry and two processes writing at once
+    both end up using one."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        fill(tmp)
+        for path in (tmp, *tmp.iterdir()):  # mkdtemp made it owner-only; a cache should read like any folder
             if not path.is_symlink():
                 path.chmod(0o755 if path.is_dir() else 0o644)
         _publish(tmp, out_dir)
