@@ -1,6 +1,6 @@
-"""`loraserve serve` on the default model with the demo adapters (examples/adapters), as `make serve` runs it:
-greedy chat answers through the server, for the base and both adapters in one concurrent burst, equal the
-offline LLM.chat answers. Skipped until the demo adapters have been trained."""
+"""`loraserve serve` on the default model with the demo adapters (examples/adapters), as `make serve` runs it
+(and with `--quantization gguf`): greedy chat answers through the server, for the base and both adapters in one
+concurrent burst, equal the offline LLM.chat answers. Skipped until the demo adapters have been trained."""
 from __future__ import annotations
 
 import asyncio
@@ -21,8 +21,11 @@ pytestmark = pytest.mark.skipif(not all((ADAPTERS / n / "adapter_config.json").i
                                 reason="demo adapters not trained yet (python examples/train_demo_adapters.py)")
 
 
-def test_default_model_with_demo_adapters(default_model_path, tmp_path):
-    llm = LLM(str(default_model_path), **ENGINE, enable_lora=True, max_loras=2)
+@pytest.mark.parametrize("quantization", [None, "gguf"], ids=["dense", "gguf-q4_1"])
+def test_default_model_with_demo_adapters(default_model_path, tmp_path, quantization):
+    """Dense: the converted folder; gguf: the shipped Q4_1 file kept quantized, LoRA on top."""
+    model = str(default_model_path) if quantization is None else None
+    llm = LLM(model, **ENGINE, enable_lora=True, max_loras=2, quantization=quantization)
     jobs = [(model, q) for model in ["base", *NAMES] for q in QUESTIONS]
     loras = {name: LoRARequest(name, i + 1, str(ADAPTERS / name)) for i, name in enumerate(NAMES)}
     expected = [o.outputs[0].text for o in llm.chat(
@@ -34,6 +37,8 @@ def test_default_model_with_demo_adapters(default_model_path, tmp_path):
             *[f"{n}={ADAPTERS / n}" for n in NAMES]]
     for flag, value in ENGINE.items():
         args += [f"--{flag.replace('_', '-')}", str(value)]
+    if quantization is not None:
+        args += ["--quantization", quantization]
     server = ServerProcess(args, tmp_path / "server.log").wait_healthy()  # no MODEL: the default one
     try:
         async def ask() -> list[str]:
