@@ -1,7 +1,12 @@
 """Quantized bases side by side, one run: weight memory, single-stream decode and throughput at 64 in flight,
 without and with 8 mixed LoRA adapters, for each way of holding the default model's weights.
 
-    python benchmarks/quantized.py [--num-prompts 64] [--output-len 128] [--repeats 3]
+    python benchmarks/quantized.py [--num-prompts 64] [--output-len 128] [--repeats 3] [--matmuls-only]
+
+First the matmuls alone, per shape of the default model at 1 and 64 tokens: the bf16 prepacked matmul, PyTorch's
+CPU weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`, int4 groups of 64) and
+loraserve's (layers/csrc/quant_matmul.cpp) on the same int8 / int4 weights, as microseconds per call with the
+weights warm in cache (the engine rows below are the real, cold case).
 
 Rows: bf16 (the GGUF de-quantized, the default); int8 (per-channel, quantized at load); int4 (GPTQ-style
 asymmetric groups of 64 with float16 scale and zero, quantized at load: the layout a GPTQ/AWQ/compressed-tensors
@@ -14,14 +19,18 @@ from __future__ import annotations
 
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import gguf
 import numpy as np
+import torch
 
 from lora_overhead import make_adapters, requests_for, run_engine
 from loraserve import LLM
 from loraserve.layers.linear import Linear
+from loraserve.layers.matmul import MatmulWeight
+from loraserve.layers.quantized import QuantizedMatmul, quantize_int4, quantize_int8
 from loraserve.model.loader import _default_gguf, load_tokenizer, resolve_model
 from throughput import make_prompts, single_stream_ms_per_token, workload_parser
 
@@ -52,10 +61,63 @@ def requantize_gguf(source: Path, out: Path, kind: str) -> Path:
     return out
 
 
+def call_us(fn, repeats: int = 5) -> float:
+    """Median microseconds per call over `repeats` timed loops of about 20 ms each."""
+    fn()
+    start = time.perf_counter()
+    fn()
+    loops = max(1, int(0.02 / max(time.perf_counter() - start, 1e-7)))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(loops):
+            fn()
+        times.append((time.perf_counter() - start) / loops * 1e6)
+    return statistics.median(times)
+
+
+def torch_int4(weight: torch.Tensor, group: int):
+    """PyTorch's CPU int4 kernel on `weight` quantized like quantize_int4 (asymmetric groups)."""
+    q = quantize_int4(weight, group)
+    values = q.values().to(torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1)
+    scales = q.scales.float()  # its layout: w = (q - 8) * scale + zero
+    zeros = q.offsets.float() + 8 * scales
+    scales_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous().bfloat16()
+    return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_zeros)
+
+
+def torch_int8(weight: torch.Tensor):
+    q = quantize_int8(weight)
+    scales = q.scales.reshape(-1).bfloat16()
+    return lambda x: torch.ops.aten._weight_int8pack_mm(x, q.data, scales)
+
+
+def matmul_table() -> None:
+    shapes = {"qkv 960x576": (960, 576), "o 576x576": (576, 576), "gate_up 3072x576": (3072, 576),
+              "down 576x1536": (576, 1536), "lm_head 49152x576": (49152, 576)}
+    print(f"{'matmul (us per call)':22s} {'tokens':>6s} {'bf16':>8s} {'torch i8':>9s} {'ours i8':>8s} "
+          f"{'torch i4':>9s} {'ours i4':>8s}")
+    torch.manual_seed(0)
+    for name, (rows, cols) in shapes.items():
+        weight = torch.randn(rows, cols) * 0.02
+        dense = MatmulWeight(weight.bfloat16())
+        ours8, ours4 = QuantizedMatmul([quantize_int8(weight)]), QuantizedMatmul([quantize_int4(weight, 64)])
+        theirs8, theirs4 = torch_int8(weight), torch_int4(weight, 64)
+        for tokens in (1, 64):
+            x = torch.randn(tokens, cols).bfloat16()
+            times = [call_us(lambda f=f, x=x: f(x)) for f in (dense, theirs8, ours8, theirs4, ours4)]
+            print(f"{name:22s} {tokens:6d} " + " ".join(f"{t:8.0f}" for t in times), flush=True)
+
+
 def main() -> None:
     parser = workload_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--matmuls-only", action="store_true")
     args = parser.parse_args()
+    matmul_table()
+    if args.matmuls_only:
+        return
     folder = resolve_model(None)
     tokenizer = load_tokenizer(folder)
     prompts = make_prompts(tokenizer, args.num_prompts, seed=0)

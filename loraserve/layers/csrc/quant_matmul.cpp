@@ -127,9 +127,10 @@ inline void tile_tail(int tokens, const uint32_t* x, int64_t ldx, const uint32_t
   }
 }
 
-// Few tokens (decode of a handful of sequences): no tile. Each row's values are widened to float and multiplied
-// straight into float copies of x, the group's scale applied once to its partial sum and the offsets through
-// per-group sums of x (w = q·s + o, so x·w = s·Σ q·x + o·Σ x); 16 rows at a time end in one transpose-add.
+// Few tokens (decode of a handful of sequences): no tile. Each row's integers meet x directly (int4: looked up
+// as their exact bf16 and dotted with x's bf16 pairs by vdpbf16ps; int8: widened to float, FMA'd into float
+// copies of x), the group's scale applied once to its partial sum and the offsets through per-group sums of x
+// (w = q·s + o, so x·w = s·Σ q·x + o·Σ x); 16 rows at a time end in one transpose-add.
 template <typename S, bool kOffset, int T>
 void matmul_rows(const at::BFloat16* x, const Weight& w, const S* scales, const S* offsets,
                  const at::BFloat16* bias, at::BFloat16* y) {
@@ -140,6 +141,10 @@ void matmul_rows(const at::BFloat16* x, const Weight& w, const S* scales, const 
       xf[t * w.k + i] = static_cast<float>(x[t * w.k + i]);
       xsum[t * groups + i / w.group] += xf[t * w.k + i];
     }
+  const bool nibble_pairs = w.bits == 4 && w.group % 32 == 0;
+  alignas(64) uint16_t lut[32] = {};
+  for (int i = 0; i < 16; ++i) lut[i] = at::BFloat16(static_cast<float>(i)).x;  // 0..15 are exact in bf16
+  const __m512i table = _mm512_load_si512(lut);
 #pragma omp parallel for schedule(static)
   for (int64_t blk = 0; blk < blocks; ++blk) {
     __m512 totals[T][16];
@@ -152,9 +157,21 @@ void matmul_rows(const at::BFloat16* x, const Weight& w, const S* scales, const 
       for (int64_t g = 0; g < groups; ++g) {
         __m512 part[T];
         for (int t = 0; t < T; ++t) part[t] = _mm512_setzero_ps();
-        for (int64_t f = g * w.group; f < (g + 1) * w.group; f += 16) {
-          const __m512 q = load16(w, row, f);
-          for (int t = 0; t < T; ++t) part[t] = _mm512_fmadd_ps(q, _mm512_loadu_ps(&xf[t * w.k + f]), part[t]);
+        if (nibble_pairs) {  // 32 int4 values -> their exact bf16 by table lookup, dotted with x's bf16 pairs
+          for (int64_t f = g * w.group; f < (g + 1) * w.group; f += 32) {
+            const __m256i v = _mm256_cvtepu8_epi16(
+                _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.data + (row * w.k + f) / 2)));
+            const __m512i index = _mm512_inserti64x4(
+                _mm512_castsi256_si512(_mm256_and_si256(v, _mm256_set1_epi16(0xF))), _mm256_srli_epi16(v, 4), 1);
+            const __m512bh q = (__m512bh)_mm512_permutexvar_epi16(index, table);
+            for (int t = 0; t < T; ++t)
+              part[t] = _mm512_dpbf16_ps(part[t], q, (__m512bh)_mm512_loadu_si512(x + t * w.k + f));
+          }
+        } else {
+          for (int64_t f = g * w.group; f < (g + 1) * w.group; f += 16) {
+            const __m512 q = load16(w, row, f);
+            for (int t = 0; t < T; ++t) part[t] = _mm512_fmadd_ps(q, _mm512_loadu_ps(&xf[t * w.k + f]), part[t]);
+          }
         }
         const __m512 scale = _mm512_set1_ps(scalar(srow[g]));
         for (int t = 0; t < T; ++t) total[t] = _mm512_fmadd_ps(part[t], scale, total[t]);
