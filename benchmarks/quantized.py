@@ -13,7 +13,8 @@ asymmetric groups of 64 with float16 scale and zero, quantized at load: the layo
 int4 checkpoint is held in); GGUF Q4_1 (the shipped file kept quantized, Q8_0 embeddings); GGUF Q8_0 (the
 same weights re-quantized to Q8_0 by the gguf package, written next to the run). Memory is the engine's own
 count of the weight bytes it holds (linear layers and all). LoRA: 8 distinct random r16 all-linear adapters,
-requests round-robin over them; "LoRA x" is LoRA throughput over the same base's.
+requests round-robin over them; "LoRA x" is LoRA throughput over the same base's. All five engines are loaded
+at once and measured in turn, round after round, so the VM's drift over minutes falls on every row alike.
 """
 from __future__ import annotations
 
@@ -131,26 +132,32 @@ def main() -> None:
         "GGUF Q4_1": dict(model=None, quantization="gguf"),
         "GGUF Q8_0": dict(model=str(q8_0), quantization="gguf"),
     }
-    print(f"{len(prompts)} prompts x {args.output_len} tokens, dtype bfloat16, median of {args.repeats}; "
-          f"LoRA: 8 mixed r16 all-linear adapters", flush=True)
+    print(f"{len(prompts)} prompts x {args.output_len} tokens, dtype bfloat16; LoRA: 8 mixed r16 all-linear "
+          f"adapters; every engine loaded at once and measured in turn, {args.repeats} rounds (medians)", flush=True)
+    engines = {name: LLM(dtype="bfloat16", max_num_seqs=args.num_prompts, enable_lora=True, max_loras=8,
+                         kv_cache_memory_gb=0.25, **options) for name, options in rows.items()}
+    loras, _ = requests_for(adapters, args.num_prompts)
+    runs: dict[str, dict[str, list[float]]] = {name: {"latency": [], "base": [], "lora": []} for name in rows}
+    for _ in range(args.repeats):  # round-robin, so the VM's drift falls on every row alike
+        for name, llm in engines.items():
+            runs[name]["latency"].append(single_stream_ms_per_token(llm, prompts[0], args.output_len))
+            runs[name]["base"].append(run_engine(llm, prompts, args.output_len, None, 1)[0])
+            runs[name]["lora"].append(run_engine(llm, prompts, args.output_len, loras, 1)[0])
     print(f"{'weights':20s} {'MiB all':>8s} {'linears':>8s} {'x bf16':>7s} {'1 stream ms':>11s} {'x bf16':>7s} "
           f"{'64: tok/s':>9s} {'x bf16':>7s} {'+LoRA tok/s':>11s} {'LoRA x':>7s}")
-    reference: dict[str, float] = {}
-    for name, options in rows.items():
-        llm = LLM(dtype="bfloat16", max_num_seqs=args.num_prompts, enable_lora=True, max_loras=8, **options)
-        model = llm.engine.model
-        linear_bytes = sum(m.nbytes for m in model.modules() if isinstance(m, Linear))
-        latency = statistics.median(single_stream_ms_per_token(llm, prompts[0], args.output_len)
-                                    for _ in range(args.repeats))
-        base, _ = run_engine(llm, prompts, args.output_len, None, args.repeats)
-        loras, _ = requests_for(adapters, args.num_prompts)
-        lora, _ = run_engine(llm, prompts, args.output_len, loras, args.repeats)
-        if not reference:
-            reference = dict(linears=linear_bytes, latency=latency, base=base)
+    first = next(iter(engines))
+    for name, llm in engines.items():
+        linear_bytes = sum(m.nbytes for m in llm.engine.model.modules() if isinstance(m, Linear))
+        reference_bytes = sum(m.nbytes for m in engines[first].engine.model.modules() if isinstance(m, Linear))
+        med = {key: statistics.median(values) for key, values in runs[name].items()}
+        ref = {key: statistics.median(values) for key, values in runs[first].items()}
         print(f"{name:20s} {llm.engine.weight_bytes / 2**20:8.1f} {linear_bytes / 2**20:8.1f} "
-              f"{linear_bytes / reference['linears']:7.2f} {latency:11.2f} {latency / reference['latency']:7.2f} "
-              f"{base:9.1f} {base / reference['base']:7.2f} {lora:11.1f} {lora / base:7.3f}", flush=True)
-        del llm, model
+              f"{linear_bytes / reference_bytes:7.2f} {med['latency']:11.2f} {med['latency'] / ref['latency']:7.2f} "
+              f"{med['base']:9.1f} {med['base'] / ref['base']:7.2f} {med['lora']:11.1f} "
+              f"{med['lora'] / med['base']:7.3f}", flush=True)
+    print("runs (single stream ms | base tok/s | LoRA tok/s):")
+    for name, values in runs.items():
+        print(f"  {name:20s} " + " | ".join(", ".join(f"{v:.1f}" for v in values[key]) for key in values))
 
 
 if __name__ == "__main__":
