@@ -46,6 +46,15 @@ inline __m512 load16(const Weight& w, int64_t row, int64_t f) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q)));
 }
 
+// Up to 16 scales or offsets (float or half) widened to float; lanes past the mask read as zero.
+inline __m512 load16_masked(const float* p, __mmask16 mask) {
+  return _mm512_maskz_loadu_ps(mask, p);
+}
+
+inline __m512 load16_masked(const at::Half* p, __mmask16 mask) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p));
+}
+
 // Row `row` of W into `out` as bf16, group by group (no division in the loop: group sizes need not be powers
 // of two).
 template <typename S, bool kOffset>
@@ -148,12 +157,22 @@ void matmul_rows(const at::BFloat16* x, const Weight& w, const S* scales, const 
 #pragma omp parallel for schedule(static)
   for (int64_t blk = 0; blk < blocks; ++blk) {
     __m512 totals[T][16];
-    float offset_sums[T][16] = {};
+    std::vector<float> row_scales(groups);
     for (int r = 0; r < 16; ++r) {
       const int64_t row = std::min(blk * 16 + r, w.n - 1);
-      const S* srow = scales + row * groups;
       __m512 total[T];
       for (int t = 0; t < T; ++t) total[t] = _mm512_setzero_ps();
+      // the row's scales widened 16 at a time; its offsets meet the per-group sums of x the same way, in lanes
+      // that the final transpose-add sums with the rest
+      for (int64_t g = 0; g < groups; g += 16) {
+        const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, groups - g)) - 1);
+        _mm512_mask_storeu_ps(row_scales.data() + g, mask, load16_masked(scales + row * groups + g, mask));
+        if (kOffset) {
+          const __m512 o = load16_masked(offsets + row * groups + g, mask);
+          for (int t = 0; t < T; ++t)
+            total[t] = _mm512_fmadd_ps(o, _mm512_maskz_loadu_ps(mask, &xsum[t * groups + g]), total[t]);
+        }
+      }
       for (int64_t g = 0; g < groups; ++g) {
         __m512 part[T];
         for (int t = 0; t < T; ++t) part[t] = _mm512_setzero_ps();
@@ -173,21 +192,16 @@ void matmul_rows(const at::BFloat16* x, const Weight& w, const S* scales, const 
             for (int t = 0; t < T; ++t) part[t] = _mm512_fmadd_ps(q, _mm512_loadu_ps(&xf[t * w.k + f]), part[t]);
           }
         }
-        const __m512 scale = _mm512_set1_ps(scalar(srow[g]));
+        const __m512 scale = _mm512_set1_ps(row_scales[g]);
         for (int t = 0; t < T; ++t) total[t] = _mm512_fmadd_ps(part[t], scale, total[t]);
       }
       for (int t = 0; t < T; ++t) totals[t][r] = total[t];
-      if (kOffset) {
-        const S* orow = offsets + row * groups;
-        for (int t = 0; t < T; ++t)
-          for (int64_t g = 0; g < groups; ++g) offset_sums[t][r] += scalar(orow[g]) * xsum[t * groups + g];
-      }
     }
     const int64_t rows = std::min<int64_t>(16, w.n - blk * 16);
     const __mmask16 mask = static_cast<__mmask16>((1u << rows) - 1);
     const __m512 bias_v = bias != nullptr ? load_bf16_masked(bias + blk * 16, mask) : _mm512_setzero_ps();
     for (int t = 0; t < T; ++t) {
-      const __m512 out = _mm512_add_ps(_mm512_add_ps(reduce16(totals[t]), _mm512_loadu_ps(offset_sums[t])), bias_v);
+      const __m512 out = _mm512_add_ps(reduce16(totals[t]), bias_v);
       _mm256_mask_storeu_epi16(y + t * w.n + blk * 16, mask, (__m256i)_mm512_cvtneps_pbh(out));
     }
   }
