@@ -213,3 +213,17 @@ def test_unknown_architecture_is_refused_naming_the_supported_ones(tiny, tmp_pat
     for supported in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                       "GemmaForCausalLM", "Phi3ForCausalLM"):
         assert supported in str(error.value)
+
+
+@pytest.mark.parametrize("model_type, arch", [("baichuan", "BaichuanForCausalLM"), ("chatglm", "ChatGLMModel")])
+def test_remote_code_models_are_refused_naming_the_supported_ones(tmp_path, model_type, arch):
+    """Baichuan and the original ChatGLM exist only as checkpoint code (auto_map); no transformers class."""
+    folder = tmp_path / model_type
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": model_type, "architectures": [arch],
+        "auto_map": {"AutoConfig": f"configuration_{model_type}.Config",
+                     "AutoModelForCausalLM": f"modeling_{model_type}.{arch}"}}))
+    with pytest.raises(ValueError, match=f"{arch} needs the modelling code that ships with its checkpoint") as error:
+        LLM(str(folder), **ENGINE_ARGS)
+    assert "loraserve runs no checkpoint code" in str(error.value) and "LlamaForCausalLM" in str(error.value)

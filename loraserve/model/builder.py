@@ -1,6 +1,7 @@
 """config.json + checkpoint folder -> a CausalLM of our own with the weights loaded."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -8,10 +9,20 @@ from transformers import AutoConfig, PretrainedConfig
 
 from loraserve.model.llama import CausalLM
 from loraserve.model.quantization import ON_THE_FLY, checkpoint_weights
-from loraserve.model.registry import decoder_spec
+from loraserve.model.registry import ARCHITECTURES, decoder_spec
 
 
 def load_hf_config(folder: Path) -> PretrainedConfig:
+    """The folder's config. A model whose modelling code ships with the checkpoint (config.json's auto_map:
+    Baichuan, the original ChatGLM...) is refused before transformers asks for trust_remote_code: loraserve
+    runs no checkpoint code, and that code could not be fetched here anyway."""
+    raw = json.loads((Path(folder) / "config.json").read_text())
+    archs = raw.get("architectures") or []
+    if raw.get("auto_map") and not any(arch in ARCHITECTURES for arch in archs):
+        name = ", ".join(archs) or raw.get("model_type", "this model")
+        raise ValueError(f"{name} needs the modelling code that ships with its checkpoint (auto_map / "
+                         f"trust_remote_code); loraserve runs no checkpoint code. Supported architectures: "
+                         f"{', '.join(ARCHITECTURES)}")
     return AutoConfig.from_pretrained(folder)
 
 
