@@ -49,7 +49,7 @@ class LLMEngine:
         self.model_path = resolve_model(config.model, keep_gguf=config.quantization == "gguf")
         self.model_name = config.model or DEFAULT_MODEL_NAME
         hf_config = load_hf_config(self.model_path)
-        self.quantization = resolve_quantization(self.model_path, config.quantization)
+        self.quantization = resolve_quantization(self.model_path, hf_config, config.quantization)
         self.tokenizer = load_tokenizer(self.model_path)
         self.max_model_len = max_model_len(decoder_spec(hf_config), config.max_model_len)
         self.model = build_model(self.model_path, hf_config, self.dtype, self.device, self.max_model_len,

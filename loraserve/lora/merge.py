@@ -22,14 +22,6 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
                  "pytorch_model.bin.index.json")
 
 
-def target_spec(folder: Path, model_name: str) -> LoRATargetSpec:
-    """The model's adaptable modules, from its architecture alone (built on the meta device: no memory)."""
-    config = load_hf_config(folder)
-    with torch.device("meta"):
-        model = CausalLM(decoder_spec(config), config, max_positions=1)
-    return LoRATargetSpec.of_linears(model.linear_modules(), model_name)
-
-
 def merge_adapter(model: str | None, adapter_path: str, out_dir: str | Path, dequantize: bool = False) -> Path:
     """Write `model` with the adapter merged into `out_dir` (config, tokenizer, one safetensors file).
     The sum is computed in float32 and stored in each tensor's original dtype. A quantized base (GPTQ, AWQ,
@@ -40,19 +32,20 @@ def merge_adapter(model: str | None, adapter_path: str, out_dir: str | Path, deq
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; choose a new output folder")
-    scheme = resolve_quantization(folder, None)
+    config = load_hf_config(folder)
+    scheme = resolve_quantization(folder, config, None)
     if scheme is not None and not dequantize:
         raise ValueError(f"{folder} is a {scheme} checkpoint: a LoRA adapter cannot be merged into quantized weights "
                          f"without re-quantizing it away. Serve it with the adapter instead (LoRA runs on top of "
                          f"the quantized base), or pass --dequantize to write a de-quantized float model with the "
                          f"adapter merged")
-    config = load_hf_config(folder)
     float_dtype = _float_dtype(config)
-    spec = target_spec(folder, str(model or folder))
+    with torch.device("meta"):  # the architecture alone: its adaptable modules and checkpoint names, no memory
+        skeleton = CausalLM(decoder_spec(config), config, max_positions=1)
+    spec = LoRATargetSpec.of_linears(skeleton.linear_modules(), str(model or folder))
     adapter = load_adapter(LoRARequest("merge", 1, adapter_path), spec, max_lora_rank=2**16, dtype=torch.float32)
     merged = {}
-    names = _checkpoint_names(folder)
-    for name, tensor in checkpoint_weights(folder, config, scheme, names):
+    for name, tensor in checkpoint_weights(folder, config, scheme, skeleton.checkpoint_names()):
         if isinstance(tensor, QuantizedTensor):
             tensor = tensor.dequantize(torch.float32).to(float_dtype)
         module = name.removesuffix(".weight")
@@ -81,8 +74,3 @@ def _float_dtype(config) -> torch.dtype:
         dtype = getattr(torch, dtype, None)
     return dtype if isinstance(dtype, torch.dtype) else torch.float16
 
-
-def _checkpoint_names(folder: Path) -> set[str]:
-    config = load_hf_config(folder)
-    with torch.device("meta"):
-        return CausalLM(decoder_spec(config), config, max_positions=1).checkpoint_names()

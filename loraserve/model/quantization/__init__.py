@@ -6,7 +6,6 @@ model computes with the weights quantized and adds LoRA on top in the LoRA dtype
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -21,17 +20,18 @@ ON_THE_FLY = ("int8", "int4")
 METHODS = (*CHECKPOINT_SCHEMES, "gguf", *ON_THE_FLY)
 
 
-def quantization_config(folder: Path) -> dict | None:
-    config = json.loads((Path(folder) / "config.json").read_text())
-    return config.get("quantization_config")
+def quantization_config(config: PretrainedConfig) -> dict | None:
+    """config.json's quantization_config (transformers keeps it as the dict it read)."""
+    return getattr(config, "quantization_config", None)
 
 
-def resolve_quantization(folder: Path, requested: str | None) -> str | None:
-    """The scheme to load `folder` with: the checkpoint's own, or `requested` (int8 / int4) for a float one.
-    Raises ValueError naming the scheme when it is unsupported or contradicts `requested`."""
+def resolve_quantization(folder: Path, config: PretrainedConfig, requested: str | None) -> str | None:
+    """The scheme to load `folder` (whose config is `config`) with: the checkpoint's own, or `requested`
+    (int8 / int4) for a float one. Raises ValueError naming the scheme when it is unsupported or contradicts
+    `requested`."""
     if (Path(folder) / GGUF_WEIGHTS).exists():
         return "gguf"
-    qconfig = quantization_config(folder)
+    qconfig = quantization_config(config)
     if qconfig is None:
         if requested in CHECKPOINT_SCHEMES:
             raise ValueError(f"quantization={requested!r}, but {folder} has no quantization_config: it is not a "
@@ -56,5 +56,5 @@ def checkpoint_weights(folder: Path, config: PretrainedConfig, method: str | Non
     if method == "gguf":
         return gguf_weights(Path(folder) / GGUF_WEIGHTS, config, names)
     if method in CHECKPOINT_SCHEMES:
-        return CHECKPOINT_SCHEMES[method].weights(iter_weights(folder), quantization_config(folder))
+        return CHECKPOINT_SCHEMES[method].weights(iter_weights(folder), quantization_config(config))
     return iter_weights(folder)
