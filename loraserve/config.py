@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-# Kept here, not imported from model/, so configs stay pure; tests/test_quantization.py checks they agree.
+# Kept here, not imported from model/, so configs stay pure; tests/test_quantized_layers.py checks they agree.
 QUANTIZATION_METHODS = ("gptq", "awq", "compressed-tensors", "gguf", "int8", "int4")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

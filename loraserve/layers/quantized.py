@@ -11,10 +11,11 @@ which is the exact (q - z)·s). Scales and offsets are kept as float16 where tha
 GPTQ's scales are float16 to begin with), else float32. Act-order checkpoints (GPTQ desc_act) are stored
 with their input features sorted by group; `input_perm` says which input feature each column is.
 
-The matmul de-quantizes on the fly: on a CPU with AVX512-BF16 a C++ kernel (csrc/quant_matmul.cpp) turns a
-tile of rows into bf16 in L1 and dots every token against it; anywhere else (other devices, float32, float16)
-the weight is de-quantized to the activation dtype and handed to F.linear, the reference the kernel is tested
-against. LoRA is never merged into these weights: Linear adds it on top in the LoRA dtype.
+The matmul de-quantizes on the fly: on a CPU with AVX512-BF16 a C++ kernel (csrc/quant_matmul.cpp) multiplies
+a few tokens' activations straight into each row's integers, or, for more tokens, turns a tile of rows into
+bf16 in cache and runs every token against it; anywhere else (other devices, float32, float16) the weight is
+de-quantized to the activation dtype and handed to F.linear, the reference the kernel is tested against.
+LoRA is never merged into these weights: Linear adds it on top in the LoRA dtype.
 """
 from __future__ import annotations
 
@@ -47,9 +48,7 @@ class QuantizedTensor:
         unsigned values below 128); scales / offsets [rows, cols // group_size]. Int4 values are packed two to
         a byte when cols is a multiple of 32, else kept one to a byte."""
         rows, cols = q.shape
-        if cols % group_size or scales.shape != (rows, cols // group_size):
-            raise ValueError(f"quantized weight {rows}x{cols}: scales {tuple(scales.shape)} do not fit groups of "
-                             f"{group_size}")
+        _check_groups(rows, cols, scales, group_size)
         q = q.to(torch.int16)
         four_bit = not signed and int(q.min()) >= 0 and int(q.max()) <= 15
         if four_bit and cols % CHUNK == 0:
@@ -68,9 +67,7 @@ class QuantizedTensor:
                          group_size: int) -> QuantizedTensor:
         """Int4 already in this layout (uint8 [rows, cols // 2]; GGUF's Q4_0 / Q4_1 bytes are)."""
         rows, cols = data.shape[0], data.shape[1] * 2
-        if cols % group_size or scales.shape != (rows, cols // group_size):
-            raise ValueError(f"int4 weight {rows}x{cols}: scales {tuple(scales.shape)} do not fit groups of "
-                             f"{group_size}")
+        _check_groups(rows, cols, scales, group_size)
         scales, offsets = _narrow(scales, offsets)
         return cls(4, data.to(torch.uint8).contiguous(), scales, offsets, group_size, cols)
 
@@ -133,6 +130,12 @@ class QuantizedTensor:
         cat = lambda ts: torch.cat([t.float() if wide else t for t in ts])  # noqa: E731
         return replace(first, data=torch.cat([p.data for p in parts]), scales=cat([p.scales for p in parts]),
                        offsets=None if first.offsets is None else cat([p.offsets for p in parts]))
+
+
+def _check_groups(rows: int, cols: int, scales: torch.Tensor, group_size: int) -> None:
+    if cols % group_size or scales.shape != (rows, cols // group_size):
+        raise ValueError(f"quantized weight {rows}x{cols}: scales {tuple(scales.shape)} do not fit groups of "
+                         f"{group_size}")
 
 
 def _narrow(scales: torch.Tensor, offsets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
