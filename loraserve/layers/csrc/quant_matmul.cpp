@@ -1,11 +1,13 @@
 // y = x · Wᵀ (+ bias) with W held quantized: int4 or int8 values, a scale per group of `group` input features
 // and optionally an offset, w[n, k] = q[n, k] · scale[n, k / group] + offset[n, k / group] (CPU, bf16).
 //
-// Torch's own int4/int8 weight-only kernels are GEMV-shaped: fast for one token, ~10x slower than the bf16
-// matmul at 64 (docs/benchmarks.md). Here each work item de-quantizes a tile of kTileRows weight rows into a
-// bf16 buffer that stays in L1 (exactly the values a bf16 copy of the de-quantized weight would hold: the
-// float value rounded once) and dots every token against it with vdpbf16ps, so the de-quantizing is paid
-// once per weight per call and the arithmetic is the bf16 matmul's. Memory traffic is the quantized bytes.
+// Torch's own int4/int8 weight-only kernels are GEMV-shaped: fast for one token, 2-3x slower than this one at
+// 64 (docs/benchmarks.md). Two paths, both reading only the quantized bytes:
+//   up to kFewTokens tokens (matmul_rows): each row's integers meet x directly, no de-quantized copy;
+//   more (matmul_tiles): each work item de-quantizes kTileRows rows into bf16 in cache (exactly the values a
+//   bf16 copy of the de-quantized weight would hold: the float value rounded once), interleaves them into
+//   feature pairs and runs blocks of kTokens tokens against them with vdpbf16ps, so the de-quantizing is paid
+//   once per weight per call and the arithmetic is the bf16 matmul's.
 //
 // Layouts (layers/quantized.py packs them): int4 holds two values per byte, in chunks of 32 features where
 // byte i of a chunk holds feature i (low nibble) and feature i + 16 (high nibble), unsigned 0..15 (GGUF's
@@ -154,10 +156,12 @@ void matmul_rows(const at::BFloat16* x, const Weight& w, const S* scales, const 
   alignas(64) uint16_t lut[32] = {};
   for (int i = 0; i < 16; ++i) lut[i] = at::BFloat16(static_cast<float>(i)).x;  // 0..15 are exact in bf16
   const __m512i table = _mm512_load_si512(lut);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel
+  {
+  std::vector<float> row_scales(groups);  // one per thread, refilled per row
+#pragma omp for schedule(static)
   for (int64_t blk = 0; blk < blocks; ++blk) {
     __m512 totals[T][16];
-    std::vector<float> row_scales(groups);
     for (int r = 0; r < 16; ++r) {
       const int64_t row = std::min(blk * 16 + r, w.n - 1);
       __m512 total[T];
@@ -204,6 +208,7 @@ void matmul_rows(const at::BFloat16* x, const Weight& w, const S* scales, const 
       const __m512 out = _mm512_add_ps(reduce16(totals[t]), bias_v);
       _mm256_mask_storeu_epi16(y + t * w.n + blk * 16, mask, (__m256i)_mm512_cvtneps_pbh(out));
     }
+  }
   }
 }
 
@@ -273,7 +278,8 @@ torch::Tensor quant_matmul(torch::Tensor x, torch::Tensor data, int64_t bits, in
   auto y = torch::empty({m, n}, x.options());
   const Weight w{reinterpret_cast<const uint8_t*>(data.data_ptr()), n, k, group, bits};
   const auto* xp = x.data_ptr<at::BFloat16>();
-  const auto* bp = has_bias ? bias->contiguous().data_ptr<at::BFloat16>() : nullptr;
+  const torch::Tensor bias_c = has_bias ? bias->contiguous() : torch::Tensor();  // kept alive for the call
+  const auto* bp = has_bias ? bias_c.data_ptr<at::BFloat16>() : nullptr;
   auto* yp = y.data_ptr<at::BFloat16>();
   auto run = [&](auto* s, auto* o) {
     using S = std::remove_const_t<std::remove_pointer_t<decltype(s)>>;
