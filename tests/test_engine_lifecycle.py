@@ -123,18 +123,15 @@ def test_max_n_is_an_engine_option(model_path):
 
 
 def test_context_length_is_decided_once_from_the_spec(tmp_path):
-    """Qwen2 carries a sliding_window that applies only with use_sliding_window; Mistral's always does."""
-    qwen = make_tiny_model("qwen2", tmp_path / "qwen")
-    config = json.loads((qwen / "config.json").read_text())
-    (qwen / "config.json").write_text(json.dumps(config | {"sliding_window": 64, "use_sliding_window": False}))
-    assert LLM(str(qwen), dtype="float32", max_model_len=256, num_kv_blocks=80).engine.max_model_len == 256
+    """A sliding window does not limit the served context (attention honours it, tests/test_models.py checks
+    the tokens past it); the model's max_position_embeddings does."""
     mistral = make_tiny_model("mistral", tmp_path / "mistral")
     config = json.loads((mistral / "config.json").read_text())
     (mistral / "config.json").write_text(json.dumps(config | {"sliding_window": 64}))
-    with pytest.raises(ValueError, match="max_model_len=256 exceeds the model's limit of 64 tokens "
-                                         r"\(its sliding window is 64\)"):
-        LLM(str(mistral), dtype="float32", max_model_len=256)
-    assert LLM(str(mistral), dtype="float32", num_kv_blocks=20).engine.max_model_len == 64
+    assert LLM(str(mistral), dtype="float32", max_model_len=256, num_kv_blocks=80).engine.max_model_len == 256
+    with pytest.raises(ValueError, match="max_model_len=1024 exceeds the model's limit of 512 tokens"):
+        LLM(str(mistral), dtype="float32", max_model_len=1024)
+    assert LLM(str(mistral), dtype="float32", num_kv_blocks=140).engine.max_model_len == 512
 
 
 def test_building_a_config_does_not_measure_the_machine():

@@ -12,6 +12,8 @@ PEFT running that adapter alone:
 """
 from __future__ import annotations
 
+import copy
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +36,19 @@ PROMPT = "LoRA adapters share one base"
 BASE = "base"
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
-# Phi-3 checkpoints store q/k/v and gate/up packed; PEFT adapts the packed modules there.
+# CASES name Llama's modules; each architecture's own names for them (several may be one packed module: PEFT
+# adapts the module the checkpoint has). Keys are regex fragments, so rank/alpha pattern keys map too.
 PACKED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
           "up_proj": "gate_up_proj"}
+GATE_UP = {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+BIGCODE = {"q_proj": "c_attn", "k_proj": "c_attn", "v_proj": "c_attn", "o_proj": "c_proj", "gate_proj": "c_fc",
+           "up_proj": "c_fc", "down_proj": "c_proj", r"layers\.": r"h\."}
+MODULE_NAMES = {"phi3": PACKED, "glm": GATE_UP, "glm4": GATE_UP, "gpt_bigcode": BIGCODE, "gpt_bigcode_mha": BIGCODE}
+# MoE models: the routed experts' gate/up/down are fused tensors, adapted through PEFT's target_parameters;
+# Mixtral and Qwen3-MoE have no other MLP modules, Qwen2-MoE keeps a shared expert and a dense layer.
+EXPERT_TENSORS = {"gate_proj": "experts.gate_up_proj", "up_proj": "experts.gate_up_proj",
+                  "down_proj": "experts.down_proj"}
+MOE = {"mixtral": False, "qwen3_moe": False, "qwen2_moe": True}  # arch -> keeps MLP target_modules
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,8 @@ CASES = {
                           alpha_pattern={"v_proj": 40, "up_proj": 3})),
     "layers": Case(dict(r=8, lora_alpha=16, target_modules=ATTENTION + MLP, layers_to_transform=[1])),
     "subset": Case(dict(r=8, lora_alpha=16, target_modules=["k_proj", "up_proj", "down_proj"])),
+    # MLP only: on Mixtral / Qwen3-MoE nothing but the routed experts (target_parameters, no target_modules)
+    "mlp-only": Case(dict(r=8, lora_alpha=16, target_modules=MLP)),
     "bin": Case(dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]),
                 safe_serialization=False),
 }
@@ -85,15 +99,30 @@ class Served:
     prompt_len: int
 
 
-def lora_kwargs(case: Case, packed: bool) -> dict:
-    if not packed:
-        return case.lora
+def _rename(text: str, names: dict[str, str]) -> str:
+    for old, new in names.items():
+        text = re.sub(rf"(?<![a-z_]){old}", new, text)
+    return text
+
+
+def lora_kwargs(case: Case, arch: str | None) -> dict:
+    """The case's LoraConfig arguments in `arch`'s module names (expert MLP names -> target_parameters)."""
     kwargs = dict(case.lora)
-    if isinstance(kwargs["target_modules"], list):
-        kwargs["target_modules"] = list(dict.fromkeys(PACKED.get(m, m) for m in kwargs["target_modules"]))
+    names = MODULE_NAMES.get(arch, {})
+    targets = kwargs["target_modules"]
+    if arch in MOE and isinstance(targets, list):
+        kwargs["target_parameters"] = list(dict.fromkeys(EXPERT_TENSORS[m] for m in targets if m in EXPERT_TENSORS))
+        targets = [m for m in targets if MOE[arch] or m not in EXPERT_TENSORS]
+    if isinstance(targets, list):
+        targets = list(dict.fromkeys(_rename(m, names) for m in targets))
+    kwargs["target_modules"] = targets
     for key in ("rank_pattern", "alpha_pattern"):
         if key in kwargs:
-            kwargs[key] = {PACKED.get(k, k): v for k, v in kwargs[key].items()}
+            patterns = {_rename(k, names): v for k, v in kwargs[key].items()}
+            if arch in MOE:  # the same pattern for the expert tensor standing in for an MLP module
+                patterns |= {_rename(k, {m: re.escape(t) for m, t in EXPERT_TENSORS.items()}): v
+                             for k, v in kwargs[key].items() if any(m in k for m in EXPERT_TENSORS)}
+            kwargs[key] = patterns
     return kwargs
 
 
@@ -133,7 +162,7 @@ def engine_logits(llm: LLM, token_ids: dict[str, list[int]], loras: dict[str, Lo
 
 
 def serve(path: Path, cases: dict[str, Case], adapters_dir: Path,
-          reference: Callable[[LLM], nn.Module] | None = None, **engine_kwargs) -> Served:
+          reference: Callable[[LLM], nn.Module] | None = None, arch: str | None = None, **engine_kwargs) -> Served:
     """Serve base + every case from one engine in one mixed batch; PEFT runs each alone for reference, on
     transformers' load of `path` or on `reference(llm)` (e.g. a quantized model's de-quantized weights)."""
     llm = LLM(str(path), dtype="float32", enable_lora=True, max_loras=len(cases), **engine_kwargs)
@@ -141,22 +170,19 @@ def serve(path: Path, cases: dict[str, Case], adapters_dir: Path,
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     else:
         hf = reference(llm)
-    packed = any(name.endswith("qkv_proj") for name, _ in hf.named_modules())
     eos = llm.engine.eos_token_ids
     prompt_ids = llm.get_tokenizer().encode(PROMPT)
     references = {BASE: peft_reference(hf, prompt_ids, eos)}  # before PEFT wraps (and changes) hf
     loras = {}
     for lora_id, (name, case) in enumerate(cases.items(), start=1):
         folder = make_peft_adapter(hf, adapters_dir / name, seed=lora_id,
-                                   safe_serialization=case.safe_serialization, **lora_kwargs(case, packed))
+                                   safe_serialization=case.safe_serialization, **lora_kwargs(case, arch))
         loras[name] = LoRARequest(name, lora_id, str(folder))
     names = list(cases)
-    peft_model = PeftModel.from_pretrained(hf, loras[names[0]].lora_path, adapter_name=names[0]).eval()
-    for name in names[1:]:
-        peft_model.load_adapter(loras[name].lora_path, adapter_name=name)
-    for name in names:
-        peft_model.set_adapter(name)
+    for name in names:  # each alone on its own copy: PEFT holds one set of target_parameters per model
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(hf), loras[name].lora_path).eval()
         references[name] = peft_reference(peft_model, prompt_ids, eos)
+        del peft_model
 
     rows = [BASE, *names]
     params = SamplingParams(temperature=0, max_tokens=STEPS, min_tokens=STEPS, logprobs=2)
@@ -199,7 +225,8 @@ def assert_matches_peft(served: Served, row: str) -> None:
 def tiny_served(request, tmp_path_factory) -> Served:
     folder = tmp_path_factory.mktemp(request.param)
     path = make_sharp_tiny_model(request.param, folder / "model")
-    return serve(path, CASES, folder, max_model_len=128, num_kv_blocks=160, block_size=4, max_lora_rank=64)
+    return serve(path, CASES, folder, arch=request.param, max_model_len=128, num_kv_blocks=160, block_size=4,
+                 max_lora_rank=64)
 
 
 @pytest.fixture(scope="module")

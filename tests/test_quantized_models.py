@@ -97,7 +97,7 @@ def on_the_fly_served(request, tmp_path_factory):
     arch, method = request.param
     folder = tmp_path_factory.mktemp(f"{arch}-{method}")
     path = make_sharp_tiny_model(arch, folder / "model")
-    return serve(path, CASES, folder, reference=engine_dequantized(path), quantization=method, **ENGINE)
+    return serve(path, CASES, folder, reference=engine_dequantized(path), arch=arch, quantization=method, **ENGINE)
 
 
 @pytest.mark.parametrize("row", [BASE, *CASES])

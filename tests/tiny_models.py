@@ -41,6 +41,30 @@ ARCHITECTURES: dict[str, tuple[str, str, dict]] = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32)),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(head_dim=16, num_key_value_heads=1)),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(pad_token_id=0, original_max_position_embeddings=512)),
+    # sliding window 8 on layer 0 (every prompt outgrows it), soft-capped scores and logits, query scaling
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=24,
+        attn_logit_softcapping=20.0, final_logit_softcapping=15.0, tie_word_embeddings=False)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(tie_word_embeddings=False,
+        head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=24,
+        rope_parameters={"sliding_attention": dict(rope_type="default", rope_theta=10000.0),
+                         "full_attention": dict(rope_type="linear", rope_theta=1000000.0, factor=4.0)})),
+    "glm": ("GlmConfig", "GlmForCausalLM", dict(head_dim=16, partial_rotary_factor=0.5)),
+    "glm4": ("Glm4Config", "Glm4ForCausalLM", dict(head_dim=32, partial_rotary_factor=0.5, attention_bias=True)),
+    "mistral_window": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=12)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2,
+                                                            sliding_window=None)),
+    # layer 1 keeps a dense MLP; a shared expert beside 4 routed ones, top-2 probabilities not renormalised
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, shared_expert_intermediate_size=80,
+        norm_topk_prob=False, mlp_only_layers=[1])),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True)),
+    "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", dict(
+        n_embd=64, n_layer=2, n_head=4, n_positions=512, n_inner=128, multi_query=True)),
+    "gpt_bigcode_mha": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", dict(
+        n_embd=64, n_layer=2, n_head=4, n_positions=512, n_inner=128, multi_query=False,
+        activation_function="gelu")),
 }
 
 
@@ -70,7 +94,7 @@ def make_sharp_tiny_model(arch: str, out_dir: Path, seed: int = 0, factor: float
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     with torch.no_grad():
         for param in model.parameters():
-            if param.dim() == 2:
+            if param.dim() >= 2:  # matrices, and the fused [experts, out, in] stacks of MoE models
                 param.mul_(factor)
     model.save_pretrained(path)
     return path

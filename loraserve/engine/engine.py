@@ -70,7 +70,7 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
         self.lora_manager = None
         if config.enable_lora:
-            self.lora_manager = LoRAManager(self.model.linear_modules(), config.lora, lora_dtype, self.model_name)
+            self.lora_manager = LoRAManager(self.model, config.lora, lora_dtype, self.model_name)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         logger.info("model %s: %d layers, dtype %s, weights %s (%.1f MiB), max_model_len %d, %d KV blocks of %d "

@@ -6,7 +6,7 @@ import torch
 from loraserve.engine.scheduler import ScheduledSeq
 from loraserve.layers.forward_batch import AttentionMetadata, ForwardBatch, LoRABatch, PrefillSpan
 from loraserve.layers.sampler import Sampler, SamplerOutput, SamplingBatch
-from loraserve.model.llama import CausalLM
+from loraserve.model.causal_lm import CausalLM
 
 
 class ModelRunner:
@@ -14,7 +14,7 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.eos_token_ids = eos_token_ids
-        self.device = model.model.embed_tokens.weight.device
+        self.device = model.device
         self.sampler = Sampler()
 
     def run(self, scheduled: list[ScheduledSeq],

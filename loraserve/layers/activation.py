@@ -36,3 +36,15 @@ class GatedActivation:
             return kernel.gated_activation(gate_up, self.fused)
         gate, up = gate_up.chunk(2, dim=-1)
         return self.act(gate) * up
+
+
+class Activation:
+    """A plain (ungated) activation by its Hugging Face config name (GPT-BigCode's MLP)."""
+
+    def __init__(self, name: str) -> None:
+        if name not in _ACTIVATIONS:
+            raise ValueError(f"unsupported activation {name!r}; supported: {', '.join(_ACTIVATIONS)}")
+        self.act = _ACTIVATIONS[name]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x)

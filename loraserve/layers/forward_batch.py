@@ -42,6 +42,12 @@ class AttentionMetadata:
         positions = torch.arange(width, device=self.decode_context_lens.device)
         return (positions[None, :] < self.decode_context_lens[:, None])[:, None, None, :]
 
+    def decode_window_mask(self, window: int) -> torch.Tensor:
+        """decode_mask's shape, True for the last `window` positions of each sequence (the token itself included)."""
+        width = self.decode_block_tables.shape[1] * self.block_size
+        positions = torch.arange(width, device=self.decode_context_lens.device)
+        return (positions[None, :] >= self.decode_context_lens[:, None] - window)[:, None, None, :]
+
 
 @dataclass(frozen=True)
 class LoRASegment:
@@ -72,6 +78,7 @@ class LoRABatch:
     segments: list[LoRASegment]  # prefill chunks
     decode_runs: list[LoRASegment]  # runs of decode tokens
     device: torch.device
+    num_tokens: int  # of the flat batch
 
     # Past this a run is a real matmul that BLAS does faster than the kernel's register tiles.
     KERNEL_MAX_RUN = 256
@@ -92,7 +99,24 @@ class LoRABatch:
                 start = i
         if not segments and not decode_runs:
             return None
-        return cls(segments, decode_runs, device)
+        return cls(segments, decode_runs, device, len(token_slots))
+
+    @cached_property
+    def slots_present(self) -> list[int]:
+        return sorted({run.slot for run in self.segments + self.decode_runs})
+
+    @property
+    def num_slots(self) -> int:
+        """One past the highest slot used: slots index [0, num_slots)."""
+        return self.slots_present[-1] + 1
+
+    @cached_property
+    def token_slots(self) -> torch.Tensor:
+        """[num_tokens] int64, each token's slot (-1: no adapter), for layers that regroup tokens (experts)."""
+        slots = torch.full((self.num_tokens,), -1, dtype=torch.long)
+        for run in self.segments + self.decode_runs:
+            slots[run.start:run.end] = run.slot
+        return slots.to(self.device)
 
     @cached_property
     def kernel_runs(self) -> torch.Tensor | None:

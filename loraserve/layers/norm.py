@@ -3,6 +3,7 @@ that precedes it in every decoder layer."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from loraserve.layers.cpu_kernels import cpu_kernel, fused_ops_module
@@ -40,3 +41,21 @@ class RMSNorm(nn.Module):
         if self.offset:
             return (h * (1.0 + self.weight.float())).to(dtype)
         return self.weight * h.to(dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with weight and bias (GPT-BigCode), alone or fused with the residual add before it, as
+    RMSNorm offers."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(dim), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        residual = residual + x
+        return self(residual), residual

@@ -6,16 +6,21 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from loraserve.layers.attention import write_kv
 from loraserve.layers.cpu_kernels import cpu_kernel, fused_ops_module
 
 # RoPE variants whose frequencies do not depend on the running sequence length, so one table serves all.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
-def rope_inverse_frequencies(config: PretrainedConfig, head_dim: int) -> tuple[torch.Tensor, float]:
+def rope_inverse_frequencies(config: PretrainedConfig, head_dim: int,
+                             layer_type: str | None = None) -> tuple[torch.Tensor, float]:
     """inv_freq and the cos/sin scale, computed by transformers' own RoPE initialisers so every scaling
-    scheme (Llama-3, YaRN, linear) gives exactly the reference frequencies."""
+    scheme (Llama-3, YaRN, linear) gives exactly the reference frequencies. `layer_type`: the entry of a
+    per-layer-type rope_parameters (Gemma 3's sliding / full layers)."""
     params = getattr(config, "rope_parameters", None) or {}
+    if layer_type is not None:
+        params = params[layer_type]
     rope_type = params.get("rope_type", "default")
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(f"RoPE type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
@@ -23,16 +28,18 @@ def rope_inverse_frequencies(config: PretrainedConfig, head_dim: int) -> tuple[t
         dim = int(head_dim * params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)))
         base = params["rope_theta"]
         return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)), 1.0
-    return ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+    extra = {} if layer_type is None else {"layer_type": layer_type}
+    return ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"), **extra)
 
 
 class RotaryEmbedding(nn.Module):
     """Holds cos/sin for every position up to max_positions; `lookup` gathers them once per step for all
-    layers."""
+    layers that share it."""
 
-    def __init__(self, config: PretrainedConfig, head_dim: int, max_positions: int) -> None:
+    def __init__(self, config: PretrainedConfig, head_dim: int, max_positions: int,
+                 layer_type: str | None = None) -> None:
         super().__init__()
-        inv_freq, scale = rope_inverse_frequencies(config, head_dim)
+        inv_freq, scale = rope_inverse_frequencies(config, head_dim, layer_type)
         self.rotary_dim = inv_freq.numel() * 2
         freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -44,27 +51,30 @@ class RotaryEmbedding(nn.Module):
         return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]; rotates the first rotary_dim features."""
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """x: [T, heads, head_dim]; rotates the first rotary_dim features, as two halves or (`interleaved`, GLM)
+    as neighbouring pairs (0,1), (2,3)..."""
     rot = cos.shape[-1]
     if rot < x.shape[-1]:
-        return torch.cat((apply_rotary(x[..., :rot], cos, sin), x[..., rot:]), dim=-1)
+        return torch.cat((apply_rotary(x[..., :rot], cos, sin, interleaved), x[..., rot:]), dim=-1)
     half = rot // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    if interleaved:
+        cos, sin = cos[..., :half].repeat_interleave(2, dim=-1), sin[..., :half].repeat_interleave(2, dim=-1)
+        rotated = torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+    else:
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
 
 
 def rotate_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                     interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary on q [T, H, D] and k [T, KVH, D], then k and v written to the paged caches at `slot_mapping`;
-    returns the rotated q and k. One fused pass on CPU (q and k rotated in place)."""
+    returns the rotated q and k. One fused pass on CPU (q and k rotated in place) for the two-halves layout."""
     kernel = cpu_kernel(fused_ops_module, q)
-    if kernel is not None and cos.dtype == q.dtype:
+    if kernel is not None and cos.dtype == q.dtype and not interleaved:
         kernel.rotary_kv_write(q, k, v, cos[:, 0], sin[:, 0], k_cache, v_cache, slot_mapping)
         return q, k
-    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    num_kv_heads, head_dim = k.shape[1:]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+    q, k = apply_rotary(q, cos, sin, interleaved), apply_rotary(k, cos, sin, interleaved)
+    write_kv(k, v, k_cache, v_cache, slot_mapping)
     return q, k

@@ -38,12 +38,15 @@ __all__ = ["AdapterNotFoundError", "LoRAAdapter", "LoRAError", "LoRAModuleWeight
 SAFETENSORS_FILE = "adapter_model.safetensors"
 BIN_FILE = "adapter_model.bin"
 _PEFT_PREFIX = "base_model.model."  # PeftModel wraps the transformers model twice
+_BASE_LAYER = ".base_layer"  # a second target_parameters wrapper nests the first: experts.base_layer.lora_A
 
 
 @dataclass
 class LoRAModuleWeights:
-    lora_a: torch.Tensor  # [r, in]
-    lora_b: torch.Tensor  # [out, r], ALREADY multiplied by the module's scaling
+    """A module's factors; for a fused expert tensor one pair per expert, stacked on a leading dimension."""
+
+    lora_a: torch.Tensor  # [r, in] ([experts, r, in])
+    lora_b: torch.Tensor  # [out, r] ([experts, out, r]), ALREADY multiplied by the module's scaling
     rank: int
 
 
@@ -103,7 +106,13 @@ def load_adapter(request: LoRARequest, spec: LoRATargetSpec, max_lora_rank: int,
     weights_bytes, tensors = _read_weights(folder, name)
     modules = {}
     for module, (lora_a, lora_b) in _pair_tensors(tensors, name).items():
-        _check_module(module, lora_a, lora_b, config, spec, name)
+        if module.removesuffix(_BASE_LAYER) + ".gate_up_proj" in spec.parameters:  # PEFT's (nested) ParamWrapper
+            module, lora_a, lora_b = _expert_factors(module.removesuffix(_BASE_LAYER), lora_a, lora_b, config, spec,
+                                                     name)
+            if module in modules:
+                raise LoRAError(f"adapter {name!r} holds two LoRA pairs for {module!r}; re-save the adapter")
+        else:
+            _check_module(module, lora_a, lora_b, config, spec, name)
         scaled_b = lora_b.to(torch.float32) * config.scaling(module)
         modules[module] = LoRAModuleWeights(
             lora_a=lora_a.to(dtype).contiguous(), lora_b=scaled_b.to(dtype).contiguous(), rank=config.rank(module)
@@ -225,6 +234,35 @@ def _split_key(key: str, name: str) -> tuple[str, str]:
     )
 
 
+def _expert_factors(experts: str, lora_a: torch.Tensor, lora_b: torch.Tensor, config: AdapterConfig,
+                    spec: LoRATargetSpec, name: str) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """PEFT's LoRA on a fused expert tensor [experts, out, in] (target_parameters): lora_A [experts·r, in]
+    holds expert e's A in rows e·r..(e+1)·r, lora_B [out, r·experts] its B in columns e, e+experts, ... The
+    tensor is told by the factors' shapes (nested wrappers name only the module). Returns the tensor's name
+    and A [experts, r, in], B [experts, out, r]."""
+    candidates = [p for p in spec.parameters if p.rsplit(".", 1)[0] == experts]
+    for tensor in candidates:
+        num_experts, in_features, out_features = spec.parameters[tensor]
+        if (lora_a.ndim == lora_b.ndim == 2 and lora_a.shape[1] == in_features and lora_b.shape[0] == out_features
+                and lora_a.shape[0] == lora_b.shape[1] and lora_a.shape[0] % num_experts == 0):
+            break
+    else:
+        shapes = ", ".join(f"{p.rsplit('.', 1)[-1]} {spec.parameters[p]}" for p in candidates)
+        raise LoRAError(f"adapter {name!r}: LoRA factors {tuple(lora_a.shape)} / {tuple(lora_b.shape)} for {experts!r} "
+                        f"fit none of its tensors (experts, in, out): {shapes}; the adapter was likely trained for "
+                        f"another base model (base_model_name_or_path={config.base_model_name!r})")
+    if not config.selects_parameter(tensor):
+        raise LoRAError(f"adapter {name!r} has LoRA weights for {tensor!r}, which its {CONFIG_FILE} does not target "
+                        f"(target_parameters={config.target_parameters!r}); the config and the weights do not belong "
+                        f"together")
+    rank = lora_a.shape[0] // num_experts
+    if rank != config.rank(tensor):
+        raise LoRAError(f"adapter {name!r}, {tensor!r}: its factors have rank {rank} per expert, its "
+                        f"{CONFIG_FILE} says r={config.rank(tensor)} (r / rank_pattern); re-save the adapter")
+    return (tensor, lora_a.reshape(num_experts, rank, in_features),
+            lora_b.reshape(out_features, rank, num_experts).permute(2, 0, 1))
+
+
 def _check_module(module: str, lora_a: torch.Tensor, lora_b: torch.Tensor, config: AdapterConfig,
                   spec: LoRATargetSpec, name: str) -> None:
     trained_for = (
@@ -236,10 +274,11 @@ def _check_module(module: str, lora_a: torch.Tensor, lora_b: torch.Tensor, confi
             f"adapter {name!r} has LoRA weights for module {module!r}, which model {spec.model_name!r} does not have "
             f"(its adaptable modules are: {spec.leaf_names()}); {trained_for}"
         )
-    if not config.selects(module):
+    if not config.adapts(module):
         raise LoRAError(
             f"adapter {name!r} has LoRA weights for module {module!r}, which its {CONFIG_FILE} does not target "
-            f"(target_modules={config.target_modules!r}); the config and the weights do not belong together"
+            f"(target_modules={config.target_modules!r}, target_parameters={config.target_parameters!r}); the "
+            f"config and the weights do not belong together"
         )
     in_features, out_features = spec.modules[module]
     rank = config.rank(module)

@@ -12,11 +12,11 @@ from dataclasses import dataclass, replace
 import torch
 
 from loraserve.config import LoRAConfig
-from loraserve.layers.linear import Linear
 from loraserve.lora.adapter import LoRAAdapter, LoRATargetSpec, load_adapter
 from loraserve.lora.host_cache import HostCache, HostCacheStats
 from loraserve.lora.slots import AdapterSlots, SlotStats
 from loraserve.lora_request import LoRARequest
+from loraserve.model.causal_lm import CausalLM
 
 
 @dataclass
@@ -28,14 +28,14 @@ class LoRAStats:
 
 
 class LoRAManager:
-    def __init__(self, linears: dict[str, tuple[Linear, str]], config: LoRAConfig, dtype: torch.dtype,
-                 model_name: str) -> None:
-        """`linears`: checkpoint module name -> (packed Linear, part), as CausalLM.linear_modules gives."""
+    def __init__(self, model: CausalLM, config: LoRAConfig, dtype: torch.dtype, model_name: str) -> None:
+        """Adapters for `model`'s linear modules and fused expert tensors."""
         self.config = config
-        self.spec = LoRATargetSpec.of_linears(linears, model_name)
+        self.spec = LoRATargetSpec.of_model(model, model_name)
         self.host = HostCache(lambda request, folder: load_adapter(request, self.spec, config.max_lora_rank, dtype,
                                                                    folder), config.max_cpu_loras)
-        self.slots = AdapterSlots(linears, config.max_loras, config.max_lora_rank, dtype)
+        self.slots = AdapterSlots(model.linear_modules(), model.expert_tensors(), config.max_loras,
+                                  config.max_lora_rank, dtype)
 
     def acquire(self, request: LoRARequest) -> LoRAAdapter:
         """The request's adapter in host memory, pinned until `release` (reads the disk if it is cold)."""

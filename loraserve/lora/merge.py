@@ -12,11 +12,9 @@ from safetensors.torch import save_file
 from loraserve.layers.quantized import QuantizedTensor
 from loraserve.lora.adapter import LoRATargetSpec, load_adapter
 from loraserve.lora_request import LoRARequest
-from loraserve.model.builder import load_hf_config
-from loraserve.model.llama import CausalLM
+from loraserve.model.builder import load_hf_config, model_skeleton
 from loraserve.model.loader import resolve_model
 from loraserve.model.quantization import checkpoint_weights, resolve_quantization
-from loraserve.model.registry import decoder_spec
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
@@ -41,9 +39,14 @@ def merge_adapter(model: str | None, adapter_path: str, out_dir: str | Path, deq
                          f"adapter merged")
     float_dtype = _float_dtype(config)
     with torch.device("meta"):  # the architecture alone: its adaptable modules and checkpoint names, no memory
-        skeleton = CausalLM(decoder_spec(config), config, max_positions=1)
-    spec = LoRATargetSpec.of_linears(skeleton.linear_modules(), str(model or folder))
+        skeleton = model_skeleton(config, max_positions=1)
+    spec = LoRATargetSpec.of_model(skeleton, str(model or folder))
     adapter = load_adapter(LoRARequest("merge", 1, adapter_path), spec, max_lora_rank=2**16, dtype=torch.float32)
+    experts = [module for module in adapter.modules if module in spec.parameters]
+    if experts:
+        raise ValueError(f"adapter {adapter_path!r} adapts routed experts ({experts[0]!r}...), which merge does "
+                         f"not fold into per-expert checkpoint tensors; serve it with the adapter instead "
+                         f"(expert LoRA is served exactly)")
     merged = {}
     for name, tensor in checkpoint_weights(folder, config, scheme, skeleton.checkpoint_names()):
         if isinstance(tensor, QuantizedTensor):

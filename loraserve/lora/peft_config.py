@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from loraserve.errors import LoRAError
@@ -17,7 +17,6 @@ EMBEDDING_LEAVES = ("embed_tokens", "lm_head")
 UNSUPPORTED_OPTIONS = {
     "use_dora": "DoRA",
     "lora_bias": "a trained bias on lora_B",
-    "target_parameters": "LoRA on raw parameters",
     "layer_replication": "layer replication",
     "trainable_token_indices": "trainable token embeddings",
     "alora_invocation_tokens": "Activated LoRA (aLoRA)",
@@ -34,12 +33,17 @@ class LoRATargetSpec:
 
     modules: dict[str, tuple[int, int]]  # "model.layers.0.self_attn.q_proj" -> (in_features, out_features)
     model_name: str  # for messages ("adapter trained for X, this server runs Y")
+    # fused expert tensors PEFT's target_parameters adapt: "model.layers.0.mlp.experts.gate_up_proj" ->
+    # (experts, in_features, out_features)
+    parameters: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
     @classmethod
-    def of_linears(cls, linears: dict[str, tuple[Any, str]], model_name: str) -> LoRATargetSpec:
-        """From CausalLM.linear_modules(): module name -> (packed Linear, part)."""
-        return cls({name: (linear.in_features, linear.parts[part]) for name, (linear, part) in linears.items()},
-                   model_name)
+    def of_model(cls, model: Any, model_name: str) -> LoRATargetSpec:
+        """From a CausalLM: its linear_modules() and expert_tensors()."""
+        modules = {name: (linear.in_features, linear.parts[part])
+                   for name, (linear, part) in model.linear_modules().items()}
+        parameters = {name: experts.shapes()[tensor] for name, (experts, tensor) in model.expert_tensors().items()}
+        return cls(modules, model_name, parameters)
 
     def leaf_names(self) -> str:
         """The distinct last name parts ("q_proj, v_proj, ..."), what users write in target_modules."""
@@ -60,6 +64,16 @@ class AdapterConfig:
     rank_pattern: dict[str, int]
     alpha_pattern: dict[str, float]
     base_model_name: str | None
+    target_parameters: list[str] = field(default_factory=list)  # fused expert tensors (PEFT ParamWrapper)
+
+    def selects_parameter(self, name: str) -> bool:
+        """PEFT's rule for target_parameters: the full tensor name equals an entry or ends with it after a dot."""
+        return _name_matches(self.target_parameters, name)
+
+    def adapts(self, module: str) -> bool:
+        """A linear module is adapted through target_modules, or through target_parameters naming its weight
+        (PEFT's all-linear reaches a MoE router that way: gate.weight)."""
+        return self.selects(module) or self.selects_parameter(f"{module}.weight")
 
     def selects(self, module: str) -> bool:
         if self.exclude_modules is not None and _name_matches(self.exclude_modules, module):
@@ -75,12 +89,18 @@ class AdapterConfig:
         layer = _layer_index(module, self.layers_pattern)
         return layer is not None and layer in self.layers_to_transform
 
+    def _pattern_key(self, module: str) -> str:
+        """The name PEFT matches rank/alpha patterns against: the tensor's for one adapted via target_parameters."""
+        if not self.selects(module) and self.selects_parameter(f"{module}.weight"):
+            return f"{module}.weight"
+        return module
+
     def rank(self, module: str) -> int:
-        return _pattern_value(self.rank_pattern, module, self.r)
+        return _pattern_value(self.rank_pattern, self._pattern_key(module), self.r)
 
     def scaling(self, module: str) -> float:
         rank = self.rank(module)
-        alpha = _pattern_value(self.alpha_pattern, module, self.lora_alpha)
+        alpha = _pattern_value(self.alpha_pattern, self._pattern_key(module), self.lora_alpha)
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 
 
@@ -121,6 +141,11 @@ def parse_config(raw: dict[str, Any], spec: LoRATargetSpec, name: str) -> Adapte
         raise bad("alpha_pattern", "alpha_pattern must map module patterns to numbers")
 
     targets = raw.get("target_modules")
+    parameters = raw.get("target_parameters") or []
+    if not _is_str_list(parameters):
+        raise bad("target_parameters", "target_parameters must be a list of parameter names")
+    if targets is None and parameters:
+        targets = []
     if not (isinstance(targets, str) or _is_str_list(targets)):
         raise bad("target_modules", "target_modules must be a list of module names or a regex string")
     exclude = raw.get("exclude_modules")
@@ -148,6 +173,7 @@ def parse_config(raw: dict[str, Any], spec: LoRATargetSpec, name: str) -> Adapte
         r=r, lora_alpha=alpha, use_rslora=bool(raw.get("use_rslora", False)), target_modules=targets,
         exclude_modules=exclude, layers_to_transform=layers or None, layers_pattern=patterns or None,
         rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, base_model_name=base if isinstance(base, str) else None,
+        target_parameters=parameters,
     )
 
 
@@ -170,7 +196,17 @@ def selected_modules(config: AdapterConfig, spec: LoRATargetSpec, name: str) -> 
                 f"target_modules entry {entry!r} of adapter {name!r} matches no module of model {spec.model_name!r}; "
                 f"its adaptable modules are: {spec.leaf_names()}"
             )
-    selected = [module for module in spec.modules if config.selects(module)]
+    for entry in config.target_parameters:
+        tensors = [*spec.parameters, *(f"{module}.weight" for module in spec.modules)]
+        if not any(_name_matches([entry], p) for p in tensors):
+            have = ", ".join(sorted({p.rsplit(".", 2)[-2] + "." + p.rsplit(".", 1)[-1] for p in spec.parameters}))
+            raise LoRAError(
+                f"target_parameters entry {entry!r} of adapter {name!r} matches no tensor of model "
+                f"{spec.model_name!r}; " + (f"its adaptable expert tensors are: {have}" if have else
+                   "it has no routed experts, so only target_modules apply to it")
+            )
+    selected = [module for module in spec.modules if config.adapts(module)]
+    selected += [p for p in spec.parameters if config.selects_parameter(p)]
     if not selected:
         raise LoRAError(
             f"adapter {name!r} selects no module of model {spec.model_name!r} (target_modules="

@@ -11,6 +11,7 @@ import torch
 
 from loraserve.layers.linear import Linear
 from loraserve.layers.lora_ops import SlotLayout
+from loraserve.layers.moe import ExpertSlots, FusedExperts
 from loraserve.lora.adapter import LoRAAdapter
 
 
@@ -22,13 +23,19 @@ class SlotStats:
 
 
 class AdapterSlots:
-    def __init__(self, linears: dict[str, tuple[Linear, str]], num_slots: int, max_rank: int,
-                 dtype: torch.dtype) -> None:
-        """`linears`: checkpoint module name -> (packed Linear, part), as CausalLM.linear_modules gives."""
+    def __init__(self, linears: dict[str, tuple[Linear, str]], experts: dict[str, tuple[FusedExperts, str]],
+                 num_slots: int, max_rank: int, dtype: torch.dtype) -> None:
+        """`linears`: checkpoint module name -> (packed Linear, part), as CausalLM.linear_modules gives;
+        `experts`: fused expert tensor name -> (FusedExperts, tensor), as CausalLM.expert_tensors gives."""
         self.linears = linears
         distinct = dict.fromkeys(linear for linear, _ in linears.values())
         self.layouts: dict[Linear, SlotLayout] = {
             linear: linear.enable_lora(num_slots, max_rank, dtype) for linear in distinct}
+        self.expert_slots: dict[str, ExpertSlots] = {}
+        for module in dict.fromkeys(module for module, _ in experts.values()):
+            module.enable_lora(num_slots, max_rank, dtype)
+        for name, (module, tensor) in experts.items():
+            self.expert_slots[name] = module.lora[tensor]
         self.owner: list[str | None] = [None] * num_slots  # content hash per slot
         self._lru: OrderedDict[str, int] = OrderedDict()  # content hash -> slot, least recently used first
         self.stats = SlotStats()
@@ -77,14 +84,18 @@ class AdapterSlots:
     def _fill(self, slot: int, adapter: LoRAAdapter) -> None:
         parts: dict[Linear, dict[str, tuple[torch.Tensor, torch.Tensor]]] = defaultdict(dict)
         for module, weights in adapter.modules.items():
-            linear, part = self.linears[module]
-            parts[linear][part] = (weights.lora_a, weights.lora_b)
+            if module in self.linears:
+                linear, part = self.linears[module]
+                parts[linear][part] = (weights.lora_a, weights.lora_b)
         for linear, layout in self.layouts.items():
             layout.fill(slot, parts.get(linear, {}))
+        for name, expert_slots in self.expert_slots.items():
+            weights = adapter.modules.get(name)
+            expert_slots.fill(slot, None if weights is None else (weights.lora_a, weights.lora_b))
         self.owner[slot] = adapter.content_hash
         self.stats.loads += 1
 
     def _clear(self, slot: int) -> None:
-        for layout in self.layouts.values():
+        for layout in [*self.layouts.values(), *self.expert_slots.values()]:
             layout.clear(slot)
         self.owner[slot] = None

@@ -7,9 +7,13 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from loraserve.model.llama import CausalLM
+from loraserve.model.causal_lm import CausalLM
+from loraserve.model.gpt_bigcode import GPTBigCodeForCausalLM
+from loraserve.model.llama import DecoderForCausalLM
 from loraserve.model.quantization import ON_THE_FLY, checkpoint_weights
 from loraserve.model.registry import ARCHITECTURES, decoder_spec
+
+FAMILIES: dict[str, type[CausalLM]] = {"decoder": DecoderForCausalLM, "gpt_bigcode": GPTBigCodeForCausalLM}
 
 
 def load_hf_config(folder: Path) -> PretrainedConfig:
@@ -26,14 +30,19 @@ def load_hf_config(folder: Path) -> PretrainedConfig:
     return AutoConfig.from_pretrained(folder)
 
 
+def model_skeleton(config: PretrainedConfig, max_positions: int) -> CausalLM:
+    """Our model for the config's architecture, its parameters uninitialised (on the current device)."""
+    spec = decoder_spec(config)
+    return FAMILIES[spec.family](spec, config, max_positions)
+
+
 def build_model(folder: Path, config: PretrainedConfig, dtype: torch.dtype, device: torch.device,
                 max_positions: int, quantization: str | None = None) -> CausalLM:
     """Allocate on the target device, load the checkpoint (quantized tensors stay quantized; int8 / int4
     quantize the float linears from their checkpoint values), cast the other parameters once (the rotary
     tables are buffers and stay float32). `quantization` is resolve_quantization's answer."""
-    spec = decoder_spec(config)
     with torch.device(device):
-        model = CausalLM(spec, config, max_positions)
+        model = model_skeleton(config, max_positions)
     model.load_weights(checkpoint_weights(folder, config, quantization, model.checkpoint_names()))
     if quantization in ON_THE_FLY:
         model.quantize_linears(quantization)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from transformers import PretrainedConfig
 
@@ -29,20 +29,46 @@ class DecoderSpec:
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
     norm_offset: bool = False  # Gemma: norms multiply by (1 + w)
     embed_scale: float | None = None  # Gemma: embeddings times sqrt(hidden_size)
-    packed_checkpoint: bool = False  # Phi-3: checkpoint stores qkv_proj and gate_up_proj already packed
-    sliding_window: int | None = None  # tokens each position attends to, when the model limits it
+    packed_qkv: bool = False  # Phi-3: the checkpoint stores qkv_proj already packed
+    packed_gate_up: bool = False  # Phi-3, GLM: the checkpoint stores gate_up_proj already packed
+    sliding_window: int | None = None  # tokens a position attends to (itself included) on windowed layers
+    # per layer "sliding_attention" / "full_attention" (Gemma 2/3, Qwen2); None: the window, if any, is everywhere
+    layer_types: tuple[str, ...] | None = None
+    query_scale: float | None = None  # Gemma 2/3: scores scale by query_pre_attn_scalar ** -0.5, not head_dim's
+    attention_softcap: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap) before the softmax
+    final_softcap: float | None = None  # Gemma 2: the same on the logits
+    # Gemma 2/3, GLM-4: the attention and MLP outputs are normalised too, before the residual add; the four
+    # norms' names (before attention, after it, before the MLP, after it)
+    sandwich_norms: tuple[str, str, str, str] | None = None
+    rope_interleaved: bool = False  # GLM: rotary over pairs (0,1), (2,3)... instead of the two halves
+    rope_per_layer_type: bool = False  # Gemma 3: sliding and full layers rotate with their own rope_parameters
+    moe: MoESpec | None = None  # Mixtral / Qwen-MoE: routed experts instead of the dense MLP
+    family: str = "decoder"  # which module tree: "decoder" (model/llama.py) or "gpt_bigcode"
+    qkv_per_head: bool = False  # GPT-BigCode without multi_query: c_attn rows are [q, k, v] head by head
 
     @property
     def attention_scale(self) -> float:
-        return 1.0 / math.sqrt(self.head_dim)
+        return self.query_scale if self.query_scale is not None else 1.0 / math.sqrt(self.head_dim)
 
-    @property
-    def context_limit(self) -> int:
-        """The longest context served exactly: attention here is full, which equals a sliding-window model's
-        only while the whole context fits in the window."""
-        if self.sliding_window:
-            return min(self.max_position_embeddings, self.sliding_window)
-        return self.max_position_embeddings
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of `layer`, None for full attention."""
+        if self.layer_types is None:
+            return self.sliding_window
+        return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """Top-k routed experts: softmax over the router's logits (float32), the k best, renormalised when
+    `normalize_top_k`; each expert a gated MLP of `intermediate_size`. Qwen2-MoE adds a shared expert
+    (a dense gated MLP, scaled by sigmoid(shared_expert_gate(x))) to every token."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    normalize_top_k: bool
+    layers: tuple[int, ...]  # the decoder layers whose MLP is routed (Qwen-MoE may keep some dense)
+    shared_expert_size: int | None = None
 
 
 # Without max_model_len the engine serves the model's context up to this, so a long-context model does not
@@ -52,13 +78,12 @@ DEFAULT_MAX_MODEL_LEN = 4096
 
 def max_model_len(spec: DecoderSpec, requested: int | None) -> int:
     """The one place the served context length is decided: `requested`, which must fit the model, or the
-    model's limit capped at DEFAULT_MAX_MODEL_LEN."""
-    limit = spec.context_limit
+    model's limit capped at DEFAULT_MAX_MODEL_LEN. Sliding windows do not limit it: attention honours them."""
+    limit = spec.max_position_embeddings
     if requested is None:
         return min(limit, DEFAULT_MAX_MODEL_LEN)
     if requested > limit:
-        window = f" (its sliding window is {spec.sliding_window})" if spec.sliding_window else ""
-        raise ValueError(f"max_model_len={requested} exceeds the model's limit of {limit} tokens{window}; "
+        raise ValueError(f"max_model_len={requested} exceeds the model's limit of {limit} tokens; "
                          f"lower max_model_len")
     return requested
 
@@ -71,9 +96,9 @@ def _common(config: PretrainedConfig, **overrides) -> DecoderSpec:
         num_heads=config.num_attention_heads,
         num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
         head_dim=head_dim,
-        intermediate_size=config.intermediate_size,
+        intermediate_size=getattr(config, "intermediate_size", None),
         vocab_size=config.vocab_size,
-        rms_norm_eps=config.rms_norm_eps,
+        rms_norm_eps=getattr(config, "rms_norm_eps", None),
         max_position_embeddings=config.max_position_embeddings,
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         activation=getattr(config, "hidden_act", "silu"),
@@ -97,12 +122,13 @@ def _qwen_window(config: PretrainedConfig) -> int | None:
 
 
 def _qwen2(config: PretrainedConfig) -> DecoderSpec:
-    return _common(config, qkv_bias=True, sliding_window=_qwen_window(config))
+    return _common(config, qkv_bias=True, sliding_window=_qwen_window(config), layer_types=_layer_types(config))
 
 
 def _qwen3(config: PretrainedConfig) -> DecoderSpec:
     bias = bool(getattr(config, "attention_bias", False))
-    return _common(config, qkv_bias=bias, o_bias=bias, qk_norm=True, sliding_window=_qwen_window(config))
+    return _common(config, qkv_bias=bias, o_bias=bias, qk_norm=True, sliding_window=_qwen_window(config),
+                   layer_types=_layer_types(config))
 
 
 def _gemma(config: PretrainedConfig) -> DecoderSpec:
@@ -113,7 +139,69 @@ def _gemma(config: PretrainedConfig) -> DecoderSpec:
 
 
 def _phi3(config: PretrainedConfig) -> DecoderSpec:
-    return _common(config, packed_checkpoint=True, sliding_window=getattr(config, "sliding_window", None))
+    return _common(config, packed_qkv=True, packed_gate_up=True, sliding_window=getattr(config, "sliding_window", None))
+
+
+def _layer_types(config: PretrainedConfig) -> tuple[str, ...] | None:
+    types = getattr(config, "layer_types", None)
+    return tuple(types) if types else None
+
+
+def _gemma2(config: PretrainedConfig) -> DecoderSpec:
+    return replace(_gemma(config), sliding_window=config.sliding_window, layer_types=_layer_types(config),
+                   query_scale=config.query_pre_attn_scalar ** -0.5,
+                   attention_softcap=getattr(config, "attn_logit_softcapping", None),
+                   final_softcap=getattr(config, "final_logit_softcapping", None),
+                   sandwich_norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                                   "post_feedforward_layernorm"))
+
+
+def _gemma3(config: PretrainedConfig) -> DecoderSpec:
+    return replace(_gemma2(config), qk_norm=True, rope_per_layer_type=True)
+
+
+def _glm(config: PretrainedConfig) -> DecoderSpec:
+    return _common(config, qkv_bias=bool(getattr(config, "attention_bias", True)), packed_gate_up=True,
+                   rope_interleaved=True)
+
+
+def _glm4(config: PretrainedConfig) -> DecoderSpec:
+    return replace(_glm(config), sandwich_norms=("input_layernorm", "post_self_attn_layernorm",
+                                                 "post_attention_layernorm", "post_mlp_layernorm"))
+
+
+def _mixtral(config: PretrainedConfig) -> DecoderSpec:
+    moe = MoESpec(num_experts=config.num_local_experts, top_k=config.num_experts_per_tok,
+                  intermediate_size=config.intermediate_size, normalize_top_k=True,
+                  layers=tuple(range(config.num_hidden_layers)))
+    return replace(_mistral(config), moe=moe)
+
+
+def _qwen_moe(config: PretrainedConfig, base: DecoderSpec, shared: int | None) -> DecoderSpec:
+    step, dense = config.decoder_sparse_step, set(getattr(config, "mlp_only_layers", None) or ())
+    layers = tuple(i for i in range(config.num_hidden_layers)
+                   if i not in dense and config.num_experts > 0 and (i + 1) % step == 0)
+    moe = MoESpec(num_experts=config.num_experts, top_k=config.num_experts_per_tok,
+                  intermediate_size=config.moe_intermediate_size, normalize_top_k=bool(config.norm_topk_prob),
+                  layers=layers, shared_expert_size=shared)
+    return replace(base, moe=moe)
+
+
+def _qwen2_moe(config: PretrainedConfig) -> DecoderSpec:
+    return _qwen_moe(config, _qwen2(config), config.shared_expert_intermediate_size or None)
+
+
+def _qwen3_moe(config: PretrainedConfig) -> DecoderSpec:
+    return _qwen_moe(config, _qwen3(config), None)
+
+
+def _gpt_bigcode(config: PretrainedConfig) -> DecoderSpec:
+    heads = config.num_attention_heads
+    return _common(config, family="gpt_bigcode", num_kv_heads=1 if config.multi_query else heads,
+                   head_dim=config.hidden_size // heads, intermediate_size=config.n_inner or 4 * config.hidden_size,
+                   rms_norm_eps=config.layer_norm_epsilon, activation=config.activation_function,
+                   query_scale=None if config.scale_attn_weights else 1.0, qkv_per_head=not config.multi_query,
+                   qkv_bias=True, o_bias=True, mlp_bias=True)
 
 
 ARCHITECTURES: dict[str, Callable[[PretrainedConfig], DecoderSpec]] = {
@@ -123,6 +211,14 @@ ARCHITECTURES: dict[str, Callable[[PretrainedConfig], DecoderSpec]] = {
     "Qwen3ForCausalLM": _qwen3,
     "GemmaForCausalLM": _gemma,
     "Phi3ForCausalLM": _phi3,
+    "Gemma2ForCausalLM": _gemma2,
+    "Gemma3ForCausalLM": _gemma3,
+    "GlmForCausalLM": _glm,
+    "Glm4ForCausalLM": _glm4,
+    "MixtralForCausalLM": _mixtral,
+    "Qwen2MoeForCausalLM": _qwen2_moe,
+    "Qwen3MoeForCausalLM": _qwen3_moe,
+    "GPTBigCodeForCausalLM": _gpt_bigcode,
 }
 
 

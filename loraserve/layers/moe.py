@@ -1,0 +1,181 @@
+"""Routed experts (Mixtral, Qwen2-MoE, Qwen3-MoE): a top-k router and a stack of gated-MLP experts, held as
+the fused [experts, out, in] tensors transformers uses, each optionally with per-adapter LoRA per expert.
+
+Tokens are grouped, not looped over: every (token, chosen expert) pair is sorted by expert (and, within an
+expert, by adapter slot), each expert runs one matmul over its contiguous rows, and each (expert, slot)
+group adds its LoRA term with one pair of small matmuls. The loop is over the experts (and the adapters
+present), never over tokens.
+
+Expert LoRA follows PEFT's `target_parameters` on the fused tensors (lora.ParamWrapper): for expert e the
+weight becomes W[e] + scale · B_e A_e, with A_e = lora_A[e·r:(e+1)·r] and B_e = lora_B[:, e::experts]
+(lora/adapter.py unpacks that layout into [experts, r, in] / [experts, out, r]).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraserve.layers.activation import GatedActivation
+from loraserve.layers.forward_batch import LoRABatch
+
+# checkpoint spellings of one expert's matrices -> (fused tensor, which half of gate_up or None)
+EXPERT_PARTS = {"w1": ("gate_up_proj", 0), "gate_proj": ("gate_up_proj", 0), "w3": ("gate_up_proj", 1),
+                "up_proj": ("gate_up_proj", 1), "w2": ("down_proj", None), "down_proj": ("down_proj", None)}
+
+
+@dataclass
+class ExpertSlots:
+    """LoRA slots of one fused expert tensor: lora_a [slots, experts, max_rank, in], lora_b [slots, experts,
+    out, max_rank] (scaling folded into B); ranks[slot] rows are used, 0 when the slot adapts nothing here."""
+
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    ranks: list[int]
+
+    @classmethod
+    def allocate(cls, num_slots: int, num_experts: int, in_features: int, out_features: int, max_rank: int,
+                 dtype: torch.dtype, device: torch.device) -> ExpertSlots:
+        return cls(torch.zeros(num_slots, num_experts, max_rank, in_features, dtype=dtype, device=device),
+                   torch.zeros(num_slots, num_experts, out_features, max_rank, dtype=dtype, device=device),
+                   [0] * num_slots)
+
+    def fill(self, slot: int, weights: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """weights: (A [experts, r, in], B [experts, out, r]) or None (the adapter leaves this tensor alone)."""
+        self.clear(slot)
+        if weights is None:
+            return
+        lora_a, lora_b = weights
+        rank = lora_a.shape[1]
+        self.lora_a[slot, :, :rank].copy_(lora_a)
+        self.lora_b[slot, :, :, :rank].copy_(lora_b)
+        self.ranks[slot] = rank
+
+    def clear(self, slot: int) -> None:
+        rank = self.ranks[slot]
+        if rank:
+            self.lora_a[slot, :, :rank].zero_()
+            self.lora_b[slot, :, :, :rank].zero_()
+            self.ranks[slot] = 0
+
+    def add(self, y: torch.Tensor, x: torch.Tensor, slot: int, expert: int) -> None:
+        rank = self.ranks[slot]
+        if rank:
+            a, b = self.lora_a[slot, expert, :rank], self.lora_b[slot, expert, :, :rank]
+            y += (x.to(a.dtype) @ a.T @ b.T).to(y.dtype)
+
+
+class FusedExperts(nn.Module):
+    """gate_up_proj [experts, 2 * intermediate, hidden] (gate rows first), down_proj [experts, hidden,
+    intermediate]: transformers' fused layout, which per-expert checkpoints (w1/w3/w2 or gate/up/down_proj)
+    are copied into."""
+
+    TENSORS = ("gate_up_proj", "down_proj")
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, activation: str) -> None:
+        super().__init__()
+        self.num_experts, self.intermediate_size = num_experts, intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size),
+                                         requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size), requires_grad=False)
+        self.act = GatedActivation(activation)
+        self.lora: dict[str, ExpertSlots] = {}  # set by enable_lora
+        self.loaded: set[tuple[int, str]] = set()  # (expert, checkpoint part) copied from per-expert tensors
+
+    def shapes(self) -> dict[str, tuple[int, int, int]]:
+        """Fused tensor name -> (experts, in_features, out_features)."""
+        return {name: (self.num_experts, getattr(self, name).shape[2], getattr(self, name).shape[1])
+                for name in self.TENSORS}
+
+    def enable_lora(self, num_slots: int, max_rank: int, dtype: torch.dtype) -> dict[str, ExpertSlots]:
+        self.lora = {name: ExpertSlots.allocate(num_slots, experts, fan_in, fan_out, max_rank, dtype,
+                                                self.gate_up_proj.device)
+                     for name, (experts, fan_in, fan_out) in self.shapes().items()}
+        return self.lora
+
+    def load_expert(self, expert: int, part: str, tensor: torch.Tensor) -> None:
+        """Copy one expert's checkpoint matrix (a key of EXPERT_PARTS) into the fused tensors."""
+        if not 0 <= expert < self.num_experts:
+            raise ValueError(f"checkpoint has expert {expert}, the config says {self.num_experts} experts")
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError("the checkpoint's expert weights are quantized; loraserve serves routed experts in float "
+                             "only: serve the float checkpoint (quantization='int8'/'int4' keeps experts float)")
+        name, half = EXPERT_PARTS[part]
+        target = getattr(self, name).data[expert]
+        if half is not None:
+            size = self.intermediate_size
+            target = target[half * size:(half + 1) * size]
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise ValueError(f"expert {expert} {part}: checkpoint shape {tuple(tensor.shape)}, model expects "
+                             f"{tuple(target.shape)}")
+        target.copy_(tensor)
+        self.loaded.add((expert, "gate" if half == 0 else "up" if half == 1 else "down"))
+
+    def missing_experts(self) -> list[str]:
+        """Per-expert parts never loaded, when the checkpoint is per-expert (empty when it was fused)."""
+        if not self.loaded:
+            return []
+        wanted = {(e, p) for e in range(self.num_experts) for p in ("gate", "up", "down")}
+        return [f"expert {e} {p}" for e, p in sorted(wanted - self.loaded)]
+
+    def forward(self, x: torch.Tensor, top_ids: torch.Tensor, top_weights: torch.Tensor,
+                lora: LoRABatch | None) -> torch.Tensor:
+        """x [T, hidden], top_ids / top_weights [T, k] -> Σ_k weight · expert(x) per token."""
+        tokens, top_k = top_ids.shape
+        token_of = torch.arange(tokens, device=x.device).repeat_interleave(top_k)
+        experts = top_ids.flatten()
+        use_lora = lora is not None and self.lora and any(s.ranks[slot] for s in self.lora.values()
+                                                           for slot in lora.slots_present)
+        groups = self.num_experts
+        key = experts
+        if use_lora:  # within an expert, rows of one adapter slot together (slot -1: none)
+            groups = self.num_experts * (lora.num_slots + 1)
+            key = experts * (lora.num_slots + 1) + lora.token_slots[token_of] + 1
+        order = torch.argsort(key, stable=True)
+        counts = torch.bincount(key, minlength=groups).tolist()
+        rows = x[token_of[order]]
+        gate_up = torch.empty(rows.shape[0], self.gate_up_proj.shape[1], dtype=x.dtype, device=x.device)
+        bounds = self._expert_bounds(counts, groups // self.num_experts)
+        for expert, (start, end) in enumerate(bounds):
+            if end > start:
+                gate_up[start:end] = F.linear(rows[start:end], self.gate_up_proj[expert])
+        if use_lora:
+            self._add_lora("gate_up_proj", gate_up, rows, counts, lora.num_slots + 1)
+        hidden = self.act(gate_up)
+        out = torch.empty_like(rows)
+        for expert, (start, end) in enumerate(bounds):
+            if end > start:
+                out[start:end] = F.linear(hidden[start:end], self.down_proj[expert])
+        if use_lora:
+            self._add_lora("down_proj", out, hidden, counts, lora.num_slots + 1)
+        out *= top_weights.flatten()[order, None].to(out.dtype)
+        return torch.zeros_like(x).index_add_(0, token_of[order], out)
+
+    @staticmethod
+    def _expert_bounds(counts: list[int], per_expert: int) -> list[tuple[int, int]]:
+        bounds, start = [], 0
+        for expert_start in range(0, len(counts), per_expert):
+            end = start + sum(counts[expert_start:expert_start + per_expert])
+            bounds.append((start, end))
+            start = end
+        return bounds
+
+    def _add_lora(self, name: str, y: torch.Tensor, x: torch.Tensor, counts: list[int], per_expert: int) -> None:
+        """y += LoRA of `name` for every (expert, slot) group of the sorted rows."""
+        slots, start = self.lora[name], 0
+        for group, count in enumerate(counts):
+            slot = group % per_expert - 1
+            if count and slot >= 0:
+                slots.add(y[start:start + count], x[start:start + count], slot, group // per_expert)
+            start += count
+
+
+def route(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k routing from the router's logits [T, experts]: softmax in float32, the k most probable experts,
+    their probabilities renormalised to sum to one when `normalize`. Returns (ids, weights), each [T, k]."""
+    weights, ids = torch.topk(torch.softmax(logits.float(), dim=-1), top_k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return ids, weights

@@ -1,0 +1,185 @@
+"""What every served model shares, whatever its family: loading checkpoint tensors by their Hugging Face
+names into our modules, the embedding table and LM head (possibly quantized), packing weights, counting
+them, the paged KV caches, and the names adapters and checkpoints use. A family file (llama.py,
+gpt_bigcode.py) builds the module tree, mirroring Hugging Face's paths so names map onto it, and `forward`."""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraserve.layers.linear import Linear
+from loraserve.layers.matmul import MatmulWeight
+from loraserve.layers.moe import EXPERT_PARTS, FusedExperts
+from loraserve.layers.quantized import QuantizedMatmul, QuantizedTensor
+from loraserve.model.registry import DecoderSpec
+
+# One expert's matrix in a per-expert checkpoint: Mixtral's block_sparse_moe.experts.3.w1, Qwen-MoE's
+# mlp.experts.3.gate_proj. Mixtral's block_sparse_moe is transformers' mlp.
+_EXPERT_TENSOR = re.compile(rf"(?P<module>.+\.experts)\.(?P<expert>\d+)\.(?P<part>{'|'.join(EXPERT_PARTS)})\.weight")
+_RENAMES = ((".block_sparse_moe.", ".mlp."),)
+
+
+class CausalLM(nn.Module):
+    """A decoder + LM head. `forward(batch)` returns the logits (in the model's dtype: the sampler widens
+    them only when it needs to) for batch.logits_indices only. Subclasses set `embed_tokens` (the token
+    embedding module), `embed_name` (its checkpoint tensor) and build the rest."""
+
+    embed_name = "model.embed_tokens.weight"
+
+    def __init__(self, spec: DecoderSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.lm_head_matmul: MatmulWeight | QuantizedMatmul | None = None  # set by pack_weights
+        # embeddings / LM head a checkpoint ships quantized (GGUF): kept so, never de-quantized whole
+        self.quantized: dict[str, QuantizedTensor] = {}
+
+    def _make_lm_head(self) -> None:
+        if not self.spec.tie_word_embeddings:
+            self.lm_head = nn.Linear(self.spec.hidden_size, self.spec.vocab_size, bias=False)
+            self.lm_head.weight.requires_grad_(False)
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def lm_head_name(self) -> str:
+        return self.embed_name if self.spec.tie_word_embeddings else "lm_head.weight"
+
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.spec.tie_word_embeddings else self.lm_head.weight
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        table = self.quantized.get(self.embed_name)
+        if table is None:
+            return self.embed_tokens(input_ids)
+        return table.dequantize(torch.float32, rows=input_ids).to(self.embed_tokens.weight.dtype)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head over final hidden states, softcapped when the model caps its logits (Gemma 2)."""
+        logits = self.lm_head_matmul(h) if self.lm_head_matmul is not None else F.linear(h, self.lm_head_weight())
+        cap = self.spec.final_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    def quantize_linears(self, method: str) -> None:
+        """Quantize every Linear's loaded float weight (quantization="int8" / "int4"); embeddings, the LM
+        head and routed experts stay as they are, as in vLLM's weight-only schemes."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.quantize(method)
+
+    def pack_weights(self) -> None:
+        """Hand every matmul weight to its fastest form once the weights are final (layers/matmul.py)."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.pack()
+        head = self.quantized.get(self.lm_head_name())
+        if head is not None:
+            self.lm_head_matmul = QuantizedMatmul([head])
+            return
+        self.lm_head_matmul = MatmulWeight(self.lm_head_weight().data)
+        if not self.spec.tie_word_embeddings and self.lm_head_matmul.dense is None:
+            self.lm_head.weight.data = torch.empty(0, dtype=self.lm_head.weight.dtype,
+                                                   device=self.lm_head.weight.device)
+
+    def weight_bytes(self) -> int:
+        """Bytes of model weights held (quantized weights at their quantized size; the KV cache excluded)."""
+        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        counted = {id(p) for m in linears for p in m.parameters()}
+        if not self.spec.tie_word_embeddings:
+            counted.add(id(self.lm_head.weight))  # held by lm_head_matmul
+        total = sum(m.nbytes for m in linears) + sum(t.nbytes for t in self.quantized.values())
+        total += sum(p.numel() * p.element_size() for p in self.parameters() if id(p) not in counted)
+        head = self.lm_head_matmul
+        if isinstance(head, MatmulWeight):  # a quantized head is one of self.quantized
+            shared = head.dense is not None and self.spec.tie_word_embeddings  # the embedding table itself
+            total += head.nbytes - (head.dense.numel() * head.dense.element_size() if shared else 0)
+        return total
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        """Give every attention module (anything holding a k_cache) its paged K and V caches."""
+        dtype = self.embed_tokens.weight.dtype
+        shape = (num_blocks, block_size, self.spec.num_kv_heads, self.spec.head_dim)
+        for module in self.modules():
+            if hasattr(module, "k_cache"):
+                module.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+                module.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+
+    def linear_modules(self) -> dict[str, tuple[Linear, str]]:
+        """Checkpoint module name (e.g. model.layers.0.self_attn.q_proj) -> (packed Linear, part)."""
+        found = {}
+        for path, module in self.named_modules():
+            if isinstance(module, Linear):
+                parent = path.rsplit(".", 1)[0]
+                for part in module.parts:
+                    found[f"{parent}.{part}"] = (module, part)
+        return found
+
+    def expert_tensors(self) -> dict[str, tuple[FusedExperts, str]]:
+        """Fused expert tensor name (model.layers.0.mlp.experts.gate_up_proj) -> (FusedExperts, tensor), what
+        PEFT's target_parameters adapt."""
+        return {f"{path}.{name}": (module, name) for path, module in self.named_modules()
+                if isinstance(module, FusedExperts) for name in module.TENSORS}
+
+    def checkpoint_names(self) -> set[str]:
+        """The tensor names a checkpoint of this model holds (Hugging Face's, q/k/v and gate/up unpacked;
+        experts fused, as transformers names them)."""
+        linears = self.linear_modules()
+        linear_params = {id(p) for linear, _ in linears.values() for p in linear.parameters()}
+        names = {f"{name}.{p}" for name, (lin, _) in linears.items() for p in ("weight", "bias")
+                 if getattr(lin, p) is not None}
+        return names | {name for name, p in self.named_parameters() if id(p) not in linear_params}
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint tensors into the modules; every parameter must be covered exactly once. Quantized
+        tensors (QuantizedTensor) stay quantized: linear parts, the embedding table, the LM head. Experts
+        arrive fused or one matrix per expert."""
+        linears = self.linear_modules()
+        params = dict(self.named_parameters())
+        experts = {path: module for path, module in self.named_modules() if isinstance(module, FusedExperts)}
+        expected = self.checkpoint_names()
+        loaded = set()
+        for name, tensor in weights:
+            for old, new in _RENAMES:
+                name = name.replace(old, new)
+            if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.spec.tie_word_embeddings):
+                continue
+            module_name, _, param = name.rpartition(".")
+            expert = _EXPERT_TENSOR.fullmatch(name)
+            if expert is not None and expert["module"] in experts:
+                experts[expert["module"]].load_expert(int(expert["expert"]), expert["part"], tensor)
+                loaded.update(f"{expert['module']}.{t}" for t in FusedExperts.TENSORS)
+                continue
+            if isinstance(tensor, QuantizedTensor) and module_name not in linears:
+                self._load_quantized_table(name, tensor, params)
+            elif module_name in linears:
+                linear, part = linears[module_name]
+                linear.load_part(part, param, tensor)
+            elif name in params:
+                if params[name].shape != tensor.shape:
+                    raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)}, "
+                                     f"model expects {tuple(params[name].shape)}")
+                params[name].data.copy_(tensor)
+            else:
+                raise ValueError(f"checkpoint tensor {name!r} does not belong to this architecture")
+            loaded.add(name)
+        missing = sorted(expected - loaded)
+        missing += [f"{path}: {gap}" for path, module in experts.items() for gap in module.missing_experts()]
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {', '.join(missing[:5])}")
+
+    def _load_quantized_table(self, name: str, tensor: QuantizedTensor, params: dict) -> None:
+        if name not in (self.embed_name, "lm_head.weight") or tensor.input_perm is not None:
+            raise ValueError(f"checkpoint tensor {name!r} is quantized; loraserve keeps quantized only linear "
+                             f"layers, the embedding table and the LM head")
+        if params[name].shape != tensor.shape:
+            raise ValueError(f"{name}: checkpoint shape {tensor.shape}, model expects {tuple(params[name].shape)}")
+        self.quantized[name] = tensor.to(params[name].device)
+        params[name].data = torch.empty(0, dtype=params[name].dtype, device=params[name].device)
