@@ -30,4 +30,4 @@ test: model
 # The benchmarks' own extras (PEFT baseline, matplotlib); see docs/benchmarks.md for what each script measures.
 bench: model
 	$(PIP) -e '.[test,bench]'
-	cd benchmarks && ../$(PY) throughput.py && ../$(PY) lora_overhead.py && ../$(PY) quantized.py && ../$(PY) plot.py
+	cd benchmarks && ../$(PY) throughput.py && ../$(PY) lora_overhead.py && ../$(PY) quantized.py && ../$(PY) moe.py && ../$(PY) plot.py

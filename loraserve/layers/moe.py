@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraserve.layers.activation import GatedActivation
+from loraserve.layers.cpu_kernels import lora_module
 from loraserve.layers.forward_batch import LoRABatch
 
 # checkpoint spellings of one expert's matrices -> (fused tensor, which half of gate_up or None)
@@ -29,18 +30,23 @@ EXPERT_PARTS = {"w1": ("gate_up_proj", 0), "gate_proj": ("gate_up_proj", 0), "w3
 @dataclass
 class ExpertSlots:
     """LoRA slots of one fused expert tensor: lora_a [slots, experts, max_rank, in], lora_b [slots, experts,
-    out, max_rank] (scaling folded into B); ranks[slot] rows are used, 0 when the slot adapts nothing here."""
+    max_rank, out] (scaling folded into B); ranks[slot] rows are used, 0 when the slot adapts nothing here.
+    Viewed as slots·experts "virtual slots" it is the layout the CPU LoRA kernel reads (layers/lora_ops.py):
+    part_rows [slots·experts, 1, 2] holds each virtual slot's rank rows, part_cols its one output block."""
 
     lora_a: torch.Tensor
     lora_b: torch.Tensor
     ranks: list[int]
+    part_rows: torch.Tensor
+    part_cols: torch.Tensor
 
     @classmethod
     def allocate(cls, num_slots: int, num_experts: int, in_features: int, out_features: int, max_rank: int,
                  dtype: torch.dtype, device: torch.device) -> ExpertSlots:
         return cls(torch.zeros(num_slots, num_experts, max_rank, in_features, dtype=dtype, device=device),
-                   torch.zeros(num_slots, num_experts, out_features, max_rank, dtype=dtype, device=device),
-                   [0] * num_slots)
+                   torch.zeros(num_slots, num_experts, max_rank, out_features, dtype=dtype, device=device),
+                   [0] * num_slots, torch.zeros(num_slots * num_experts, 1, 2, dtype=torch.long, device=device),
+                   torch.tensor([[0, out_features]], dtype=torch.long, device=device))
 
     def fill(self, slot: int, weights: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         """weights: (A [experts, r, in], B [experts, out, r]) or None (the adapter leaves this tensor alone)."""
@@ -50,21 +56,38 @@ class ExpertSlots:
         lora_a, lora_b = weights
         rank = lora_a.shape[1]
         self.lora_a[slot, :, :rank].copy_(lora_a)
-        self.lora_b[slot, :, :, :rank].copy_(lora_b)
+        self.lora_b[slot, :, :rank].copy_(lora_b.transpose(1, 2))
         self.ranks[slot] = rank
+        experts = self.lora_a.shape[1]
+        self.part_rows[slot * experts:(slot + 1) * experts, 0, 1] = rank
 
     def clear(self, slot: int) -> None:
         rank = self.ranks[slot]
         if rank:
             self.lora_a[slot, :, :rank].zero_()
-            self.lora_b[slot, :, :, :rank].zero_()
+            self.lora_b[slot, :, :rank].zero_()
             self.ranks[slot] = 0
+            experts = self.lora_a.shape[1]
+            self.part_rows[slot * experts:(slot + 1) * experts].zero_()
 
-    def add(self, y: torch.Tensor, x: torch.Tensor, slot: int, expert: int) -> None:
-        rank = self.ranks[slot]
-        if rank:
-            a, b = self.lora_a[slot, expert, :rank], self.lora_b[slot, expert, :, :rank]
-            y += (x.to(a.dtype) @ a.T @ b.T).to(y.dtype)
+    def add_groups(self, y: torch.Tensor, x: torch.Tensor, groups: list[tuple[int, int, int, int]]) -> None:
+        """y += x · A[slot, expert]ᵀ · B[slot, expert] over rows [start, end) of each (slot, expert, start,
+        end) group: one C++ call on CPU, a pair of matmuls per group elsewhere."""
+        groups = [g for g in groups if self.ranks[g[0]]]
+        if not groups:
+            return
+        experts = self.lora_a.shape[1]
+        kernel = lora_module() if y.device.type == "cpu" and x.dtype == self.lora_a.dtype == y.dtype else None
+        if kernel is not None:
+            runs = torch.tensor([(slot * experts + expert, start, end) for slot, expert, start, end in groups],
+                                dtype=torch.long, device=y.device)
+            kernel.lora_add_runs(y, x.contiguous(), self.lora_a.flatten(0, 1), self.lora_b.flatten(0, 1), runs,
+                                 self.part_rows, self.part_cols)
+            return
+        for slot, expert, start, end in groups:
+            rank = self.ranks[slot]
+            a, b = self.lora_a[slot, expert, :rank], self.lora_b[slot, expert, :rank]
+            y[start:end] += (x[start:end].to(a.dtype) @ a.T @ b).to(y.dtype)
 
 
 class FusedExperts(nn.Module):
@@ -164,12 +187,13 @@ class FusedExperts(nn.Module):
 
     def _add_lora(self, name: str, y: torch.Tensor, x: torch.Tensor, counts: list[int], per_expert: int) -> None:
         """y += LoRA of `name` for every (expert, slot) group of the sorted rows."""
-        slots, start = self.lora[name], 0
+        groups, start = [], 0
         for group, count in enumerate(counts):
             slot = group % per_expert - 1
             if count and slot >= 0:
-                slots.add(y[start:start + count], x[start:start + count], slot, group // per_expert)
+                groups.append((slot, group // per_expert, start, start + count))
             start += count
+        self.lora[name].add_groups(y, x, groups)
 
 
 def route(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
