@@ -312,6 +312,13 @@ def test_weights_for_untargeted_module(llama, spec, tmp_path):
                  "adapter_config.json does not target")
 
 
+def test_expert_targets_on_a_dense_model_are_refused_by_name(llama, spec, tmp_path):
+    path = make_peft_adapter(llama, tmp_path / "a", r=8, target_modules=QV)
+    edit_config(path, target_parameters=["experts.gate_up_proj"])
+    expect_error(path, spec, "target_parameters entry 'experts.gate_up_proj' of adapter 'x' matches no tensor of "
+                 "model 'tiny-llama'; it has no routed experts, so only target_modules apply to it")
+
+
 def test_missing_partner(llama, spec, tmp_path):
     path = make_peft_adapter(llama, tmp_path / "a", r=8, target_modules=QV)
     edit_weights(path, lambda t: t.pop("base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"))

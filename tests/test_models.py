@@ -134,8 +134,14 @@ def test_sharpened_tiny_models_make_varied_position_dependent_text(tiny):
     assert any(llama3.greedy(p) != mistral.greedy(p) for p in PROMPTS)
 
 
-def test_requests_joining_mid_generation_get_the_tokens_they_get_alone(tiny):
-    model = tiny("llama")
+# Families whose layers differ most from Llama's: sliding windows + soft-capping, routed experts, interleaved
+# partial RoPE + sandwich norms, learned positions + multi-query attention.
+SCHEDULING_ARCHS = ["llama", "gemma2", "mixtral", "glm4", "gpt_bigcode"]
+
+
+@pytest.mark.parametrize("arch", SCHEDULING_ARCHS)
+def test_requests_joining_mid_generation_get_the_tokens_they_get_alone(tiny, arch):
+    model = tiny(arch)
     engine = model.llm.engine
     # (prompt, max_tokens, steps to run before the next arrival): requests finish and arrive mid-batch.
     arrivals = [(PROMPTS[0], NEW_TOKENS, 3), (PROMPTS[1], 10, 0), (PROMPTS[2], NEW_TOKENS, 5),
@@ -163,8 +169,9 @@ def test_prompts_longer_than_the_step_budget_are_prefilled_in_chunks(tiny):
     assert [o.outputs[0].token_ids for o in outputs] == [model.greedy(p) for p in prompts]
 
 
-def test_preempted_sequences_are_recomputed_to_the_same_tokens(tiny):
-    model = tiny("llama")
+@pytest.mark.parametrize("arch", SCHEDULING_ARCHS)
+def test_preempted_sequences_are_recomputed_to_the_same_tokens(tiny, arch):
+    model = tiny(arch)
     # 24 blocks of 4 tokens: room for one to three of these sequences (33 to 93 tokens) at a time.
     llm = LLM(str(model.path), dtype="float32", max_model_len=96, num_kv_blocks=24, block_size=4)
     # Seeded samples too: a recompute that regenerated tokens would draw new ones, unlike greedy.
