@@ -164,15 +164,16 @@ class FusedExperts(nn.Module):
         for expert, (start, end) in enumerate(bounds):
             if end > start:
                 gate_up[start:end] = F.linear(rows[start:end], self.gate_up_proj[expert])
-        if use_lora:
-            self._add_lora("gate_up_proj", gate_up, rows, counts, lora.num_slots + 1)
+        if use_lora:  # the same (slot, expert, rows) groups serve both tensors
+            lora_groups = self._lora_groups(counts, lora.num_slots + 1)
+            self.lora["gate_up_proj"].add_groups(gate_up, rows, lora_groups)
         hidden = self.act(gate_up)
         out = torch.empty_like(rows)
         for expert, (start, end) in enumerate(bounds):
             if end > start:
                 out[start:end] = F.linear(hidden[start:end], self.down_proj[expert])
         if use_lora:
-            self._add_lora("down_proj", out, hidden, counts, lora.num_slots + 1)
+            self.lora["down_proj"].add_groups(out, hidden, lora_groups)
         out *= top_weights.flatten()[order, None].to(out.dtype)
         return torch.zeros_like(x).index_add_(0, token_of[order], out)
 
@@ -185,15 +186,16 @@ class FusedExperts(nn.Module):
             start = end
         return bounds
 
-    def _add_lora(self, name: str, y: torch.Tensor, x: torch.Tensor, counts: list[int], per_expert: int) -> None:
-        """y += LoRA of `name` for every (expert, slot) group of the sorted rows."""
+    @staticmethod
+    def _lora_groups(counts: list[int], per_expert: int) -> list[tuple[int, int, int, int]]:
+        """(slot, expert, start, end) of every adapter's rows within each expert's rows (slot -1 skipped)."""
         groups, start = [], 0
         for group, count in enumerate(counts):
             slot = group % per_expert - 1
             if count and slot >= 0:
                 groups.append((slot, group // per_expert, start, start + count))
             start += count
-        self.lora[name].add_groups(y, x, groups)
+        return groups
 
 
 def route(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
