@@ -24,8 +24,10 @@ SERVE_ARGS ?= --enable-lora --max-loras 2 --max-lora-rank 16 \
 serve: model
 	$(VENV)/bin/loraserve serve $(SERVE_ARGS)
 
+# Both cores: two pytest-xdist workers, one thread each; tests sharing a module fixture stay on one worker
+# (tests/conftest.py), so every tiny model and engine is built once.
 test: model
-	OMP_NUM_THREADS=1 $(PY) -m pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 # The benchmarks' own extras (PEFT baseline, matplotlib); see docs/benchmarks.md for what each script measures.
 bench: model
