@@ -50,11 +50,15 @@ class LoRAConfig:
               "running requests are always held", int)
     lora_dtype: str | torch.dtype = _option("auto", "adapter weight dtype: auto (the model's), bfloat16, "
                                                     "float16, float32", str)
+    lora_extra_vocab_size: int = _option(256, "tokens an adapter may add to the base vocabulary (its own "
+                                              "embedding / LM-head rows and tokenizer)", int)
 
     def __post_init__(self) -> None:
         for name in ("max_loras", "max_lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.lora_extra_vocab_size < 0:
+            raise ValueError(f"lora_extra_vocab_size must be at least 0, got {self.lora_extra_vocab_size}")
         if self.max_cpu_loras is None:
             self.max_cpu_loras = self.max_loras
         if self.max_cpu_loras < self.max_loras:

@@ -10,7 +10,7 @@ import torch
 import loraserve.layers.lora_ops as ops
 from loraserve.layers.cpu_kernels import lora_module
 from loraserve.layers.forward_batch import LoRABatch
-from loraserve.layers.lora_ops import SlotLayout, add_lora
+from loraserve.layers.lora_ops import SlotLayout, SlotPart, add_lora
 
 PATHS = ["kernel", "bmm"]
 
@@ -107,7 +107,7 @@ def test_packed_parts_touch_only_their_columns(dtype, path):
         for part, rank in parts.items():
             a = lora_a[slot, offset:offset + rank]
             b = lora_b[slot, offset:offset + rank, cols[part][0]:cols[part][1]].T
-            weights[f"p{part}"] = (a, b)
+            weights[f"p{part}"] = SlotPart(a, b)
             offset += rank
         filled.fill(slot, weights)
     assert filled.widths == widths and torch.equal(filled.part_rows, part_rows)
@@ -162,8 +162,8 @@ def test_bf16_runs_of_every_length_and_rank_at_model_sizes(dim_in, path):
     layout = SlotLayout.allocate(parts, dim_in, num_slots=3, max_rank=64, dtype=torch.bfloat16,
                                  device=torch.device("cpu"))
     for slot, rank in enumerate(ranks):
-        layout.fill(slot, {name: (torch.randn(rank, dim_in, dtype=torch.bfloat16) * 0.1,
-                                  torch.randn(out, rank, dtype=torch.bfloat16) * 0.1)
+        layout.fill(slot, {name: SlotPart(torch.randn(rank, dim_in, dtype=torch.bfloat16) * 0.1,
+                                          torch.randn(out, rank, dtype=torch.bfloat16) * 0.1)
                            for name, out in parts.items() if slot != 1 or name == "k"})
     longest = LoRABatch.KERNEL_MAX_RUN
     prefill = [2] * (longest + 3) + [0] * 17

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from loraserve.layers.cpu_kernels import paged_attention_module
+from loraserve.layers.cpu_kernels import cpu_kernel, paged_attention_module
 from loraserve.layers.forward_batch import AttentionMetadata, PrefillSpan
 
 
@@ -82,7 +82,7 @@ class PagedAttention:
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         plain = self.window is None and self.softcap is None
-        kernel = paged_attention_module() if q.device.type == "cpu" and plain else None
+        kernel = cpu_kernel(paged_attention_module, q, k_cache, any_dtype=True) if plain else None
         if kernel is not None:
             return kernel.paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables,
                                                  meta.decode_context_lens, self.scale)

@@ -74,10 +74,15 @@ def build_all() -> dict[str, bool]:
             "fused ops": fused_ops_module() is not None, "quantized matmul": quant_module() is not None}
 
 
-def cpu_kernel(module, x: torch.Tensor):
-    """`module` when x is a bfloat16 CPU tensor, else None. The fused kernels serve bf16, the speed path;
-    float32 is the accuracy path and stays on PyTorch's own ops, the reference every parity test is held to
-    (fused, float32's sums would be reordered: harmless, but enough to move logits by 1e-4 over 30 layers)."""
-    if x.device.type != "cpu" or x.dtype != torch.bfloat16:
+def cpu_kernel(module, *tensors: torch.Tensor, any_dtype: bool = False):
+    """The one chooser between a C++ kernel and the PyTorch path: `module()` when every tensor is on the CPU
+    in one dtype, bfloat16 unless `any_dtype` (kernels written for every float dtype: LoRA runs, paged
+    attention), else None (and None when the kernel did not build). The fused bf16 kernels serve the speed
+    path; float32 is the accuracy path and stays on PyTorch's own ops, the reference every parity test is held
+    to (fused, float32's sums would be reordered: harmless, but enough to move logits by 1e-4 over 30 layers)."""
+    dtype = tensors[0].dtype
+    if any(t.device.type != "cpu" or t.dtype != dtype for t in tensors):
+        return None
+    if not any_dtype and dtype != torch.bfloat16:
         return None
     return module()

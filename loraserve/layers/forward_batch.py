@@ -111,12 +111,24 @@ class LoRABatch:
         return self.slots_present[-1] + 1
 
     @cached_property
-    def token_slots(self) -> torch.Tensor:
-        """[num_tokens] int64, each token's slot (-1: no adapter), for layers that regroup tokens (experts)."""
-        slots = torch.full((self.num_tokens,), -1, dtype=torch.long)
+    def slot_list(self) -> list[int]:
+        """Each token's slot (-1: no adapter)."""
+        slots = [-1] * self.num_tokens
         for run in self.segments + self.decode_runs:
-            slots[run.start:run.end] = run.slot
-        return slots.to(self.device)
+            slots[run.start:run.end] = [run.slot] * (run.end - run.start)
+        return slots
+
+    @cached_property
+    def token_slots(self) -> torch.Tensor:
+        """[num_tokens] int64, each token's slot (-1: no adapter), for layers that regroup tokens (experts) or
+        index per-slot tables."""
+        return torch.tensor(self.slot_list, dtype=torch.long, device=self.device)
+
+    def select(self, rows: torch.Tensor) -> LoRABatch | None:
+        """The runs of a subset of the batch's tokens (`rows`, in order: the rows whose logits are computed),
+        one token per sequence, so all of them count as decode runs."""
+        slots = self.slot_list
+        return LoRABatch.build([slots[row] for row in rows.tolist()], 0, self.device)
 
     @cached_property
     def kernel_runs(self) -> torch.Tensor | None:
@@ -163,3 +175,8 @@ class ForwardBatch:
     attention: AttentionMetadata
     logits_indices: torch.Tensor  # [S] rows of the flat batch whose next token is sampled
     lora: LoRABatch | None = None  # per-token adapter slots; None when no token uses an adapter
+
+    @cached_property
+    def logits_lora(self) -> LoRABatch | None:
+        """The adapter runs of the logits rows (the final norm and the LM head see only those)."""
+        return None if self.lora is None else self.lora.select(self.logits_indices)

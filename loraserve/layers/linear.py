@@ -34,6 +34,8 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(self.out_features), requires_grad=False) if bias else None
         self.lora: SlotLayout | None = None  # set by enable_lora
         self.matmul: MatmulWeight | QuantizedMatmul | None = None  # set by pack(), after the weights are final
+        # ‖W row‖² in float32, kept by pack() (the packed forms drop the dense weight) for DoRA's norms
+        self.row_norms_sq = torch.empty(0)
 
     def enable_lora(self, num_slots: int, max_rank: int, dtype: torch.dtype) -> SlotLayout:
         """Give the layer adapter slots (zero: no adapter changes anything until a slot is filled)."""
@@ -53,9 +55,12 @@ class Linear(nn.Module):
             if missing or self.weight.numel():
                 raise ValueError(f"checkpoint quantizes {', '.join(self.quantized)} but not {', '.join(missing)}: "
                                  f"parts packed into one matmul must all be quantized the same way")
+            self.row_norms_sq = torch.cat([self.quantized[p].dequantize(torch.float32).pow(2).sum(dim=1)
+                                           for p in self.parts])
             self.matmul = QuantizedMatmul([self.quantized[p] for p in self.parts])
             self.quantized = {}
             return
+        self.row_norms_sq = self.weight.data.float().pow(2).sum(dim=1)
         self.matmul = MatmulWeight(self.weight.data)
         if self.matmul.dense is None:
             self.weight.data = torch.empty(0, dtype=self.weight.dtype, device=self.weight.device)

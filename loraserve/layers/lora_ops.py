@@ -1,35 +1,55 @@
-"""The LoRA hot path: stacked adapter slots of one linear layer, and the batched shrink (x·Aᵀ) then expand
-(·B) over a flat token batch.
+"""The LoRA hot path: the one slot layout every adapted tensor uses (a linear layer, a fused expert stack, the
+embedding table, the LM head), and the batched shrink (x·Aᵀ) then expand (·B) over a flat token batch.
 
-Slot s holds one adapter's A and B for every part of the layer (q/k/v of a packed qkv, gate/up...). The
+Slot s holds one adapter's A and B for every part of the tensor (q/k/v of a packed qkv, gate/up...). The
 targeted parts' A matrices are stacked row-wise so one shrink serves all of them; B is block-diagonal over
-the parts so one expand writes every part's output columns. A slot uses only its first widths[slot] rows,
-so the work follows the adapter's own rank rather than max_lora_rank.
+the parts so one expand writes every part's output columns. A slot uses only its first widths rows, so the
+work follows the adapter's own rank rather than max_lora_rank. A fused expert stack has `experts` such
+blocks per slot: row v = slot·experts + expert of lora_a / lora_b is a "virtual slot", which is what the
+kernel indexes, so dense and expert LoRA are one layout and one kernel call.
+
+Beside the rank term a slot may carry a per-output-column affine map applied after it, y ← y·scale + shift,
+for that slot's tokens only: DoRA's magnitude over the adapted weight's row norm (with the shift that keeps
+the base bias out of the scaling), and the bias deltas of adapters that train biases (`lora_bias`,
+bias="all" / "lora_only"). Row `slots` of those tables is the identity, so a token without an adapter
+(slot -1) indexes it and is left alone; they are allocated when the first adapter needing them arrives.
 
 The model runner orders sequences by slot, so each adapter's tokens form contiguous runs. On CPU one C++
-call per layer does every run of up to LoRABatch.KERNEL_MAX_RUN tokens, prefill chunks and decode tokens of
+call per tensor does every run of up to LoRABatch.KERNEL_MAX_RUN tokens, prefill chunks and decode tokens of
 all adapters alike (csrc/lora_segments.cpp: tiny matmuls pay a fixed cost that dwarfs their arithmetic, and
 the kernel reads each adapter's weights once per step); longer runs get a pair of matmuls each. Elsewhere
 prefill chunks get a pair of matmuls each and the decode tokens are gathered into a [slots, longest run]
 block done with two batched matmuls for all adapters at once. Either way the number of calls does not grow
-with the number of adapters.
-Tokens without an adapter cost nothing.
+with the number of adapters. Tokens without an adapter cost nothing.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from loraserve.layers.cpu_kernels import lora_module
+from loraserve.layers.cpu_kernels import cpu_kernel, lora_module
 from loraserve.layers.forward_batch import LoRABatch, LoRASegment
 
 
 @dataclass
+class SlotPart:
+    """What one adapter puts into one part of a tensor. lora_a [r, in] and lora_b [out_part, r] (with an
+    expert stack: [experts, r, in] / [experts, out_part, r]), scaling folded into B, or both None when the
+    adapter only changes the part's outputs; scale / shift [out_part]: the affine map on its outputs."""
+
+    lora_a: torch.Tensor | None = None
+    lora_b: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
+
+
+@dataclass
 class SlotLayout:
-    """lora_a: [slots, W, in], lora_b: [slots, W, out] with W = parts * max_rank; part_rows [slots, parts, 2]
-    and part_cols [parts, 2] (int64) give each part's rank rows and output columns; `part_names` are the
-    layer's parts in stacking order (what `fill` is given weights by)."""
+    """lora_a: [slots·experts, W, in], lora_b: [slots·experts, W, out] with W = parts * max_rank; part_rows
+    [slots·experts, parts, 2] and part_cols [parts, 2] (int64) give each part's rank rows and output columns;
+    widths [slots·experts] the rows in use; `part_names` are the parts in stacking order (what `fill` is
+    given weights by). out_scale / out_shift: [slots + 1, out] or None (module docstring)."""
 
     lora_a: torch.Tensor
     lora_b: torch.Tensor
@@ -37,76 +57,183 @@ class SlotLayout:
     part_rows: torch.Tensor
     part_cols: torch.Tensor
     part_names: tuple[str, ...] = ()
+    experts: int = 1
+    out_scale: torch.Tensor | None = None
+    out_shift: torch.Tensor | None = None
+    scaled: set[int] = field(default_factory=set)  # slots whose out_scale row is in use
+    shifted: set[int] = field(default_factory=set)
 
     @classmethod
     def allocate(cls, parts: dict[str, int], in_features: int, num_slots: int, max_rank: int,
-                 dtype: torch.dtype, device: torch.device) -> SlotLayout:
-        """Empty slots for a layer whose `parts` (name -> output features) are stacked in that order."""
+                 dtype: torch.dtype, device: torch.device, experts: int = 1, lazy: bool = False) -> SlotLayout:
+        """Empty slots for a tensor whose `parts` (name -> output features) are stacked in that order. `lazy`:
+        the factor tables are allocated by the first fill that needs them (the embedding table and the LM head,
+        whose vocabulary-wide factors most adapters never use)."""
         out_features = sum(parts.values())
         bounds, start = [], 0
         for size in parts.values():
             bounds.append([start, start + size])
             start += size
-        return cls(
-            lora_a=torch.zeros(num_slots, len(parts) * max_rank, in_features, dtype=dtype, device=device),
-            lora_b=torch.zeros(num_slots, len(parts) * max_rank, out_features, dtype=dtype, device=device),
-            widths=[0] * num_slots,
-            part_rows=torch.zeros(num_slots, len(parts), 2, dtype=torch.long, device=device),
+        rows = num_slots * experts
+        factors = (rows, len(parts) * max_rank)
+        layout = cls(
+            lora_a=torch.zeros(0, *factors[1:], in_features, dtype=dtype, device=device),
+            lora_b=torch.zeros(0, *factors[1:], out_features, dtype=dtype, device=device),
+            widths=[0] * rows,
+            part_rows=torch.zeros(rows, len(parts), 2, dtype=torch.long, device=device),
             part_cols=torch.tensor(bounds, dtype=torch.long, device=device),
             part_names=tuple(parts),
+            experts=experts,
         )
+        if not lazy:
+            layout._materialize()
+        return layout
 
-    def fill(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Write an adapter into `slot`: part name -> (A [r, in], B [out_part, r], scaling folded in). Parts
-        left out get no rows, so they cost nothing. Runs inside a step, so it touches only what the old and
-        the new adapter occupy."""
+    def _materialize(self) -> None:
+        rows = self.part_rows.shape[0]
+        if self.lora_a.shape[0] != rows:
+            self.lora_a = self.lora_a.new_zeros(rows, *self.lora_a.shape[1:])
+            self.lora_b = self.lora_b.new_zeros(rows, *self.lora_b.shape[1:])
+
+    @property
+    def in_use(self) -> bool:
+        """Whether any slot holds anything here (a lazy layout never filled holds nothing)."""
+        return any(self.widths) or bool(self.scaled or self.shifted)
+
+    @property
+    def num_slots(self) -> int:
+        return self.part_rows.shape[0] // self.experts
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the slots take, rank factors and output maps."""
+        tables = [self.lora_a, self.lora_b, self.out_scale, self.out_shift]
+        return sum(t.nbytes for t in tables if t is not None)
+
+    def fill(self, slot: int, parts: dict[str, SlotPart]) -> None:
+        """Write an adapter into `slot`, part name -> SlotPart. Parts left out get no rows, so they cost
+        nothing. Runs inside a step, so it touches only what the old and the new adapter occupy."""
         self.clear(slot)
+        virtual = slice(slot * self.experts, (slot + 1) * self.experts)
         offset, rows = 0, [[0, 0] for _ in self.part_names]
         for index, name in enumerate(self.part_names):
-            if name not in weights:
+            part = parts.get(name)
+            if part is None:
                 continue
-            lora_a, lora_b = weights[name]
-            rank = lora_a.shape[0]
             col_start, col_end = self.part_cols[index].tolist()
-            self.lora_a[slot, offset:offset + rank].copy_(lora_a)
-            self.lora_b[slot, offset:offset + rank, col_start:col_end].copy_(lora_b.T)
+            if part.scale is not None:
+                self._output_table("out_scale", 1.0)[slot, col_start:col_end].copy_(part.scale)
+                self.scaled.add(slot)
+            if part.shift is not None:
+                self._output_table("out_shift", 0.0)[slot, col_start:col_end].copy_(part.shift)
+                self.shifted.add(slot)
+            if part.lora_a is None:
+                continue
+            self._materialize()
+            rank = part.lora_a.shape[-2]
+            self.lora_a[virtual, offset:offset + rank].copy_(part.lora_a)
+            self.lora_b[virtual, offset:offset + rank, col_start:col_end].copy_(part.lora_b.transpose(-1, -2))
             rows[index] = [offset, offset + rank]
             offset += rank
-        self.part_rows[slot] = torch.tensor(rows, dtype=torch.long)
-        self.widths[slot] = offset
+        self.part_rows[virtual] = torch.tensor(rows, dtype=torch.long)
+        self.widths[virtual] = [offset] * self.experts
 
     def clear(self, slot: int) -> None:
         """Zero the slot's rows. In B only each part's own block is non-zero (the rest of its rows stays
         zero from allocation on), so only those blocks are zeroed."""
-        width = self.widths[slot]
+        if slot in self.scaled:
+            self.out_scale[slot].fill_(1.0)
+            self.scaled.discard(slot)
+        if slot in self.shifted:
+            self.out_shift[slot].zero_()
+            self.shifted.discard(slot)
+        virtual = slice(slot * self.experts, (slot + 1) * self.experts)
+        width = self.widths[slot * self.experts]
         if width == 0:
             return
-        self.lora_a[slot, :width].zero_()
-        for (row_start, row_end), (col_start, col_end) in zip(self.part_rows[slot].tolist(),
+        self.lora_a[virtual, :width].zero_()
+        for (row_start, row_end), (col_start, col_end) in zip(self.part_rows[slot * self.experts].tolist(),
                                                                self.part_cols.tolist(), strict=True):
             if row_end > row_start:
-                self.lora_b[slot, row_start:row_end, col_start:col_end].zero_()
-        self.part_rows[slot].zero_()
-        self.widths[slot] = 0
+                self.lora_b[virtual, row_start:row_end, col_start:col_end].zero_()
+        self.part_rows[virtual].zero_()
+        self.widths[virtual] = [0] * self.experts
+
+    def _output_table(self, name: str, identity: float) -> torch.Tensor:
+        table = getattr(self, name)
+        if table is None:
+            table = torch.full((self.num_slots + 1, self.lora_b.shape[-1]), identity, dtype=self.lora_b.dtype,
+                               device=self.lora_b.device)
+            setattr(self, name, table)
+        return table
+
+
+def _kernel(y: torch.Tensor, x: torch.Tensor, layout: SlotLayout):
+    """The C++ runs kernel when the tensors allow it (any float dtype on CPU), else None: the one place
+    that decides between it and the PyTorch path, for every kind of slot."""
+    return cpu_kernel(lora_module, y, x, layout.lora_a, any_dtype=True)
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, layout: SlotLayout, batch: LoRABatch) -> None:
-    """y += (x · A[slot]ᵀ) · B[slot] per token, in place."""
-    lora_a, lora_b, widths = layout.lora_a, layout.lora_b, layout.widths
-    kernel = lora_module() if y.device.type == "cpu" and x.dtype == lora_a.dtype == y.dtype else None
+    """y += (x · A[slot]ᵀ) · B[slot] per token, then each slot's output map, in place."""
+    kernel = _kernel(y, x, layout)
     if kernel is not None:
         if batch.kernel_runs is not None:
-            kernel.lora_add_runs(y, x.contiguous(), lora_a, lora_b, batch.kernel_runs, layout.part_rows,
-                                 layout.part_cols)
+            kernel.lora_add_runs(y, x.contiguous(), layout.lora_a, layout.lora_b, batch.kernel_runs,
+                                 layout.part_rows, layout.part_cols)
         _add_segments(y, x, layout, batch.long_segments)
+    else:
+        _add_segments(y, x, layout, batch.segments)
+        _add_grouped(y, x, layout, batch)
+    apply_output_maps(y, layout, batch)
+
+
+def add_lora_groups(y: torch.Tensor, x: torch.Tensor, layout: SlotLayout,
+                    groups: list[tuple[int, int, int, int]]) -> None:
+    """For an expert stack: y += x · A[slot, expert]ᵀ · B[slot, expert] over rows [start, end) of each
+    (slot, expert, start, end) group, whose rows the caller sorted by expert."""
+    runs = [LoRASegment(slot * layout.experts + expert, start, end) for slot, expert, start, end in groups
+            if layout.widths[slot * layout.experts]]
+    if not runs:
         return
-    _add_segments(y, x, layout, batch.segments)
+    kernel = _kernel(y, x, layout)
+    if kernel is None:
+        _add_segments(y, x, layout, runs)
+        return
+    table = torch.tensor([(r.slot, r.start, r.end) for r in runs], dtype=torch.long, device=y.device)
+    kernel.lora_add_runs(y, x.contiguous(), layout.lora_a, layout.lora_b, table, layout.part_rows, layout.part_cols)
+
+
+def add_embedding_lora(y: torch.Tensor, token_ids: torch.Tensor, layout: SlotLayout, batch: LoRABatch) -> None:
+    """An embedding table's LoRA (PEFT's lora_embedding_A [r, vocab] / lora_embedding_B): the shrink of a
+    token is column `id` of A, so y += A[slot][:, ids]ᵀ · B[slot] per run, then the output maps. Once per
+    step, so a matmul per run is cheap."""
+    for run in batch.segments + batch.decode_runs:
+        width = layout.widths[run.slot]
+        if width:
+            a, b = layout.lora_a[run.slot, :width], layout.lora_b[run.slot, :width]
+            y[run.start:run.end] += _to(a[:, token_ids[run.start:run.end]].T @ b, y)
+    apply_output_maps(y, layout, batch)
+
+
+def apply_output_maps(y: torch.Tensor, layout: SlotLayout, batch: LoRABatch) -> None:
+    """y ← y·out_scale[slot] + out_shift[slot] per token, where a slot of the batch has them."""
+    present = batch.slots_present
+    if layout.scaled and not layout.scaled.isdisjoint(present):
+        y.mul_(_to(layout.out_scale[batch.token_slots], y))
+    if layout.shifted and not layout.shifted.isdisjoint(present):
+        y.add_(_to(layout.out_shift[batch.token_slots], y))
+
+
+def _add_grouped(y: torch.Tensor, x: torch.Tensor, layout: SlotLayout, batch: LoRABatch) -> None:
+    """The decode runs gathered per slot: two batched matmuls for all adapters."""
     group = batch.grouped
     if group is None:
         return
-    width = max(widths[s] for s in group.slot_list)
+    width = max(layout.widths[s] for s in group.slot_list)
     if width == 0:
         return
+    lora_a, lora_b = layout.lora_a, layout.lora_b
     if group.slot_range is not None:
         a, b = lora_a[:group.slot_range, :width], lora_b[:group.slot_range, :width]
     else:
@@ -117,7 +244,7 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, layout: SlotLayout, batch: LoRABa
 
 
 def _add_segments(y: torch.Tensor, x: torch.Tensor, layout: SlotLayout, segments: list[LoRASegment]) -> None:
-    """One pair of matmuls per long run."""
+    """One pair of matmuls per run (`slot` of a run is a row of lora_a: a virtual slot for experts)."""
     for seg in segments:
         width = layout.widths[seg.slot]
         if width:
@@ -127,3 +254,61 @@ def _add_segments(y: torch.Tensor, x: torch.Tensor, layout: SlotLayout, segments
 
 def _to(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == like.dtype else t.to(like.dtype)
+
+
+@dataclass
+class SlotTables:
+    """Whole replacements of a vocabulary table (the embedding or the LM head) per slot: a slot's own table
+    (modules_to_save, or a vocabulary resized for added tokens; it may have more rows than the base) or new
+    values for some of its rows (trainable_token_indices). Allocated when an adapter enters a slot, dropped
+    when it leaves: the memory is that of the adapters in slots."""
+
+    tables: dict[int, torch.Tensor] = field(default_factory=dict)
+    rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # slot -> (ids, values)
+
+    def fill(self, slot: int, table: torch.Tensor | None = None,
+             rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        self.clear(slot)
+        if table is not None:
+            self.tables[slot] = table
+        if rows is not None:
+            self.rows[slot] = rows
+
+    def clear(self, slot: int) -> None:
+        self.tables.pop(slot, None)
+        self.rows.pop(slot, None)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tables.values()) + sum(v.nbytes for _, v in self.rows.values())
+
+    def width(self, batch: LoRABatch, base: int) -> int:
+        """Rows of the widest table among the batch's slots (at least `base`)."""
+        return max([base] + [self.tables[s].shape[0] for s in batch.slots_present if s in self.tables])
+
+    def lookup(self, h: torch.Tensor, token_ids: torch.Tensor, batch: LoRABatch) -> None:
+        """Embedding: the rows of h of each replacing slot's tokens, read from its table, in place."""
+        if not self.tables and not self.rows:
+            return
+        for run in batch.segments + batch.decode_runs:
+            ids = token_ids[run.start:run.end]
+            table = self.tables.get(run.slot)
+            if table is not None:
+                h[run.start:run.end] = _to(table[ids], h)
+            replaced = self.rows.get(run.slot)
+            if replaced is not None:
+                match = ids[:, None] == replaced[0][None, :]  # [tokens, trained ids]
+                hit = match.any(dim=1)
+                h[run.start:run.end][hit] = _to(replaced[1][match[hit].int().argmax(dim=1)], h)
+
+    def project(self, logits: torch.Tensor, h: torch.Tensor, batch: LoRABatch) -> None:
+        """LM head: the logits of each replacing slot's rows, from its table (columns past its vocabulary
+        stay as they are) or for its trained rows' columns, in place."""
+        for run in batch.segments + batch.decode_runs:
+            table = self.tables.get(run.slot)
+            if table is not None:
+                logits[run.start:run.end, :table.shape[0]] = _to(_to(h[run.start:run.end], table) @ table.T, logits)
+            replaced = self.rows.get(run.slot)
+            if replaced is not None:
+                ids, values = replaced
+                logits[run.start:run.end, ids] = _to(_to(h[run.start:run.end], values) @ values.T, logits)

@@ -12,82 +12,17 @@ weight becomes W[e] + scale · B_e A_e, with A_e = lora_A[e·r:(e+1)·r] and B_e
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from loraserve.layers.activation import GatedActivation
-from loraserve.layers.cpu_kernels import lora_module
 from loraserve.layers.forward_batch import LoRABatch
+from loraserve.layers.lora_ops import SlotLayout, add_lora_groups
 
 # checkpoint spellings of one expert's matrices -> (fused tensor, which half of gate_up or None)
 EXPERT_PARTS = {"w1": ("gate_up_proj", 0), "gate_proj": ("gate_up_proj", 0), "w3": ("gate_up_proj", 1),
                 "up_proj": ("gate_up_proj", 1), "w2": ("down_proj", None), "down_proj": ("down_proj", None)}
-
-
-@dataclass
-class ExpertSlots:
-    """LoRA slots of one fused expert tensor: lora_a [slots, experts, max_rank, in], lora_b [slots, experts,
-    max_rank, out] (scaling folded into B); ranks[slot] rows are used, 0 when the slot adapts nothing here.
-    Viewed as slots·experts "virtual slots" it is the layout the CPU LoRA kernel reads (layers/lora_ops.py):
-    part_rows [slots·experts, 1, 2] holds each virtual slot's rank rows, part_cols its one output block."""
-
-    lora_a: torch.Tensor
-    lora_b: torch.Tensor
-    ranks: list[int]
-    part_rows: torch.Tensor
-    part_cols: torch.Tensor
-
-    @classmethod
-    def allocate(cls, num_slots: int, num_experts: int, in_features: int, out_features: int, max_rank: int,
-                 dtype: torch.dtype, device: torch.device) -> ExpertSlots:
-        return cls(torch.zeros(num_slots, num_experts, max_rank, in_features, dtype=dtype, device=device),
-                   torch.zeros(num_slots, num_experts, max_rank, out_features, dtype=dtype, device=device),
-                   [0] * num_slots, torch.zeros(num_slots * num_experts, 1, 2, dtype=torch.long, device=device),
-                   torch.tensor([[0, out_features]], dtype=torch.long, device=device))
-
-    def fill(self, slot: int, weights: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-        """weights: (A [experts, r, in], B [experts, out, r]) or None (the adapter leaves this tensor alone)."""
-        self.clear(slot)
-        if weights is None:
-            return
-        lora_a, lora_b = weights
-        rank = lora_a.shape[1]
-        self.lora_a[slot, :, :rank].copy_(lora_a)
-        self.lora_b[slot, :, :rank].copy_(lora_b.transpose(1, 2))
-        self.ranks[slot] = rank
-        experts = self.lora_a.shape[1]
-        self.part_rows[slot * experts:(slot + 1) * experts, 0, 1] = rank
-
-    def clear(self, slot: int) -> None:
-        rank = self.ranks[slot]
-        if rank:
-            self.lora_a[slot, :, :rank].zero_()
-            self.lora_b[slot, :, :rank].zero_()
-            self.ranks[slot] = 0
-            experts = self.lora_a.shape[1]
-            self.part_rows[slot * experts:(slot + 1) * experts].zero_()
-
-    def add_groups(self, y: torch.Tensor, x: torch.Tensor, groups: list[tuple[int, int, int, int]]) -> None:
-        """y += x · A[slot, expert]ᵀ · B[slot, expert] over rows [start, end) of each (slot, expert, start,
-        end) group: one C++ call on CPU, a pair of matmuls per group elsewhere."""
-        groups = [g for g in groups if self.ranks[g[0]]]
-        if not groups:
-            return
-        experts = self.lora_a.shape[1]
-        kernel = lora_module() if y.device.type == "cpu" and x.dtype == self.lora_a.dtype == y.dtype else None
-        if kernel is not None:
-            runs = torch.tensor([(slot * experts + expert, start, end) for slot, expert, start, end in groups],
-                                dtype=torch.long, device=y.device)
-            kernel.lora_add_runs(y, x.contiguous(), self.lora_a.flatten(0, 1), self.lora_b.flatten(0, 1), runs,
-                                 self.part_rows, self.part_cols)
-            return
-        for slot, expert, start, end in groups:
-            rank = self.ranks[slot]
-            a, b = self.lora_a[slot, expert, :rank], self.lora_b[slot, expert, :rank]
-            y[start:end] += (x[start:end].to(a.dtype) @ a.T @ b).to(y.dtype)
 
 
 class FusedExperts(nn.Module):
@@ -104,7 +39,7 @@ class FusedExperts(nn.Module):
                                          requires_grad=False)
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size), requires_grad=False)
         self.act = GatedActivation(activation)
-        self.lora: dict[str, ExpertSlots] = {}  # set by enable_lora
+        self.lora: dict[str, SlotLayout] = {}  # set by enable_lora, one per fused tensor
         self.loaded: set[tuple[int, str]] = set()  # (expert, checkpoint part) copied from per-expert tensors
 
     def shapes(self) -> dict[str, tuple[int, int, int]]:
@@ -112,9 +47,9 @@ class FusedExperts(nn.Module):
         return {name: (self.num_experts, getattr(self, name).shape[2], getattr(self, name).shape[1])
                 for name in self.TENSORS}
 
-    def enable_lora(self, num_slots: int, max_rank: int, dtype: torch.dtype) -> dict[str, ExpertSlots]:
-        self.lora = {name: ExpertSlots.allocate(num_slots, experts, fan_in, fan_out, max_rank, dtype,
-                                                self.gate_up_proj.device)
+    def enable_lora(self, num_slots: int, max_rank: int, dtype: torch.dtype) -> dict[str, SlotLayout]:
+        self.lora = {name: SlotLayout.allocate({name: fan_out}, fan_in, num_slots, max_rank, dtype,
+                                               self.gate_up_proj.device, experts=experts)
                      for name, (experts, fan_in, fan_out) in self.shapes().items()}
         return self.lora
 
@@ -149,7 +84,8 @@ class FusedExperts(nn.Module):
         tokens, top_k = top_ids.shape
         token_of = torch.arange(tokens, device=x.device).repeat_interleave(top_k)
         experts = top_ids.flatten()
-        use_lora = lora is not None and self.lora and any(s.ranks[slot] for s in self.lora.values()
+        use_lora = lora is not None and self.lora and any(layout.widths[slot * self.num_experts]
+                                                           for layout in self.lora.values()
                                                            for slot in lora.slots_present)
         groups = self.num_experts
         key = experts
@@ -166,14 +102,14 @@ class FusedExperts(nn.Module):
                 gate_up[start:end] = F.linear(rows[start:end], self.gate_up_proj[expert])
         if use_lora:  # the same (slot, expert, rows) groups serve both tensors
             lora_groups = self._lora_groups(counts, lora.num_slots + 1)
-            self.lora["gate_up_proj"].add_groups(gate_up, rows, lora_groups)
+            add_lora_groups(gate_up, rows, self.lora["gate_up_proj"], lora_groups)
         hidden = self.act(gate_up)
         out = torch.empty_like(rows)
         for expert, (start, end) in enumerate(bounds):
             if end > start:
                 out[start:end] = F.linear(hidden[start:end], self.down_proj[expert])
         if use_lora:
-            self.lora["down_proj"].add_groups(out, hidden, lora_groups)
+            add_lora_groups(out, hidden, self.lora["down_proj"], lora_groups)
         out *= top_weights.flatten()[order, None].to(out.dtype)
         return torch.zeros_like(x).index_add_(0, token_of[order], out)
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from loraserve.layers.cpu_kernels import quant_module
+from loraserve.layers.cpu_kernels import cpu_kernel, quant_module
 
 CHUNK = 32  # int4 packs features in chunks of 32: byte i holds feature i (low nibble) and i + 16 (high)
 
@@ -188,9 +188,9 @@ def _matmul(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None) -> t
 
 
 def _kernel_for(x: torch.Tensor, w: QuantizedTensor):
-    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or w.cols % CHUNK or w.group_size % 16:
+    if w.cols % CHUNK or w.group_size % 16:
         return None
-    module = quant_module()
+    module = cpu_kernel(quant_module, x)
     return module if module is not None and module.available else None
 
 

@@ -1,53 +1,70 @@
-"""Reading PEFT LoRA checkpoints into validated tensors, with each module's scaling folded into B, and the
-content hash that identifies what was read.
+"""Reading PEFT LoRA-family checkpoints into validated tensors, with each module's scaling folded into B, and
+the content hash that identifies what was read.
 
-Every way an adapter could be served wrongly is caught here, at load time, with a message that says
-what to change: an adapter that loads is applied exactly as PEFT would apply it, and an adapter that
-would silently change nothing, or change other modules than it was trained on, never loads.
+Every kind PEFT's LoRA writes is read: factors of linear modules, of the LM head and of embeddings
+(lora_embedding_A/B), of fused expert tensors (target_parameters); DoRA magnitudes, turned into the per-row
+factor m / ‖W₀ + scale·BA‖ once here from the base weights; lora_B biases; trained base biases (bias='all' /
+'lora_only'), modules_to_save and the embedding copies save_embedding_layers writes, kept whole; the rows of
+trainable_token_indices. Every way an adapter could be served wrongly is caught here, at load time, with a
+message that says what to change: an adapter that loads is applied exactly as PEFT would apply it, and an
+adapter that would silently change nothing, or change other modules than it was trained on, never loads.
 """
 from __future__ import annotations
 
 import hashlib
-import io
-import json
-import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
 
-from loraserve.errors import AdapterNotFoundError, LoRAError, ModelNotFoundError
-from loraserve.lora.peft_config import (
-    CONFIG_FILE,
-    EMBEDDING_LEAVES,
-    AdapterConfig,
-    LoRATargetSpec,
-    embedding_error,
-    parse_config,
-    selected_modules,
+from loraserve.errors import AdapterNotFoundError, LoRAError
+from loraserve.lora.adapter_files import (
+    SAFETENSORS_FILE,
+    parse_json,
+    read_config_bytes,
+    read_weights,
+    resolve_adapter_path,
 )
+from loraserve.lora.peft_config import CONFIG_FILE, AdapterConfig, LoRATargetSpec, parse_config, selected_modules
+from loraserve.lora.peft_tensors import ModuleTensors, classify
 from loraserve.lora_request import LoRARequest
-from loraserve.model.loader import local_snapshot
 
-__all__ = ["AdapterNotFoundError", "LoRAAdapter", "LoRAError", "LoRAModuleWeights", "LoRATargetSpec",
-           "load_adapter", "resolve_adapter_path"]
+__all__ = ["SAFETENSORS_FILE", "AdapterNotFoundError", "BaseWeights", "LoRAAdapter", "LoRAError",
+           "LoRAModuleWeights", "LoRATargetSpec", "TokenRows", "load_adapter", "resolve_adapter_path"]
 
-SAFETENSORS_FILE = "adapter_model.safetensors"
-BIN_FILE = "adapter_model.bin"
-_PEFT_PREFIX = "base_model.model."  # PeftModel wraps the transformers model twice
 _BASE_LAYER = ".base_layer"  # a second target_parameters wrapper nests the first: experts.base_layer.lora_A
+
+
+class BaseWeights(Protocol):
+    """What reading an adapter needs from the base model's weights (the CausalLM provides it)."""
+
+    def lora_norm_terms(self, module: str, lora_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A·W₀ᵀ [r, out], ‖W₀ row‖² [out]) in float32 for the module's weight W₀ [out, in], de-quantized;
+        for an embedding table E [vocab, dim] W₀ is Eᵀ, as PEFT's DoRA takes it."""
+
+    def checkpoint_tensor(self, name: str) -> torch.Tensor | None:
+        """The base's tensor `name` (a key of LoRATargetSpec.tensors) in float32, None if not at hand."""
 
 
 @dataclass
 class LoRAModuleWeights:
-    """A module's factors; for a fused expert tensor one pair per expert, stacked on a leading dimension."""
+    """A module's factors; for a fused expert tensor one pair per expert, stacked on a leading dimension; for
+    an embedding A is [r, vocab] (PEFT's lora_embedding_A), read by token id."""
 
     lora_a: torch.Tensor  # [r, in] ([experts, r, in])
     lora_b: torch.Tensor  # [out, r] ([experts, out, r]), ALREADY multiplied by the module's scaling
     rank: int
+    dora_scale: torch.Tensor | None = None  # [out] float32: DoRA's m / ‖W₀ + scaling·BA‖ per output row
+    bias: torch.Tensor | None = None  # [out] float32 added to the output: scaling · lora_B.bias
+
+
+@dataclass
+class TokenRows:
+    """trainable_token_indices: rows `ids` of an embedding table take the values `rows` [n, dim]."""
+
+    ids: torch.Tensor  # int64
+    rows: torch.Tensor
 
 
 @dataclass(eq=False)
@@ -63,62 +80,46 @@ class LoRAAdapter:
     base_model_name: str | None  # base_model_name_or_path from adapter_config.json
     nbytes: int
     content_hash: str
-
-
-def resolve_adapter_path(path_or_hub_id: str) -> Path:
-    """A local folder as an absolute path, or a hub id's snapshot in the local Hugging Face cache (never
-    downloads). Two spellings of one folder (relative, absolute, trailing slash) resolve to the same path."""
-    path = Path(path_or_hub_id).expanduser()
-    if path.is_dir():
-        return path.resolve()
-    if path.exists():
-        raise AdapterNotFoundError(
-            f"adapter path {path_or_hub_id!r} is a file; pass the folder holding {CONFIG_FILE} and {SAFETENSORS_FILE}"
-        )
-    try:
-        return local_snapshot(path_or_hub_id)
-    except ModelNotFoundError as e:
-        raise AdapterNotFoundError(
-            f"adapter {path_or_hub_id!r} is neither an existing folder nor a hub id in the local Hugging Face cache "
-            f"(loraserve never downloads); check the path, or fetch it with `huggingface-cli download "
-            f"{path_or_hub_id}` on a connected machine"
-        ) from e
+    # checkpoint tensor name -> the adapter's whole copy (modules_to_save, trained biases, resized tables),
+    # only those that differ from the base's
+    saved: dict[str, torch.Tensor] = field(default_factory=dict)
+    token_rows: dict[str, TokenRows] = field(default_factory=dict)  # embedding weight name -> trained rows
 
 
 def load_adapter(request: LoRARequest, spec: LoRATargetSpec, max_lora_rank: int, dtype: torch.dtype,
-                 folder: Path | None = None) -> LoRAAdapter:
+                 folder: Path | None = None, base: BaseWeights | None = None) -> LoRAAdapter:
     """Read and check the PEFT adapter `request` names against the model's modules `spec`.
 
-    B comes back multiplied by its module's scaling (computed in float32), both factors cast to `dtype`;
+    B comes back multiplied by its module's scaling (computed in float32), every tensor cast to `dtype`;
     raises LoRAError (AdapterNotFoundError for missing files) on anything that could not be served
-    exactly as PEFT would apply it. `folder`: the request's path, already resolved."""
+    exactly as PEFT would apply it. `folder`: the request's path, already resolved; `base`: the base model's
+    weights, needed by DoRA (its norms) and to drop saved copies equal to the base."""
     name = request.lora_name
     folder = folder or resolve_adapter_path(request.lora_path)
-    config_bytes = _read_config_bytes(folder, name)
-    config = parse_config(_parse_json(config_bytes, folder / CONFIG_FILE, name), spec, name)
+    config_bytes = read_config_bytes(folder, name)
+    config = parse_config(parse_json(config_bytes, folder / CONFIG_FILE, name), spec, name)
     selected = selected_modules(config, spec, name)
-    max_rank = max(config.rank(module) for module in selected)
+    max_rank = max((config.rank(module) for module in selected), default=0)
     if max_rank > max_lora_rank:
         raise LoRAError(
             f"LoRA rank {max_rank} of adapter {name!r} exceeds max_lora_rank={max_lora_rank}; "
             f"restart with --max-lora-rank {max_rank}"
         )
-    weights_bytes, tensors = _read_weights(folder, name)
-    modules = {}
-    for module, (lora_a, lora_b) in _pair_tensors(tensors, name).items():
-        if module.removesuffix(_BASE_LAYER) + ".gate_up_proj" in spec.parameters:  # PEFT's (nested) ParamWrapper
-            module, lora_a, lora_b = _expert_factors(module.removesuffix(_BASE_LAYER), lora_a, lora_b, config, spec,
-                                                     name)
-            if module in modules:
-                raise LoRAError(f"adapter {name!r} holds two LoRA pairs for {module!r}; re-save the adapter")
-        else:
-            _check_module(module, lora_a, lora_b, config, spec, name)
-        scaled_b = lora_b.to(torch.float32) * config.scaling(module)
-        modules[module] = LoRAModuleWeights(
-            lora_a=lora_a.to(dtype).contiguous(), lora_b=scaled_b.to(dtype).contiguous(), rank=config.rank(module)
-        )
+    weights_bytes, tensors = read_weights(folder, name)
+    found = classify(tensors, name)
+    modules: dict[str, LoRAModuleWeights] = {}
+    token_rows: dict[str, TokenRows] = {}
+    for module, held in found.modules.items():
+        if held.token_rows is not None:
+            table, rows = _token_rows(module, held, config, spec, name)
+            token_rows[table] = TokenRows(rows.ids, rows.rows.to(dtype))
+            continue
+        module, weights = _module_weights(module, held, config, spec, name, base)
+        if module in modules:
+            raise LoRAError(f"adapter {name!r} holds two LoRA pairs for {module!r}; re-save the adapter")
+        modules[module] = weights
     missing = [module for module in selected if module not in modules]
-    if len(missing) == len(selected):
+    if missing and len(missing) == len(selected):
         raise LoRAError(
             f"adapter {name!r} targets {len(selected)} modules of model {spec.model_name!r} but its weights file holds "
             f"no LoRA tensors for any of them, so it would change nothing; the config and the weights do not belong "
@@ -129,109 +130,147 @@ def load_adapter(request: LoRARequest, spec: LoRATargetSpec, max_lora_rank: int,
             f"adapter {name!r}: its weights file holds no LoRA tensors for {len(missing)} of the {len(selected)} "
             f"modules it targets (first: {missing[0]!r}); the weights file is incomplete, re-save the adapter"
         )
+    saved = _saved_tensors(found.whole, config, spec, selected, name, base)
+    for table in config.trainable_token_indices:
+        if not any(_is_table(t, table, spec) for t in token_rows):
+            raise LoRAError(f"adapter {name!r}: its {CONFIG_FILE} trains token rows of {table or 'the embedding'!r} "
+                            f"(trainable_token_indices) but its weights file holds none; re-save the adapter")
+    for weights in modules.values():
+        weights.lora_a = weights.lora_a.to(dtype).contiguous()
+        weights.lora_b = weights.lora_b.to(dtype).contiguous()
+    saved = {key: tensor.to(dtype) for key, tensor in saved.items()}
     digest = hashlib.sha256(config_bytes)
     digest.update(b"\0")
     digest.update(weights_bytes)
+    nbytes = sum(w.lora_a.nbytes + w.lora_b.nbytes for w in modules.values())
+    nbytes += sum(t.nbytes for t in saved.values()) + sum(r.rows.nbytes for r in token_rows.values())
     return LoRAAdapter(
         name=name, int_id=request.lora_int_id, path=str(folder), modules=modules, max_rank=max_rank,
-        base_model_name=config.base_model_name,
-        nbytes=sum(w.lora_a.nbytes + w.lora_b.nbytes for w in modules.values()), content_hash=digest.hexdigest(),
+        base_model_name=config.base_model_name, nbytes=nbytes, content_hash=digest.hexdigest(), saved=saved,
+        token_rows=token_rows,
     )
 
 
-def _read_config_bytes(folder: Path, name: str) -> bytes:
-    if not folder.is_dir():
-        raise AdapterNotFoundError(f"adapter {name!r}: its folder {folder} does not exist (any more); check the path")
-    path = folder / CONFIG_FILE
-    try:
-        return path.read_bytes()
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        raise AdapterNotFoundError(
-            f"adapter {name!r}: {folder} has no {CONFIG_FILE}; pass the folder that PEFT's save_pretrained wrote"
-        ) from None
+def _module_weights(module: str, held: ModuleTensors, config: AdapterConfig, spec: LoRATargetSpec, name: str,
+                    base: BaseWeights | None) -> tuple[str, LoRAModuleWeights]:
+    """One module's validated factors, scaled B, DoRA factor and bias."""
+    if held.lora_a is None or held.lora_b is None:
+        have, partner = ("lora_A", "lora_B") if held.lora_a is not None else ("lora_B", "lora_A")
+        if held.lora_a is None and held.lora_b is None:
+            have = "lora_magnitude_vector" if held.magnitude is not None else "a lora_B bias"
+        raise LoRAError(f"adapter {name!r} has {have} but no {partner} for module {module!r}; the weights file is "
+                        f"incomplete, re-save the adapter")
+    lora_a, lora_b = held.lora_a, held.lora_b
+    if held.embedding:  # PEFT's lora_embedding_B is [dim, r] like a linear's B; A [r, vocab] is read by column
+        _check_module(module, lora_a, lora_b, config, spec, name, embedding=True)
+    elif module.removesuffix(_BASE_LAYER) + ".gate_up_proj" in spec.parameters:  # PEFT's (nested) ParamWrapper
+        module, lora_a, lora_b = _expert_factors(module.removesuffix(_BASE_LAYER), lora_a, lora_b, config, spec, name)
+    else:
+        _check_module(module, lora_a, lora_b, config, spec, name)
+    scaling = config.scaling(module)
+    weights = LoRAModuleWeights(lora_a=lora_a.float(), lora_b=lora_b.float() * scaling, rank=config.rank(module))
+    if held.lora_b_bias is not None:
+        if not config.lora_bias or held.lora_b_bias.shape != (lora_b.shape[0],):
+            raise LoRAError(f"adapter {name!r}: module {module!r} has a lora_B bias of shape "
+                            f"{tuple(held.lora_b_bias.shape)} but its {CONFIG_FILE} says lora_bias="
+                            f"{config.lora_bias}; the config and the weights do not belong together")
+        weights.bias = held.lora_b_bias.float() * scaling
+    if config.use_dora != (held.magnitude is not None):
+        why = "no DoRA magnitude" if config.use_dora else "a DoRA magnitude but use_dora is false"
+        raise LoRAError(f"adapter {name!r}: module {module!r} has {why} ({CONFIG_FILE} use_dora={config.use_dora}); "
+                        f"the config and the weights do not belong together, re-save the adapter")
+    if held.magnitude is not None:
+        weights.dora_scale = _dora_scale(module, weights, held.magnitude, base, name)
+    return module, weights
 
 
-def _parse_json(data: bytes, path: Path, name: str) -> dict[str, Any]:
-    try:
-        raw = json.loads(data.decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LoRAError(f"adapter {name!r}: {path} is not valid JSON ({e}); fix it or re-save the adapter") from e
-    if not isinstance(raw, dict):
-        raise LoRAError(f"adapter {name!r}: {path} must hold a JSON object, got {type(raw).__name__}")
-    return raw
+def _dora_scale(module: str, weights: LoRAModuleWeights, magnitude: torch.Tensor, base: BaseWeights | None,
+                name: str) -> torch.Tensor:
+    """m / ‖W₀ + s·BA‖ per output row (PEFT treats the norm as a constant: so is this), from
+    ‖W₀ + s·BA‖² = ‖W₀‖² + 2·Σₖ (sB)ᵢₖ (A W₀ᵀ)ₖᵢ + ‖(sB)ᵢ A‖², which never forms W₀ + s·BA."""
+    if base is None:
+        raise LoRAError(f"adapter {name!r} is a DoRA adapter, whose norms need the base model's weights; load it "
+                        f"through an engine")
+    lora_a, lora_b = weights.lora_a, weights.lora_b  # float32, B scaled
+    if magnitude.shape != (lora_b.shape[0],):
+        raise LoRAError(f"adapter {name!r}: module {module!r} has a DoRA magnitude of shape {tuple(magnitude.shape)}, "
+                        f"expected ({lora_b.shape[0]},); re-save the adapter")
+    a_w, row_norms = base.lora_norm_terms(module, lora_a)
+    cross = (lora_b * a_w.T).sum(dim=1)
+    lora_norms = ((lora_b @ (lora_a @ lora_a.T)) * lora_b).sum(dim=1)
+    return magnitude.float() / (row_norms + 2 * cross + lora_norms).clamp(min=0).sqrt()
 
 
-def _read_weights(folder: Path, name: str) -> tuple[bytes, dict[str, torch.Tensor]]:
-    """The weights file's bytes (for the content hash) and its tensors, read once."""
-    safetensors_path, bin_path = folder / SAFETENSORS_FILE, folder / BIN_FILE
-    if safetensors_path.is_file():
-        data = safetensors_path.read_bytes()
-        try:
-            return data, load_safetensors(data)
-        except (SafetensorError, OSError) as e:
+def _token_rows(module: str, held: ModuleTensors, config: AdapterConfig, spec: LoRATargetSpec,
+                name: str) -> tuple[str, TokenRows]:
+    """The trainable-token rows of embedding `module`, checked against trainable_token_indices."""
+    if module not in spec.embeddings:
+        raise LoRAError(f"adapter {name!r} trains token rows of {module!r}, which is not an embedding table of model "
+                        f"{spec.model_name!r} (its tables: {', '.join(spec.embeddings)})")
+    ids = next((v for k, v in config.trainable_token_indices.items() if _is_table(f"{module}.weight", k, spec)), None)
+    if ids is None:
+        raise LoRAError(f"adapter {name!r} holds trained token rows for {module!r}, which its {CONFIG_FILE} does not "
+                        f"name in trainable_token_indices; the config and the weights do not belong together")
+    vocab, dim = spec.embeddings[module]
+    if held.token_rows.shape != (len(ids), dim):
+        raise LoRAError(f"adapter {name!r}: the trained token rows of {module!r} have shape "
+                        f"{tuple(held.token_rows.shape)}, expected ({len(ids)}, {dim}) for the {len(ids)} ids of "
+                        f"trainable_token_indices; re-save the adapter")
+    _check_vocabulary(max(ids) + 1, vocab, spec, name, f"trainable_token_indices of {module!r}")
+    return f"{module}.weight", TokenRows(torch.tensor(ids, dtype=torch.long), held.token_rows.float())
+
+
+def _is_table(table: str, entry: str | None, spec: LoRATargetSpec) -> bool:
+    """Whether a trainable_token_indices key (None: the input embedding) names embedding weight `table`."""
+    module = table.removesuffix(".weight")
+    if entry is None:
+        return module == next(iter(spec.embeddings), None)
+    return module == entry or module.endswith("." + entry)
+
+
+def _check_vocabulary(rows: int, vocab: int, spec: LoRATargetSpec, name: str, what: str) -> None:
+    if rows > vocab + spec.extra_vocab_size:
+        raise LoRAError(f"adapter {name!r}: {what} reaches {rows} vocabulary rows, the base has {vocab} and "
+                        f"--lora-extra-vocab-size allows {spec.extra_vocab_size} more; restart with "
+                        f"--lora-extra-vocab-size {rows - vocab}")
+
+
+def _saved_tensors(whole: dict[str, torch.Tensor], config: AdapterConfig, spec: LoRATargetSpec,
+                   selected: list[str], name: str, base: BaseWeights | None) -> dict[str, torch.Tensor]:
+    """The tensors saved whole, each justified by the config and servable per adapter, minus those equal to
+    the base's (an unchanged copy costs memory and changes nothing)."""
+    saved = {}
+    for key, tensor in whole.items():
+        module, _, param = key.rpartition(".")
+        by_modules_to_save = any(module == m or module.endswith("." + m) for m in config.modules_to_save)
+        by_bias = param == "bias" and (config.bias == "all" or (config.bias == "lora_only" and module in selected))
+        if not (by_modules_to_save or by_bias or module in spec.embeddings or module == spec.head):
             raise LoRAError(
-                f"adapter {name!r}: {safetensors_path} is corrupt or truncated ({e}); "
-                f"re-download or re-save the adapter"
-            ) from e
-    if bin_path.is_file():
-        data = bin_path.read_bytes()
-        try:
-            tensors = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-            raise LoRAError(
-                f"adapter {name!r}: {bin_path} is corrupt or not a PyTorch state dict ({e}); re-save the adapter"
-            ) from e
-        if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
-            raise LoRAError(f"adapter {name!r}: {bin_path} does not hold a state dict of tensors; re-save the adapter")
-        return data, tensors
-    raise AdapterNotFoundError(
-        f"adapter {name!r}: {folder} has {CONFIG_FILE} but no weights; "
-        f"expected {SAFETENSORS_FILE} (or legacy {BIN_FILE})"
-    )
-
-
-def _pair_tensors(tensors: dict[str, torch.Tensor], name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Group 'base_model.model.<module>.lora_A[.<adapter>].weight' keys into (A, B) per module."""
-    found: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in sorted(tensors.items()):  # by name, whatever order the file lists them in
-        module, factor = _split_key(key, name)
-        if factor in found.setdefault(module, {}):
-            raise LoRAError(f"adapter {name!r} holds two {factor} tensors for module {module!r}; re-save the adapter")
-        if not tensor.is_floating_point():
-            raise LoRAError(
-                f"adapter {name!r}: tensor {key!r} has dtype {tensor.dtype}; quantized LoRA weights are not supported"
+                f"adapter {name!r} holds tensor {key!r}, which is not a LoRA weight, and its {CONFIG_FILE} neither "
+                f"saves that module (modules_to_save={config.modules_to_save!r}) nor trains biases (bias="
+                f"{config.bias!r}); the config and the weights do not belong together"
             )
-        found[module][factor] = tensor
-    pairs = {}
-    for module, factors in found.items():
-        if len(factors) != 2:
-            (have,) = factors
-            partner = "lora_B" if have == "lora_A" else "lora_A"
-            raise LoRAError(
-                f"adapter {name!r} has {have} but no {partner} for module {module!r}; the weights file is "
-                f"incomplete, re-save the adapter"
-            )
-        pairs[module] = (factors["lora_A"], factors["lora_B"])
-    return pairs
-
-
-def _split_key(key: str, name: str) -> tuple[str, str]:
-    parts = key.removeprefix(_PEFT_PREFIX).split(".")
-    for i, part in enumerate(parts):  # LoRA factors or saved weights of an embedding / the output head
-        if part in EMBEDDING_LEAVES:
-            raise embedding_error(name, ".".join(parts[: i + 1]))
-    for i, part in enumerate(parts):
-        if part in ("lora_embedding_A", "lora_embedding_B"):
-            raise embedding_error(name, ".".join(parts[:i]))
-        if part == "lora_magnitude_vector":
-            raise LoRAError(f"adapter {name!r} holds DoRA magnitude vectors ({key!r}); DoRA adapters are not supported")
-        # PEFT saves '<module>.lora_A.weight'; some tools keep the adapter name: '<module>.lora_A.default.weight'
-        if part in ("lora_A", "lora_B") and i > 0 and parts[-1] == "weight" and len(parts) - i in (2, 3):
-            return ".".join(parts[:i]), part
-    raise LoRAError(
-        f"adapter {name!r} holds tensor {key!r}, which is not a LoRA A/B weight; only plain LoRA adapters "
-        f"(files with nothing but lora_A/lora_B weights) can be served"
-    )
+        expected = spec.tensors.get(key)
+        if expected is None:
+            raise LoRAError(f"adapter {name!r} saves tensor {key!r}, which model {spec.model_name!r} does not have; "
+                            f"the adapter was likely trained for another base model (base_model_name_or_path="
+                            f"{config.base_model_name!r})")
+        if key not in spec.replaceable:
+            raise LoRAError(f"adapter {name!r} saves {key!r} whole (modules_to_save); loraserve serves whole copies "
+                            f"of embedding tables, the LM head, norms and biases only; re-train with LoRA on that "
+                            f"module instead, or merge the adapter into the base model (loraserve merge)")
+        resizable = module in spec.embeddings or module == spec.head
+        if tuple(tensor.shape) != expected and not (resizable and tensor.shape[1:] == expected[1:]):
+            raise LoRAError(f"adapter {name!r}: its saved {key!r} has shape {tuple(tensor.shape)}, model "
+                            f"{spec.model_name!r} expects {expected}; the adapter was likely trained for another "
+                            f"base model (base_model_name_or_path={config.base_model_name!r})")
+        if resizable:
+            _check_vocabulary(tensor.shape[0], expected[0], spec, name, f"its saved {key!r}")
+        served = base.checkpoint_tensor(key) if base is not None and tuple(tensor.shape) == expected else None
+        if served is not None and torch.equal(tensor.float(), served):
+            continue
+        saved[key] = tensor.float()
+    return saved
 
 
 def _expert_factors(experts: str, lora_a: torch.Tensor, lora_b: torch.Tensor, config: AdapterConfig,
@@ -264,12 +303,13 @@ def _expert_factors(experts: str, lora_a: torch.Tensor, lora_b: torch.Tensor, co
 
 
 def _check_module(module: str, lora_a: torch.Tensor, lora_b: torch.Tensor, config: AdapterConfig,
-                  spec: LoRATargetSpec, name: str) -> None:
+                  spec: LoRATargetSpec, name: str, embedding: bool = False) -> None:
     trained_for = (
         f"the adapter was likely trained for another base model (base_model_name_or_path="
         f"{config.base_model_name!r}), this server runs {spec.model_name!r}"
     )
-    if module not in spec.modules:
+    shapes_of = spec.embeddings if embedding else spec.modules
+    if module not in shapes_of:
         raise LoRAError(
             f"adapter {name!r} has LoRA weights for module {module!r}, which model {spec.model_name!r} does not have "
             f"(its adaptable modules are: {spec.leaf_names()}); {trained_for}"
@@ -280,7 +320,10 @@ def _check_module(module: str, lora_a: torch.Tensor, lora_b: torch.Tensor, confi
             f"(target_modules={config.target_modules!r}, target_parameters={config.target_parameters!r}); the "
             f"config and the weights do not belong together"
         )
-    in_features, out_features = spec.modules[module]
+    in_features, out_features = shapes_of[module]
+    if embedding and lora_a.ndim == 2 and in_features < lora_a.shape[1]:  # trained on a resized vocabulary
+        _check_vocabulary(lora_a.shape[1], in_features, spec, name, f"lora_embedding_A of {module!r}")
+        in_features = lora_a.shape[1]
     rank = config.rank(module)
     expected_a, expected_b = (rank, in_features), (out_features, rank)
     got_a, got_b = tuple(lora_a.shape), tuple(lora_b.shape)

@@ -17,6 +17,7 @@ from loraserve.lora.host_cache import HostCache, HostCacheStats
 from loraserve.lora.slots import AdapterSlots, SlotStats
 from loraserve.lora_request import LoRARequest
 from loraserve.model.causal_lm import CausalLM
+from loraserve.model.lora_targets import enable_lora
 
 
 @dataclass
@@ -29,13 +30,13 @@ class LoRAStats:
 
 class LoRAManager:
     def __init__(self, model: CausalLM, config: LoRAConfig, dtype: torch.dtype, model_name: str) -> None:
-        """Adapters for `model`'s linear modules and fused expert tensors."""
+        """Adapters for every tensor of `model` they may act on (model/lora_targets.py)."""
         self.config = config
-        self.spec = LoRATargetSpec.of_model(model, model_name)
+        self.spec = LoRATargetSpec.of_model(model, model_name, config.lora_extra_vocab_size)
         self.host = HostCache(lambda request, folder: load_adapter(request, self.spec, config.max_lora_rank, dtype,
-                                                                   folder), config.max_cpu_loras)
-        self.slots = AdapterSlots(model.linear_modules(), model.expert_tensors(), config.max_loras,
-                                  config.max_lora_rank, dtype)
+                                                                   folder, base=model), config.max_cpu_loras)
+        self.slots = AdapterSlots(enable_lora(model, config.max_loras, config.max_lora_rank, dtype,
+                                              config.lora_extra_vocab_size), config.max_loras)
 
     def acquire(self, request: LoRARequest) -> LoRAAdapter:
         """The request's adapter in host memory, pinned until `release` (reads the disk if it is cold)."""

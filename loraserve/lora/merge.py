@@ -47,6 +47,15 @@ def merge_adapter(model: str | None, adapter_path: str, out_dir: str | Path, deq
         raise ValueError(f"adapter {adapter_path!r} adapts routed experts ({experts[0]!r}...), which merge does "
                          f"not fold into per-expert checkpoint tensors; serve it with the adapter instead "
                          f"(expert LoRA is served exactly)")
+    unmergeable = [f"{kind} ({where})" for kind, where in (
+        ("embedding / lm_head LoRA", next((m for m in adapter.modules if m in spec.embeddings or m == spec.head), "")),
+        ("DoRA", next((m for m, w in adapter.modules.items() if w.dora_scale is not None), "")),
+        ("a lora_B bias", next((m for m, w in adapter.modules.items() if w.bias is not None), "")),
+        ("saved modules or biases", next(iter(adapter.saved), "")),
+        ("trainable tokens", next(iter(adapter.token_rows), ""))) if where]
+    if unmergeable:
+        raise ValueError(f"adapter {adapter_path!r} holds {', '.join(unmergeable)}, which merge does not fold into "
+                         f"the checkpoint; serve it with the adapter instead (served exactly as PEFT computes it)")
     merged = {}
     for name, tensor in checkpoint_weights(folder, config, scheme, skeleton.checkpoint_names()):
         if isinstance(tensor, QuantizedTensor):

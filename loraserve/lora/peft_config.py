@@ -10,15 +10,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loraserve.errors import LoRAError
+from loraserve.model.lora_targets import target_shapes
 
 CONFIG_FILE = "adapter_config.json"
-EMBEDDING_LEAVES = ("embed_tokens", "lm_head")
-# Options that make an adapter compute more than x @ A.T @ B.T * scaling; refused whenever set.
+BIAS_MODES = ("none", "all", "lora_only")
+# Options whose computation loraserve does not implement; refused whenever set.
 UNSUPPORTED_OPTIONS = {
-    "use_dora": "DoRA",
-    "lora_bias": "a trained bias on lora_B",
     "layer_replication": "layer replication",
-    "trainable_token_indices": "trainable token embeddings",
     "alora_invocation_tokens": "Activated LoRA (aLoRA)",
     "use_qalora": "QA-LoRA input pooling",
     "kasa_config": "KaSA (which also rewrites base weights)",
@@ -29,25 +27,35 @@ UNSUPPORTED_OPTIONS = {
 
 @dataclass(frozen=True)
 class LoRATargetSpec:
-    """The adaptable linear modules of a loaded model, by their Hugging Face module names."""
+    """What of a loaded model an adapter may touch, by Hugging Face names."""
 
-    modules: dict[str, tuple[int, int]]  # "model.layers.0.self_attn.q_proj" -> (in_features, out_features)
+    # linear modules, the LM head included: "model.layers.0.self_attn.q_proj" -> (in_features, out_features)
+    modules: dict[str, tuple[int, int]]
     model_name: str  # for messages ("adapter trained for X, this server runs Y")
     # fused expert tensors PEFT's target_parameters adapt: "model.layers.0.mlp.experts.gate_up_proj" ->
     # (experts, in_features, out_features)
     parameters: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    embeddings: dict[str, tuple[int, int]] = field(default_factory=dict)  # "model.embed_tokens" -> (vocab, dim)
+    head: str | None = None  # the LM head's module name (a key of modules), which all-linear leaves out
+    # every checkpoint tensor an adapter may replace or save (modules_to_save, bias='all'): name -> shape
+    tensors: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    replaceable: frozenset[str] = frozenset()  # of those, what a slot can hold an adapter's copy of
+    extra_vocab_size: int = 0  # rows an adapter may add to the vocabulary (--lora-extra-vocab-size)
 
     @classmethod
-    def of_model(cls, model: Any, model_name: str) -> LoRATargetSpec:
-        """From a CausalLM: its linear_modules() and expert_tensors()."""
-        modules = {name: (linear.in_features, linear.parts[part])
-                   for name, (linear, part) in model.linear_modules().items()}
-        parameters = {name: experts.shapes()[tensor] for name, (experts, tensor) in model.expert_tensors().items()}
-        return cls(modules, model_name, parameters)
+    def of_model(cls, model: Any, model_name: str, extra_vocab_size: int = 0) -> LoRATargetSpec:
+        """From a CausalLM: its adapter targets and checkpoint tensor shapes."""
+        shapes = target_shapes(model)
+        return cls(shapes.modules, model_name, shapes.parameters, shapes.embeddings, shapes.head, shapes.tensors,
+                   shapes.replaceable, extra_vocab_size)
 
     def leaf_names(self) -> str:
         """The distinct last name parts ("q_proj, v_proj, ..."), what users write in target_modules."""
-        return ", ".join(sorted({name.rsplit(".", 1)[-1] for name in self.modules}))
+        return ", ".join(sorted({name.rsplit(".", 1)[-1] for name in [*self.modules, *self.embeddings]}))
+
+    def linear_names(self) -> list[str]:
+        """What PEFT's all-linear expands to: every linear module but the output head."""
+        return [name for name in self.modules if name != self.head]
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,12 @@ class AdapterConfig:
     alpha_pattern: dict[str, float]
     base_model_name: str | None
     target_parameters: list[str] = field(default_factory=list)  # fused expert tensors (PEFT ParamWrapper)
+    use_dora: bool = False
+    lora_bias: bool = False  # lora_B has a trained bias
+    bias: str = "none"  # base biases trained too: 'all' (every bias) or 'lora_only' (the adapted modules')
+    modules_to_save: list[str] = field(default_factory=list)  # modules saved whole
+    # embedding rows trained in place: table module (None: the input embedding) -> token ids
+    trainable_token_indices: dict[str | None, list[int]] = field(default_factory=dict)
 
     def selects_parameter(self, name: str) -> bool:
         """PEFT's rule for target_parameters: the full tensor name equals an entry or ends with it after a dot."""
@@ -121,11 +135,22 @@ def parse_config(raw: dict[str, Any], spec: LoRATargetSpec, name: str) -> Adapte
                 f"adapter {name!r} uses {what} ({key}={raw[key]!r} in {CONFIG_FILE}), which loraserve does not "
                 f"support; serve a plain LoRA adapter trained without it"
             )
-    if raw.get("modules_to_save"):
-        raise bad("modules_to_save", "fully trained copies of modules (modules_to_save) are not supported; "
-                  "retrain without modules_to_save, or merge the adapter into the base model")
-    if raw.get("bias", "none") != "none":
-        raise bad("bias", "adapters that train base-layer biases are not supported; only bias='none' is")
+    bias = raw.get("bias") or "none"
+    if bias not in BIAS_MODES:
+        raise bad("bias", f"PEFT's bias must be one of {', '.join(map(repr, BIAS_MODES))}")
+    use_dora, lora_bias = bool(raw.get("use_dora")), bool(raw.get("lora_bias"))
+    if use_dora and lora_bias:
+        raise bad("lora_bias", "PEFT does not define lora_bias together with DoRA (use_dora=True); re-train with "
+                  "one of them")
+    modules_to_save = raw.get("modules_to_save") or []
+    if not _is_str_list(modules_to_save):
+        raise bad("modules_to_save", "modules_to_save must be a list of module names")
+    tokens = raw.get("trainable_token_indices") or {}
+    if _is_int_list(tokens):
+        tokens = {None: tokens}
+    if not (isinstance(tokens, dict) and all(isinstance(k, str) and _is_int_list(v) for k, v in tokens.items())):
+        raise bad("trainable_token_indices", "trainable_token_indices must be a list of token ids or map "
+                  "embedding module names to lists of token ids")
 
     r = raw.get("r")
     if not _is_positive_int(r):
@@ -162,7 +187,7 @@ def parse_config(raw: dict[str, Any], spec: LoRATargetSpec, name: str) -> Adapte
     if isinstance(targets, str) and (layers is not None or patterns is not None):
         raise bad("target_modules", "layers_to_transform and layers_pattern only apply to a list of target_modules")
     if isinstance(targets, str) and targets.lower() == "all-linear":
-        targets = list(spec.modules)  # PEFT saves the expanded list; a hand-written config may not
+        targets = spec.linear_names()  # PEFT saves the expanded list; a hand-written config may not
     for regex in [*(v for v in (targets, exclude) if isinstance(v, str)), *rank_pattern, *alpha_pattern]:
         try:
             re.compile(regex)
@@ -173,15 +198,17 @@ def parse_config(raw: dict[str, Any], spec: LoRATargetSpec, name: str) -> Adapte
         r=r, lora_alpha=alpha, use_rslora=bool(raw.get("use_rslora", False)), target_modules=targets,
         exclude_modules=exclude, layers_to_transform=layers or None, layers_pattern=patterns or None,
         rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, base_model_name=base if isinstance(base, str) else None,
-        target_parameters=parameters,
+        target_parameters=parameters, use_dora=use_dora, lora_bias=lora_bias, bias=bias,
+        modules_to_save=modules_to_save, trainable_token_indices=tokens,
     )
 
 
 def selected_modules(config: AdapterConfig, spec: LoRATargetSpec, name: str) -> list[str]:
     """The model's modules the adapter targets; every list entry must name some module of this model."""
+    targetable = [*spec.modules, *spec.embeddings]
     if isinstance(config.target_modules, str):
         entries = []
-        if not any(re.fullmatch(config.target_modules, module) for module in spec.modules):
+        if not any(re.fullmatch(config.target_modules, module) for module in targetable):
             raise LoRAError(
                 f"target_modules regex {config.target_modules!r} of adapter {name!r} matches no module of model "
                 f"{spec.model_name!r}; its adaptable modules are: {spec.leaf_names()}"
@@ -189,9 +216,7 @@ def selected_modules(config: AdapterConfig, spec: LoRATargetSpec, name: str) -> 
     else:
         entries = config.target_modules
     for entry in entries:
-        if entry.rsplit(".", 1)[-1] in EMBEDDING_LEAVES:
-            raise embedding_error(name, entry)
-        if not any(module == entry or module.endswith("." + entry) for module in spec.modules):
+        if not any(module == entry or module.endswith("." + entry) for module in targetable):
             raise LoRAError(
                 f"target_modules entry {entry!r} of adapter {name!r} matches no module of model {spec.model_name!r}; "
                 f"its adaptable modules are: {spec.leaf_names()}"
@@ -205,22 +230,19 @@ def selected_modules(config: AdapterConfig, spec: LoRATargetSpec, name: str) -> 
                 f"{spec.model_name!r}; " + (f"its adaptable expert tensors are: {have}" if have else
                    "it has no routed experts, so only target_modules apply to it")
             )
-    selected = [module for module in spec.modules if config.adapts(module)]
-    selected += [p for p in spec.parameters if config.selects_parameter(p)]
-    if not selected:
+    selected = [module for module in targetable if config.adapts(module)]
+    experts = [p for p in spec.parameters if config.selects_parameter(p)]
+    if experts and config.use_dora:
+        raise LoRAError(f"adapter {name!r} uses DoRA on routed experts ({experts[0]!r}, target_parameters), which "
+                        f"PEFT does not define; re-train with use_dora=False or without expert targets")
+    selected += experts
+    if not selected and not (config.modules_to_save or config.trainable_token_indices):
         raise LoRAError(
             f"adapter {name!r} selects no module of model {spec.model_name!r} (target_modules="
             f"{config.target_modules!r}, layers_to_transform={config.layers_to_transform!r}, exclude_modules="
             f"{config.exclude_modules!r}), so it would change nothing; fix its {CONFIG_FILE}"
         )
     return selected
-
-
-def embedding_error(name: str, module: str) -> LoRAError:
-    return LoRAError(
-        f"adapter {name!r} targets {module!r}: LoRA on embeddings or lm_head is not supported; "
-        f"retrain without embed_tokens/lm_head in target_modules"
-    )
 
 
 def _name_matches(names: list[str] | str, module: str) -> bool:
@@ -250,6 +272,10 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_int_list(value: Any) -> bool:
+    return isinstance(value, list) and all(_is_int(v) for v in value)
 
 
 def _is_positive_int(value: Any) -> bool:

@@ -1,18 +1,20 @@
-"""Which adapter sits in which of the max_loras slots beside the model, and filling a slot's A/B in every
-adapted layer. Slots are keyed by content hash, so ids that name the same files share one slot. Used only
-by the step thread; the adapters it is given are already in host memory."""
+"""Which adapter sits in which of the max_loras slots beside the model, and filling a slot everywhere the
+adapter acts: rank factors, DoRA factors and bias deltas into each tensor's slot layout, whole tables and
+trained rows into the vocabulary tables' replacements. Slots are keyed by content hash, so ids that name the
+same files share one slot. Used only by the step thread; the adapters it is given are already in host memory.
+
+Slot memory: the rank factors of linear and expert layers are allocated for max_lora_rank at start (their
+size is fixed and logged); the embedding / LM-head factors when the first adapter using them arrives; whole
+tables (modules_to_save, added tokens) while their adapter holds a slot. `nbytes` reports what is held."""
 from __future__ import annotations
 
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import torch
-
-from loraserve.layers.linear import Linear
-from loraserve.layers.lora_ops import SlotLayout
-from loraserve.layers.moe import ExpertSlots, FusedExperts
+from loraserve.layers.lora_ops import SlotLayout, SlotPart
 from loraserve.lora.adapter import LoRAAdapter
+from loraserve.model.lora_targets import HEAD_WEIGHT, LoRASlots
 
 
 @dataclass
@@ -23,19 +25,14 @@ class SlotStats:
 
 
 class AdapterSlots:
-    def __init__(self, linears: dict[str, tuple[Linear, str]], experts: dict[str, tuple[FusedExperts, str]],
-                 num_slots: int, max_rank: int, dtype: torch.dtype) -> None:
-        """`linears`: checkpoint module name -> (packed Linear, part), as CausalLM.linear_modules gives;
-        `experts`: fused expert tensor name -> (FusedExperts, tensor), as CausalLM.expert_tensors gives."""
-        self.linears = linears
-        distinct = dict.fromkeys(linear for linear, _ in linears.values())
-        self.layouts: dict[Linear, SlotLayout] = {
-            linear: linear.enable_lora(num_slots, max_rank, dtype) for linear in distinct}
-        self.expert_slots: dict[str, ExpertSlots] = {}
-        for module in dict.fromkeys(module for module, _ in experts.values()):
-            module.enable_lora(num_slots, max_rank, dtype)
-        for name, (module, tensor) in experts.items():
-            self.expert_slots[name] = module.lora[tensor]
+    def __init__(self, slots: LoRASlots, num_slots: int) -> None:
+        """`slots`: where each adapter module goes, as model.lora_targets.enable_lora gives it."""
+        self.targets = slots.targets
+        self.tables = slots.tables
+        self.norms = slots.norms
+        self.norm_modules = list({id(module): module for module, _ in self.norms.values()}.values())
+        self.tied = slots.tied
+        self.layouts: list[SlotLayout] = list({id(t.layout): t.layout for t in self.targets.values()}.values())
         self.owner: list[str | None] = [None] * num_slots  # content hash per slot
         self._lru: OrderedDict[str, int] = OrderedDict()  # content hash -> slot, least recently used first
         self.stats = SlotStats()
@@ -43,6 +40,13 @@ class AdapterSlots:
     @property
     def num_used(self) -> int:
         return sum(owner is not None for owner in self.owner)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the slots hold now: every layout's factors and output maps, and the whole tables."""
+        norms = sum(t.nbytes for norm in self.norm_modules for params in norm.slot_params.values()
+                    for t in params.values())
+        return sum(layout.nbytes for layout in self.layouts) + sum(t.nbytes for t in self.tables.values()) + norms
 
     def activate(self, adapters: Iterable[LoRAAdapter]) -> dict[str, int]:
         """Put every adapter of the step into a slot; content hash -> slot. The scheduler admits at most
@@ -82,20 +86,46 @@ class AdapterSlots:
         raise RuntimeError("more adapters in one step than max_loras; the scheduler should prevent this")
 
     def _fill(self, slot: int, adapter: LoRAAdapter) -> None:
-        parts: dict[Linear, dict[str, tuple[torch.Tensor, torch.Tensor]]] = defaultdict(dict)
+        parts: dict[int, dict[str, SlotPart]] = defaultdict(dict)  # id(layout) -> part name -> what goes there
         for module, weights in adapter.modules.items():
-            if module in self.linears:
-                linear, part = self.linears[module]
-                parts[linear][part] = (weights.lora_a, weights.lora_b)
-        for linear, layout in self.layouts.items():
-            layout.fill(slot, parts.get(linear, {}))
-        for name, expert_slots in self.expert_slots.items():
-            weights = adapter.modules.get(name)
-            expert_slots.fill(slot, None if weights is None else (weights.lora_a, weights.lora_b))
+            target = self.targets[module]
+            shift = weights.bias
+            if weights.dora_scale is not None and target.bias is not None:  # y·g + (1-g)·b = g·(y - b) + b
+                shift = (1 - weights.dora_scale) * target.bias.float() + (0 if shift is None else shift)
+            parts[id(target.layout)][target.part] = SlotPart(weights.lora_a, weights.lora_b, weights.dora_scale, shift)
+        tables: dict[str, dict] = defaultdict(dict)
+        for name, tensor in adapter.saved.items():
+            module, _, param = name.rpartition(".")
+            if name in self.tables:
+                tables[name]["table"] = tensor
+            elif name in self.norms:
+                norm, param = self.norms[name]
+                norm.slot_params.setdefault(slot, {})[param] = tensor
+            elif param == "bias" and module in self.targets:  # a trained bias: the difference to the base's
+                target = self.targets[module]
+                part = parts[id(target.layout)].setdefault(target.part, SlotPart())
+                delta = tensor.float() - target.bias.float()
+                part.shift = delta if part.shift is None else part.shift + delta
+            else:
+                raise RuntimeError(f"adapter {adapter.name!r}: no slot holds {name!r}; the adapter reader should "
+                                   f"have refused it")
+        for name, rows in adapter.token_rows.items():
+            tables[name]["rows"] = (rows.ids, rows.rows)
+            if self.tied:  # the head reads the same (trained) rows
+                tables[HEAD_WEIGHT]["rows"] = (rows.ids, rows.rows)
+        for layout in self.layouts:
+            layout.fill(slot, parts.get(id(layout), {}))
+        for name, table in self.tables.items():
+            table.fill(slot, **tables.get(name, {}))
         self.owner[slot] = adapter.content_hash
         self.stats.loads += 1
 
     def _clear(self, slot: int) -> None:
-        for layout in [*self.layouts.values(), *self.expert_slots.values()]:
+        for layout in self.layouts:
             layout.clear(slot)
+        for table in self.tables.values():
+            table.clear(slot)
+        for norm in self.norm_modules:
+            norm.slot_params.pop(slot, None)
         self.owner[slot] = None
+

@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraserve.layers.forward_batch import ForwardBatch
 from loraserve.layers.linear import Linear
+from loraserve.layers.lora_ops import SlotLayout, SlotTables, add_embedding_lora, add_lora
 from loraserve.layers.matmul import MatmulWeight
 from loraserve.layers.moe import EXPERT_PARTS, FusedExperts
 from loraserve.layers.quantized import QuantizedMatmul, QuantizedTensor
@@ -21,6 +23,7 @@ from loraserve.model.registry import DecoderSpec
 # mlp.experts.3.gate_proj. Mixtral's block_sparse_moe is transformers' mlp.
 _EXPERT_TENSOR = re.compile(rf"(?P<module>.+\.experts)\.(?P<expert>\d+)\.(?P<part>{'|'.join(EXPERT_PARTS)})\.weight")
 _RENAMES = ((".block_sparse_moe.", ".mlp."),)
+HEAD_MODULE = "lm_head"  # the output head's module name in every family's checkpoint
 
 
 class CausalLM(nn.Module):
@@ -36,6 +39,12 @@ class CausalLM(nn.Module):
         self.lm_head_matmul: MatmulWeight | QuantizedMatmul | None = None  # set by pack_weights
         # embeddings / LM head a checkpoint ships quantized (GGUF): kept so, never de-quantized whole
         self.quantized: dict[str, QuantizedTensor] = {}
+        self.head_row_norms_sq = torch.empty(0)  # ‖head row‖², kept by pack_weights for DoRA on lm_head
+        # adapter slots of the vocabulary tables (model/lora_targets.py fills them when LoRA is enabled)
+        self.embed_lora: SlotLayout | None = None
+        self.head_lora: SlotLayout | None = None
+        self.embed_tables = SlotTables()
+        self.head_tables = SlotTables()
 
     def _make_lm_head(self) -> None:
         if not self.spec.tie_word_embeddings:
@@ -56,15 +65,40 @@ class CausalLM(nn.Module):
     def lm_head_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.spec.tie_word_embeddings else self.lm_head.weight
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, batch: ForwardBatch) -> torch.Tensor:
+        """The token embeddings of the batch, with each adapter's table, trained rows or embedding LoRA on its
+        own tokens. Token ids past the base vocabulary (an adapter's added tokens) read its own table."""
+        input_ids, lora = batch.input_ids, batch.lora
+        base_ids = input_ids
+        if lora is not None and self.embed_tables.tables:
+            base_ids = input_ids.clamp(max=self.spec.vocab_size - 1)
         table = self.quantized.get(self.embed_name)
         if table is None:
-            return self.embed_tokens(input_ids)
-        return table.dequantize(torch.float32, rows=input_ids).to(self.embed_tokens.weight.dtype)
+            h = self.embed_tokens(base_ids)
+        else:
+            h = table.dequantize(torch.float32, rows=base_ids).to(self.embed_tokens.weight.dtype)
+        if lora is not None:
+            self.embed_tables.lookup(h, input_ids, lora)
+            if self.embed_lora is not None and self.embed_lora.in_use:
+                add_embedding_lora(h, input_ids, self.embed_lora, lora)
+        return h
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """The LM head over final hidden states, softcapped when the model caps its logits (Gemma 2)."""
+    def logits(self, h: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """The LM head over the final hidden states of batch.logits_indices, with each adapter's own head,
+        trained rows or lm_head LoRA on its rows; softcapped when the model caps its logits (Gemma 2). When an
+        adapter of the batch brings added tokens the logits widen to its vocabulary, the columns past a row's
+        own vocabulary at -inf, so no other request can sample them."""
         logits = self.lm_head_matmul(h) if self.lm_head_matmul is not None else F.linear(h, self.lm_head_weight())
+        lora = batch.logits_lora
+        if lora is not None:
+            width = self.head_tables.width(lora, logits.shape[1])
+            if self.head_lora is not None and self.head_lora.in_use:
+                width = max(width, self.head_lora.lora_b.shape[-1])
+            if width > logits.shape[1]:
+                logits = F.pad(logits, (0, width - logits.shape[1]), value=float("-inf"))
+            self.head_tables.project(logits, h, lora)
+            if self.head_lora is not None and self.head_lora.in_use:
+                add_lora(logits, h, self.head_lora, lora)
         cap = self.spec.final_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
@@ -82,8 +116,10 @@ class CausalLM(nn.Module):
                 module.pack()
         head = self.quantized.get(self.lm_head_name())
         if head is not None:
+            self.head_row_norms_sq = head.dequantize(torch.float32).pow(2).sum(dim=1)
             self.lm_head_matmul = QuantizedMatmul([head])
             return
+        self.head_row_norms_sq = self.lm_head_weight().data.float().pow(2).sum(dim=1)
         self.lm_head_matmul = MatmulWeight(self.lm_head_weight().data)
         if not self.spec.tie_word_embeddings and self.lm_head_matmul.dense is None:
             self.lm_head.weight.data = torch.empty(0, dtype=self.lm_head.weight.dtype,
@@ -102,6 +138,36 @@ class CausalLM(nn.Module):
             shared = head.dense is not None and self.spec.tie_word_embeddings  # the embedding table itself
             total += head.nbytes - (head.dense.numel() * head.dense.element_size() if shared else 0)
         return total
+
+    def lora_norm_terms(self, module: str, lora_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A·W₀ᵀ [r, out], ‖W₀ row‖² [out]) in float32 for DoRA's norms (lora.adapter.BaseWeights), from
+        the weights as served (de-quantized where quantized) and without forming W₀ again: A goes through
+        the layer's own matmul. For the embedding table E W₀ is Eᵀ, as PEFT's DoRA takes it."""
+        dtype = self.embed_tokens.weight.dtype
+        if module == HEAD_MODULE:
+            head = self.lm_head_matmul
+            return head(lora_a.to(dtype)).float(), self.head_row_norms_sq
+        if module == self.embed_name.removesuffix(".weight"):
+            table = self.checkpoint_tensor(self.embed_name)
+            return lora_a[:, :table.shape[0]] @ table, table.pow(2).sum(dim=0)
+        linear, part = self.linear_modules()[module]
+        cols = linear.part_slice(part)
+        return linear.matmul(lora_a.to(dtype))[:, cols].float(), linear.row_norms_sq[cols]
+
+    def checkpoint_tensor(self, name: str) -> torch.Tensor | None:
+        """The served value of checkpoint tensor `name` in float32 (de-quantized where quantized); None for an
+        LM head whose dense copy the packed matmul dropped."""
+        if name == f"{HEAD_MODULE}.weight":
+            name = self.lm_head_name()
+        if name in self.quantized:
+            return self.quantized[name].dequantize(torch.float32)
+        module, _, param = name.rpartition(".")
+        linears = self.linear_modules()
+        if module in linears and param == "bias":
+            linear, part = linears[module]
+            return linear.bias.data[linear.part_slice(part)].float()
+        tensor = dict(self.named_parameters()).get(name)
+        return None if tensor is None or tensor.numel() == 0 else tensor.data.float()
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         """Give every attention module (anything holding a k_cache) its paged K and V caches."""

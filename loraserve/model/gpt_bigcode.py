@@ -67,10 +67,10 @@ class Block(nn.Module):
                 batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """As DecoderLayer.forward: returns the MLP output and the residual stream it is to be added to."""
         if residual is None:
-            residual, h = x, self.ln_1(x)
+            residual, h = x, self.ln_1(x, batch.lora)
         else:
-            h, residual = self.ln_1.add_and_norm(x, residual)
-        h, residual = self.ln_2.add_and_norm(self.attn(h, batch), residual)
+            h, residual = self.ln_1.add_and_norm(x, residual, batch.lora)
+        h, residual = self.ln_2.add_and_norm(self.attn(h, batch), residual, batch.lora)
         return self.mlp(h, batch), residual
 
 
@@ -99,10 +99,10 @@ class GPTBigCodeForCausalLM(CausalLM):
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        h = self.embed(batch.input_ids) + self.transformer.wpe(batch.positions)
+        h = self.embed(batch) + self.transformer.wpe(batch.positions)
         residual = None
         for block in self.transformer.h:
             h, residual = block(h, residual, batch)
         rows = batch.logits_indices
-        h, _ = self.transformer.ln_f.add_and_norm(h[rows], residual[rows])
-        return self.logits(h)
+        h, _ = self.transformer.ln_f.add_and_norm(h[rows], residual[rows], batch.logits_lora)
+        return self.logits(h, batch)

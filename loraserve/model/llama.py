@@ -46,7 +46,7 @@ class Attention(nn.Module):
         k = qkv[:, q_size:q_size + kv_size].view(-1, self.num_kv_heads, self.head_dim)
         v = qkv[:, q_size + kv_size:].view(-1, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.q_norm(q, batch.lora), self.k_norm(k, batch.lora)
         q, k = rotate_and_store(q, k, v, *rotary, self.k_cache, self.v_cache, batch.attention.slot_mapping,
                                 interleaved=self.rope_interleaved)
         out = self.attn(q, k, v, self.k_cache, self.v_cache, batch.attention)
@@ -112,15 +112,15 @@ class DecoderLayer(nn.Module):
         is fused with the norm after it; the sums are the ones `x + attn(norm(x))` ... computes."""
         before_attention, after_attention, before_mlp, after_mlp = (self._norm(role) for role in range(4))
         if residual is None:
-            residual, h = x, before_attention(x)
+            residual, h = x, before_attention(x, batch.lora)
         else:
-            h, residual = before_attention.add_and_norm(x, residual)
+            h, residual = before_attention.add_and_norm(x, residual, batch.lora)
         h = self.self_attn(h, rotary, batch)
         if after_attention is not None:
-            h = after_attention(h)
-        h, residual = before_mlp.add_and_norm(h, residual)
+            h = after_attention(h, batch.lora)
+        h, residual = before_mlp.add_and_norm(h, residual, batch.lora)
         h = self.mlp(h, batch)
-        return (h if after_mlp is None else after_mlp(h)), residual
+        return (h if after_mlp is None else after_mlp(h, batch.lora)), residual
 
 
 class DecoderModel(nn.Module):
@@ -149,7 +149,7 @@ class DecoderForCausalLM(CausalLM):
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        h = self.embed(batch.input_ids)
+        h = self.embed(batch)
         if self.spec.embed_scale is not None:
             h = h * torch.tensor(self.spec.embed_scale, dtype=h.dtype)
         rotary = {key: table.lookup(batch.positions, h.dtype) for key, table in self.rotary.items()}
@@ -157,5 +157,5 @@ class DecoderForCausalLM(CausalLM):
         for layer, key in zip(self.model.layers, self.rope_keys, strict=True):
             h, residual = layer(h, residual, rotary[key], batch)
         rows = batch.logits_indices
-        h, _ = self.model.norm.add_and_norm(h[rows], residual[rows])
-        return self.logits(h)
+        h, _ = self.model.norm.add_and_norm(h[rows], residual[rows], batch.logits_lora)
+        return self.logits(h, batch)
