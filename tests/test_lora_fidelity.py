@@ -42,7 +42,7 @@ PACKED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gat
           "up_proj": "gate_up_proj"}
 GATE_UP = {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
 BIGCODE = {"q_proj": "c_attn", "k_proj": "c_attn", "v_proj": "c_attn", "o_proj": "c_proj", "gate_proj": "c_fc",
-           "up_proj": "c_fc", "down_proj": "c_proj", r"layers\.": r"h\."}
+           "up_proj": "c_fc", "down_proj": "c_proj", r"layers\.": r"h\.", "embed_tokens": "wte", "norm": "ln_f"}
 MODULE_NAMES = {"phi3": PACKED, "glm": GATE_UP, "glm4": GATE_UP, "gpt_bigcode": BIGCODE, "gpt_bigcode_mha": BIGCODE}
 # MoE models: the routed experts' gate/up/down are fused tensors, adapted through PEFT's target_parameters;
 # Mixtral and Qwen3-MoE have no other MLP modules, Qwen2-MoE keeps a shared expert and a dense layer.
@@ -105,9 +105,12 @@ def _rename(text: str, names: dict[str, str]) -> str:
     return text
 
 
-def lora_kwargs(case: Case, arch: str | None) -> dict:
-    """The case's LoraConfig arguments in `arch`'s module names (expert MLP names -> target_parameters)."""
+def lora_kwargs(case: Case, arch: str | None, prompt_ids: list[int]) -> dict:
+    """The case's LoraConfig arguments in `arch`'s module names (expert MLP names -> target_parameters);
+    trainable_token_indices="prompt" trains the rows of three of the prompt's tokens."""
     kwargs = dict(case.lora)
+    if kwargs.get("trainable_token_indices") == "prompt":
+        kwargs["trainable_token_indices"] = sorted(set(prompt_ids))[:3]
     names = MODULE_NAMES.get(arch, {})
     targets = kwargs["target_modules"]
     if arch in MOE and isinstance(targets, list):
@@ -116,6 +119,8 @@ def lora_kwargs(case: Case, arch: str | None) -> dict:
     if isinstance(targets, list):
         targets = list(dict.fromkeys(_rename(m, names) for m in targets))
     kwargs["target_modules"] = targets
+    if "modules_to_save" in kwargs:
+        kwargs["modules_to_save"] = [_rename(m, names) for m in kwargs["modules_to_save"]]
     for key in ("rank_pattern", "alpha_pattern"):
         if key in kwargs:
             patterns = {_rename(k, names): v for k, v in kwargs[key].items()}
@@ -139,7 +144,22 @@ def peft_reference(model, prompt_ids: list[int], eos_token_ids: list[int]) -> Re
 
 
 def engine_logits(llm: LLM, token_ids: dict[str, list[int]], loras: dict[str, LoRARequest]) -> dict[str, torch.Tensor]:
-    """Logits at every position of each row, all rows in one mixed-adapter forward of the model runner."""
+    """Logits at every position of each row, the rows in mixed-adapter forwards of the model runner, as many
+    adapters in each as there are slots."""
+    rows, per_forward = list(token_ids), llm.engine.config.lora.max_loras
+    logits: dict[str, torch.Tensor] = {}
+    while rows:
+        group, adapters = [], set()
+        while rows and (rows[0] not in loras or len(adapters | {rows[0]}) <= per_forward):
+            adapters |= {rows[0]} & set(loras)
+            group.append(rows.pop(0))
+        logits |= _one_forward(llm, {row: token_ids[row] for row in group},
+                               {row: loras[row] for row in group if row in loras})
+    return logits
+
+
+def _one_forward(llm: LLM, token_ids: dict[str, list[int]],
+                 loras: dict[str, LoRARequest]) -> dict[str, torch.Tensor]:
     engine = llm.engine
     adapters = {row: engine.lora_manager.acquire(lora) for row, lora in loras.items()}
     slots = engine.lora_manager.activate(adapters.values())
@@ -162,10 +182,12 @@ def engine_logits(llm: LLM, token_ids: dict[str, list[int]], loras: dict[str, Lo
 
 
 def serve(path: Path, cases: dict[str, Case], adapters_dir: Path,
-          reference: Callable[[LLM], nn.Module] | None = None, arch: str | None = None, **engine_kwargs) -> Served:
+          reference: Callable[[LLM], nn.Module] | None = None, arch: str | None = None,
+          max_loras: int | None = None, **engine_kwargs) -> Served:
     """Serve base + every case from one engine in one mixed batch; PEFT runs each alone for reference, on
-    transformers' load of `path` or on `reference(llm)` (e.g. a quantized model's de-quantized weights)."""
-    llm = LLM(str(path), dtype="float32", enable_lora=True, max_loras=len(cases), **engine_kwargs)
+    transformers' load of `path` or on `reference(llm)` (e.g. a quantized model's de-quantized weights).
+    With `max_loras` below the number of cases, adapters take turns in the slots (evictions mid-run)."""
+    llm = LLM(str(path), dtype="float32", enable_lora=True, max_loras=max_loras or len(cases), **engine_kwargs)
     if reference is None:
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     else:
@@ -176,7 +198,8 @@ def serve(path: Path, cases: dict[str, Case], adapters_dir: Path,
     loras = {}
     for lora_id, (name, case) in enumerate(cases.items(), start=1):
         folder = make_peft_adapter(hf, adapters_dir / name, seed=lora_id,
-                                   safe_serialization=case.safe_serialization, **lora_kwargs(case, arch))
+                                   safe_serialization=case.safe_serialization,
+                                   **lora_kwargs(case, arch, prompt_ids))
         loras[name] = LoRARequest(name, lora_id, str(folder))
     names = list(cases)
     for name in names:  # each alone on its own copy: PEFT holds one set of target_parameters per model

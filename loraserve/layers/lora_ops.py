@@ -120,19 +120,19 @@ class SlotLayout:
             part = parts.get(name)
             if part is None:
                 continue
-            col_start, col_end = self.part_cols[index].tolist()
-            if part.scale is not None:
-                self._output_table("out_scale", 1.0)[slot, col_start:col_end].copy_(part.scale)
-                self.scaled.add(slot)
-            if part.shift is not None:
-                self._output_table("out_shift", 0.0)[slot, col_start:col_end].copy_(part.shift)
-                self.shifted.add(slot)
+            # an adapter's vocabulary may be narrower than a table's slots, sized for added tokens: it fills the
+            # leading columns (of B, and of A for an embedding)
+            col_start = self.part_cols[index, 0].item()
+            for values, table, identity in ((part.scale, "out_scale", 1.0), (part.shift, "out_shift", 0.0)):
+                if values is not None:
+                    self._output_table(table, identity)[slot, col_start:col_start + values.shape[0]].copy_(values)
+                    (self.scaled if table == "out_scale" else self.shifted).add(slot)
             if part.lora_a is None:
                 continue
             self._materialize()
-            rank = part.lora_a.shape[-2]
-            self.lora_a[virtual, offset:offset + rank].copy_(part.lora_a)
-            self.lora_b[virtual, offset:offset + rank, col_start:col_end].copy_(part.lora_b.transpose(-1, -2))
+            rank, fan_in, fan_out = part.lora_a.shape[-2], part.lora_a.shape[-1], part.lora_b.shape[-2]
+            self.lora_a[virtual, offset:offset + rank, :fan_in].copy_(part.lora_a)
+            self.lora_b[virtual, offset:offset + rank, col_start:col_start + fan_out].copy_(part.lora_b.transpose(-1, -2))
             rows[index] = [offset, offset + rank]
             offset += rank
         self.part_rows[virtual] = torch.tensor(rows, dtype=torch.long)
@@ -151,7 +151,7 @@ class SlotLayout:
         width = self.widths[slot * self.experts]
         if width == 0:
             return
-        self.lora_a[virtual, :width].zero_()
+        self.lora_a[virtual, :width].zero_()  # all of A's columns: an embedding's may be narrower than the slot
         for (row_start, row_end), (col_start, col_end) in zip(self.part_rows[slot * self.experts].tolist(),
                                                                self.part_cols.tolist(), strict=True):
             if row_end > row_start:
@@ -265,26 +265,30 @@ class SlotTables:
 
     tables: dict[int, torch.Tensor] = field(default_factory=dict)
     rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # slot -> (ids, values)
+    vocab: dict[int, int] = field(default_factory=dict)  # slot -> its vocabulary, where it adds tokens
 
     def fill(self, slot: int, table: torch.Tensor | None = None,
-             rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+             rows: tuple[torch.Tensor, torch.Tensor] | None = None, vocab: int | None = None) -> None:
         self.clear(slot)
         if table is not None:
             self.tables[slot] = table
         if rows is not None:
             self.rows[slot] = rows
+        if vocab is not None:
+            self.vocab[slot] = vocab
 
     def clear(self, slot: int) -> None:
         self.tables.pop(slot, None)
         self.rows.pop(slot, None)
+        self.vocab.pop(slot, None)
 
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tables.values()) + sum(v.nbytes for _, v in self.rows.values())
 
     def width(self, batch: LoRABatch, base: int) -> int:
-        """Rows of the widest table among the batch's slots (at least `base`)."""
-        return max([base] + [self.tables[s].shape[0] for s in batch.slots_present if s in self.tables])
+        """The largest vocabulary among the batch's slots (at least `base`)."""
+        return max([base] + [self.vocab[s] for s in batch.slots_present if s in self.vocab])
 
     def lookup(self, h: torch.Tensor, token_ids: torch.Tensor, batch: LoRABatch) -> None:
         """Embedding: the rows of h of each replacing slot's tokens, read from its table, in place."""

@@ -84,6 +84,7 @@ class LoRAAdapter:
     # only those that differ from the base's
     saved: dict[str, torch.Tensor] = field(default_factory=dict)
     token_rows: dict[str, TokenRows] = field(default_factory=dict)  # embedding weight name -> trained rows
+    added_tokens: int = 0  # vocabulary rows past the base's that its tables bring
 
 
 def load_adapter(request: LoRARequest, spec: LoRATargetSpec, max_lora_rank: int, dtype: torch.dtype,
@@ -139,6 +140,11 @@ def load_adapter(request: LoRARequest, spec: LoRATargetSpec, max_lora_rank: int,
         weights.lora_a = weights.lora_a.to(dtype).contiguous()
         weights.lora_b = weights.lora_b.to(dtype).contiguous()
     saved = {key: tensor.to(dtype) for key, tensor in saved.items()}
+    vocab = spec.modules[spec.head][1] if spec.head else 0
+    sizes = [t.shape[0] for key, t in saved.items() if key.removesuffix(".weight") in (*spec.embeddings, spec.head)]
+    sizes += [w.lora_a.shape[1] for m, w in modules.items() if m in spec.embeddings]
+    sizes += [w.lora_b.shape[0] for m, w in modules.items() if m == spec.head]
+    sizes += [int(rows.ids.max()) + 1 for rows in token_rows.values()]
     digest = hashlib.sha256(config_bytes)
     digest.update(b"\0")
     digest.update(weights_bytes)
@@ -147,7 +153,7 @@ def load_adapter(request: LoRARequest, spec: LoRATargetSpec, max_lora_rank: int,
     return LoRAAdapter(
         name=name, int_id=request.lora_int_id, path=str(folder), modules=modules, max_rank=max_rank,
         base_model_name=config.base_model_name, nbytes=nbytes, content_hash=digest.hexdigest(), saved=saved,
-        token_rows=token_rows,
+        token_rows=token_rows, added_tokens=max([vocab, *sizes]) - vocab,
     )
 
 
@@ -242,7 +248,7 @@ def _saved_tensors(whole: dict[str, torch.Tensor], config: AdapterConfig, spec: 
     saved = {}
     for key, tensor in whole.items():
         module, _, param = key.rpartition(".")
-        by_modules_to_save = any(module == m or module.endswith("." + m) for m in config.modules_to_save)
+        by_modules_to_save = any(module.endswith(m) for m in config.modules_to_save)  # PEFT's plain suffix match
         by_bias = param == "bias" and (config.bias == "all" or (config.bias == "lora_only" and module in selected))
         if not (by_modules_to_save or by_bias or module in spec.embeddings or module == spec.head):
             raise LoRAError(

@@ -146,9 +146,8 @@ def parse_config(raw: dict[str, Any], spec: LoRATargetSpec, name: str) -> Adapte
     if not _is_str_list(modules_to_save):
         raise bad("modules_to_save", "modules_to_save must be a list of module names")
     tokens = raw.get("trainable_token_indices") or {}
-    if _is_int_list(tokens):
-        tokens = {None: tokens}
-    if not (isinstance(tokens, dict) and all(isinstance(k, str) and _is_int_list(v) for k, v in tokens.items())):
+    if not (_is_int_list(tokens) or (isinstance(tokens, dict) and all(isinstance(k, str) and _is_int_list(v)
+                                                                        for k, v in tokens.items()))):
         raise bad("trainable_token_indices", "trainable_token_indices must be a list of token ids or map "
                   "embedding module names to lists of token ids")
 
@@ -199,7 +198,7 @@ def parse_config(raw: dict[str, Any], spec: LoRATargetSpec, name: str) -> Adapte
         exclude_modules=exclude, layers_to_transform=layers or None, layers_pattern=patterns or None,
         rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, base_model_name=base if isinstance(base, str) else None,
         target_parameters=parameters, use_dora=use_dora, lora_bias=lora_bias, bias=bias,
-        modules_to_save=modules_to_save, trainable_token_indices=tokens,
+        modules_to_save=modules_to_save, trainable_token_indices={None: tokens} if isinstance(tokens, list) else tokens,
     )
 
 

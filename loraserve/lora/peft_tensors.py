@@ -46,8 +46,9 @@ def classify(tensors: dict[str, torch.Tensor], name: str) -> AdapterTensors:
         kind = _kind(parts)
         if kind is None:
             whole = ".".join(parts)
-            if whole.endswith(".base_layer.weight"):  # save_embedding_layers' copy of an adapted table
-                whole = whole.removesuffix(".base_layer.weight") + ".weight"
+            # an adapted module's own tensors sit under its LoRA wrapper: save_embedding_layers' table copies,
+            # biases trained with bias='all' / 'lora_only'
+            whole = whole.replace(".base_layer.", ".")
             if whole in found.whole:
                 raise LoRAError(f"adapter {name!r} holds tensor {whole!r} twice; re-save the adapter")
             found.whole[whole] = tensor

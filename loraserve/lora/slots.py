@@ -32,6 +32,7 @@ class AdapterSlots:
         self.norms = slots.norms
         self.norm_modules = list({id(module): module for module, _ in self.norms.values()}.values())
         self.tied = slots.tied
+        self.vocab_size = slots.vocab_size
         self.layouts: list[SlotLayout] = list({id(t.layout): t.layout for t in self.targets.values()}.values())
         self.owner: list[str | None] = [None] * num_slots  # content hash per slot
         self._lru: OrderedDict[str, int] = OrderedDict()  # content hash -> slot, least recently used first
@@ -113,6 +114,8 @@ class AdapterSlots:
             tables[name]["rows"] = (rows.ids, rows.rows)
             if self.tied:  # the head reads the same (trained) rows
                 tables[HEAD_WEIGHT]["rows"] = (rows.ids, rows.rows)
+        if adapter.added_tokens:
+            tables[HEAD_WEIGHT]["vocab"] = self.vocab_size + adapter.added_tokens
         for layout in self.layouts:
             layout.fill(slot, parts.get(id(layout), {}))
         for name, table in self.tables.items():

@@ -92,13 +92,14 @@ class CausalLM(nn.Module):
         lora = batch.logits_lora
         if lora is not None:
             width = self.head_tables.width(lora, logits.shape[1])
-            if self.head_lora is not None and self.head_lora.in_use:
-                width = max(width, self.head_lora.lora_b.shape[-1])
-            if width > logits.shape[1]:
-                logits = F.pad(logits, (0, width - logits.shape[1]), value=float("-inf"))
+            head_lora = self.head_lora is not None and self.head_lora.in_use
+            padded = self.head_lora.lora_b.shape[-1] if head_lora else width  # the LoRA writes all its columns
+            if padded > logits.shape[1]:
+                logits = F.pad(logits, (0, padded - logits.shape[1]), value=float("-inf"))
             self.head_tables.project(logits, h, lora)
-            if self.head_lora is not None and self.head_lora.in_use:
+            if head_lora:
                 add_lora(logits, h, self.head_lora, lora)
+            logits = logits[:, :width]
         cap = self.spec.final_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
 

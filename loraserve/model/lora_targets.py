@@ -43,6 +43,7 @@ class LoRASlots:
     tables: dict[str, SlotTables]  # checkpoint tensor of a vocabulary table -> its per-slot replacements
     norms: dict[str, tuple[SlotNorm, str]]  # checkpoint tensor of a norm -> (module, parameter)
     tied: bool  # the LM head reads the embedding table: trained embedding rows reach the logits too
+    vocab_size: int  # the base's
 
 
 def target_shapes(model: CausalLM) -> LoRATargetShapes:
@@ -82,7 +83,7 @@ def enable_lora(model: CausalLM, num_slots: int, max_rank: int, dtype: torch.dty
     targets[model.embed_name.removesuffix(".weight")] = SlotTarget(model.embed_lora, "embed")
     targets[HEAD_MODULE] = SlotTarget(model.head_lora, "head")
     tables = {model.embed_name: model.embed_tables, HEAD_WEIGHT: model.head_tables}
-    return LoRASlots(targets, tables, _norm_params(model), spec.tie_word_embeddings)
+    return LoRASlots(targets, tables, _norm_params(model), spec.tie_word_embeddings, spec.vocab_size)
 
 
 def _norm_params(model: CausalLM) -> dict[str, tuple[SlotNorm, str]]:
