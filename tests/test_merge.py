@@ -11,12 +11,12 @@ from transformers import AutoModelForCausalLM
 from lora_fixtures import make_peft_adapter
 from loraserve import LLM, LoRARequest, SamplingParams
 from loraserve.lora.merge import merge_adapter
-from tiny_models import make_tiny_model
+from tiny_models import make_sharp_tiny_model
 
 
 @pytest.mark.parametrize("arch", ["llama", "phi3"])
 def test_merged_weights_equal_peft_merge(tmp_path, arch):
-    base_dir = make_tiny_model(arch, tmp_path / "base")
+    base_dir = make_sharp_tiny_model(arch, tmp_path / "base")
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     adapter_dir = make_peft_adapter(base, tmp_path / "adapter", seed=3, r=8, lora_alpha=32, target_modules="all-linear")
     merged_dir = merge_adapter(str(base_dir), str(adapter_dir), tmp_path / "merged")
@@ -32,7 +32,7 @@ def test_merged_weights_equal_peft_merge(tmp_path, arch):
 
 
 def test_engine_on_merged_folder_matches_adapter(tmp_path):
-    base_dir = make_tiny_model("llama", tmp_path / "base")
+    base_dir = make_sharp_tiny_model("llama", tmp_path / "base")
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     adapter_dir = make_peft_adapter(base, tmp_path / "adapter", seed=4, r=8, lora_alpha=16,
                                     target_modules=["q_proj", "v_proj", "down_proj"])
@@ -41,18 +41,27 @@ def test_engine_on_merged_folder_matches_adapter(tmp_path):
 
 
 def assert_serves_alike(merged_dir, base_dir, adapter_dir) -> None:
-    """The merged folder alone gives the greedy tokens the base gives with the adapter."""
+    """The merged folder alone gives the greedy tokens, and the logprobs, the base gives with the adapter;
+    and the adapter changes what the base says, or the equality would prove nothing."""
     settings = dict(dtype="float32", max_model_len=64, num_kv_blocks=32, block_size=4)
-    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=1)
     prompts = [{"prompt_token_ids": [5, 6, 7, 8]}, {"prompt_token_ids": [40, 41]}]
-    with_adapter = LLM(str(base_dir), enable_lora=True, **settings).generate(
-        prompts, params, lora_request=LoRARequest("a", 1, str(adapter_dir)), use_tqdm=False)
+    served = LLM(str(base_dir), enable_lora=True, **settings)
+    base = served.generate(prompts, params, use_tqdm=False)
+    with_adapter = served.generate(prompts, params, lora_request=LoRARequest("a", 1, str(adapter_dir)), use_tqdm=False)
     merged = LLM(str(merged_dir), **settings).generate(prompts, params, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in merged] == [o.outputs[0].token_ids for o in with_adapter]
+    for b, a, m in zip(base, with_adapter, merged, strict=True):
+        base_ids, ids = b.outputs[0].token_ids, a.outputs[0].token_ids
+        assert len(set(ids)) > 2  # varied text, not one token echoed
+        assert ids != base_ids  # the adapter is in effect
+        assert m.outputs[0].token_ids == ids
+        chosen = [entry[t].logprob for t, entry in zip(ids, a.outputs[0].logprobs, strict=True)]
+        assert [entry[t].logprob for t, entry in zip(ids, m.outputs[0].logprobs, strict=True)] == pytest.approx(
+            chosen, abs=1e-3)
 
 
 def test_merge_refuses_non_empty_output(tmp_path):
-    base_dir = make_tiny_model("llama", tmp_path / "base")
+    base_dir = make_sharp_tiny_model("llama", tmp_path / "base")
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     adapter_dir = make_peft_adapter(base, tmp_path / "adapter", r=4, target_modules=["q_proj"])
     with pytest.raises(FileExistsError, match="not empty"):

@@ -180,7 +180,13 @@ def test_preempted_sequences_are_recomputed_to_the_same_tokens(tiny, arch):
     prompts = [p for p in PROMPTS for _ in range(2)]
     outputs = llm.generate(prompts, params, use_tqdm=False)
     assert llm.engine.scheduler.num_preemptions > 0
-    unconstrained = model.llm.generate(prompts, params, use_tqdm=False)
+    # The reference holds every sequence's whole KV at once, so it can never preempt (the module's shared
+    # engine, 64 blocks, could: these eight need more).
+    needed = sum(-(-(len(model.prompt_ids(p)) + NEW_TOKENS) // 4) for p in prompts)
+    assert needed > ENGINE_ARGS["num_kv_blocks"]
+    reference = LLM(str(model.path), **ENGINE_ARGS | dict(num_kv_blocks=needed))
+    unconstrained = reference.generate(prompts, params, use_tqdm=False)
+    assert reference.engine.scheduler.num_preemptions == 0
     assert [o.outputs[0].token_ids for o in unconstrained[::2]] == [model.greedy(p) for p in PROMPTS]
     assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in unconstrained]
     assert llm.engine.blocks.num_free_blocks == 24

@@ -5,12 +5,15 @@ streams are tested against a real server process in test_server.py."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 
 import httpx
 import openai
 import pytest
+import torch
 from fastapi.testclient import TestClient
+from peft import PeftModel
 
 from loraserve import LLM, LoRARequest, SamplingParams
 from loraserve.config import EngineConfig
@@ -149,11 +152,20 @@ def test_streaming_equals_non_streaming(client, offline, lora_requests):
     stopped = client.completions.create(model="a0", prompt=PROMPTS[0], **cases[0])
     assert stopped.choices[0].text == full[:full.index(stop)] and stopped.choices[0].finish_reason == "stop"
 
+    # chat: a stop string taken from this very answer, so it is certain to be met
     messages = [{"role": "user", "content": "hi"}]
-    plain = client.chat.completions.create(model="a1", messages=messages, temperature=0, max_tokens=16, stop=[stop])
-    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model="a1", messages=messages, temperature=0, max_tokens=16, stop=[stop], stream=True) if c.choices)
-    assert streamed == plain.choices[0].message.content
+    chat_full = offline.chat(messages, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False,
+                             lora_request=lora_requests["a1"])[0].outputs[0].text
+    chat_stop = _stop_for(chat_full)
+    ask = dict(model="a1", messages=messages, temperature=0, max_tokens=16, stop=[chat_stop],
+               extra_body={"ignore_eos": True})
+    plain = client.chat.completions.create(**ask).choices[0]
+    assert plain.message.content == chat_full[:chat_full.index(chat_stop)]  # cut before the stop, which is left out
+    assert chat_stop not in plain.message.content and plain.finish_reason == "stop"
+    chunks = [c.choices[0] for c in client.chat.completions.create(**ask, stream=True) if c.choices]
+    assert "".join(c.delta.content or "" for c in chunks) == plain.message.content
+    assert [c.finish_reason for c in chunks if c.finish_reason is not None] == ["stop"]
+    assert chunks[-1].finish_reason == "stop"
 
 
 def test_stop_string_inside_min_tokens_window_streamed_and_not(client, offline):
@@ -208,14 +220,34 @@ def test_logprobs_equal_offline(client, offline, lora_requests):
     assert [list(top.values()) for top in logprobs.top_logprobs] == [pytest.approx(list(top.values()), abs=1e-4)
                                                                     for top in want_top]
 
-    chat = client.chat.completions.create(model="a2", messages=[{"role": "user", "content": "x"}], temperature=0,
-                                          max_tokens=5, logprobs=True, top_logprobs=2)
+
+def test_chat_logprobs_equal_peft_forward(client, offline, lora_requests, files):
+    """Chat logprobs against an independent computation: log-softmax of transformers + PEFT logits (the
+    same adapter) over the prompt and the answer's tokens; the top alternatives are the two largest there."""
+    messages = [{"role": "user", "content": "x"}]
+    reference = offline.chat(messages, SamplingParams(temperature=0, max_tokens=5, logprobs=2, ignore_eos=True),
+                             use_tqdm=False,
+                             lora_request=lora_requests["a2"])[0]
+    prompt, answer = reference.prompt_token_ids, reference.outputs[0].token_ids
+    chat = client.chat.completions.create(model="a2", messages=messages, temperature=0, max_tokens=5, logprobs=True,
+                                          top_logprobs=2, extra_body={"ignore_eos": True})
+    assert chat.choices[0].message.content == reference.outputs[0].text
+    assert chat.usage.prompt_tokens == len(prompt) and chat.usage.completion_tokens == len(answer) == 5
+
+    peft = PeftModel.from_pretrained(copy.deepcopy(files["hf"]), files["adapters"]["a2"]).eval()
+    with torch.no_grad():
+        logits = peft(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1:-1].float()
+    want = torch.log_softmax(logits, dim=-1)
+    top = want.topk(2, dim=-1)
+    assert top.indices[:, 0].tolist() == answer  # greedy: the answer is the reference's argmax
     content = chat.choices[0].logprobs.content
-    assert len(content) == chat.usage.completion_tokens
-    for token in content:
-        assert len(token.top_logprobs) == 2
-        assert token.top_logprobs[0].logprob >= token.top_logprobs[1].logprob
-        assert token.logprob == pytest.approx(token.top_logprobs[0].logprob)  # greedy picks the top token
+    assert len(content) == len(answer)
+    for i, (token, token_id, entry) in enumerate(zip(content, answer, reference.outputs[0].logprobs, strict=True)):
+        assert token.token == entry[token_id].decoded_token and token.bytes == list(token.token.encode())
+        assert token.logprob == pytest.approx(want[i, token_id].item(), abs=1e-4)
+        assert [alt.token for alt in token.top_logprobs] == [entry[t].decoded_token for t in top.indices[i].tolist()]
+        assert [alt.logprob for alt in token.top_logprobs] == pytest.approx(top.values[i].tolist(), abs=1e-4)
+        assert token.top_logprobs[0].logprob == token.logprob
 
 
 def test_sampling_extras_change_output(client):
