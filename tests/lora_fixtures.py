@@ -54,22 +54,23 @@ def target_spec(model: nn.Module) -> LoRATargetSpec:
 
 
 def make_peft_adapter(model: nn.Module, out_dir: str | Path, *, seed: int = 0, safe_serialization: bool = True,
-                      **lora_config_kwargs) -> Path:
+                      noise: float = 1.0, **lora_config_kwargs) -> Path:
     """Save a PEFT LoRA adapter for `model` (left untouched) with every trained tensor random (PEFT starts B
     at zero, which would hide any mistake in B or in its scaling): A, B and lora_B's bias drawn afresh; DoRA
     magnitudes, whole saved modules, trained biases and token rows moved off their initial values, which
-    are the base's own (an unchanged copy would hide a mistake in applying it); returns its folder."""
+    are the base's own (an unchanged copy would hide a mistake in applying it), by `noise` times 20 % of their
+    size; returns its folder."""
     peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(**lora_config_kwargs))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
+            draw = torch.randn(param.shape, generator=generator)
             if "lora_magnitude_vector" in name:
-                param.mul_(1 + 0.2 * noise)
+                param.mul_(1 + 0.2 * noise * draw)
             elif "lora_" in name:
-                param.copy_(noise * 0.1)
+                param.copy_(draw * 0.1)
             elif param.requires_grad:
-                param.add_(noise * 0.2 * (param.abs().mean() or 1.0))
+                param.add_(draw * 0.2 * noise * (param.abs().mean() or 1.0))
     peft_model.save_pretrained(out_dir, safe_serialization=safe_serialization)
     return Path(out_dir)
 

@@ -57,6 +57,7 @@ class Case:
 
     lora: dict
     safe_serialization: bool = True
+    noise: float = 1.0  # how far DoRA magnitudes and saved tensors move off the base's (make_peft_adapter)
 
 
 CASES = {
@@ -198,7 +199,7 @@ def serve(path: Path, cases: dict[str, Case], adapters_dir: Path,
     loras = {}
     for lora_id, (name, case) in enumerate(cases.items(), start=1):
         folder = make_peft_adapter(hf, adapters_dir / name, seed=lora_id,
-                                   safe_serialization=case.safe_serialization,
+                                   safe_serialization=case.safe_serialization, noise=case.noise,
                                    **lora_kwargs(case, arch, prompt_ids))
         loras[name] = LoRARequest(name, lora_id, str(folder))
     names = list(cases)

@@ -46,3 +46,17 @@ def kinds_served(request, tmp_path_factory) -> Served:
 @pytest.mark.parametrize("row", [BASE, *KINDS])
 def test_every_kind_matches_peft_in_one_mixed_batch(kinds_served: Served, row: str) -> None:
     assert_matches_peft(kinds_served, row)
+
+
+@pytest.fixture(scope="module")
+def default_kinds_served(default_model_path, tmp_path_factory) -> Served:
+    """The default model (30 layers, tied 49k vocabulary) with milder scalings and DoRA magnitudes, as in
+    test_lora_fidelity: fp32 rounding through 30 randomly rescaled layers otherwise passes 1e-4."""
+    cases = {name: Case(dict(case.lora, lora_alpha=case.lora["r"] / 4), noise=0.25) for name, case in KINDS.items()}
+    return serve(default_model_path, cases, tmp_path_factory.mktemp("default-kinds"), max_loras=SLOTS,
+                 max_model_len=256, num_kv_blocks=64, block_size=16, max_lora_rank=8)
+
+
+@pytest.mark.parametrize("row", [BASE, *KINDS])
+def test_every_kind_matches_peft_on_the_default_model(default_kinds_served: Served, row: str) -> None:
+    assert_matches_peft(default_kinds_served, row)

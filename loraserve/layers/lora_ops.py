@@ -132,7 +132,8 @@ class SlotLayout:
             self._materialize()
             rank, fan_in, fan_out = part.lora_a.shape[-2], part.lora_a.shape[-1], part.lora_b.shape[-2]
             self.lora_a[virtual, offset:offset + rank, :fan_in].copy_(part.lora_a)
-            self.lora_b[virtual, offset:offset + rank, col_start:col_start + fan_out].copy_(part.lora_b.transpose(-1, -2))
+            cols = slice(col_start, col_start + fan_out)
+            self.lora_b[virtual, offset:offset + rank, cols].copy_(part.lora_b.transpose(-1, -2))
             rows[index] = [offset, offset + rank]
             offset += rank
         self.part_rows[virtual] = torch.tensor(rows, dtype=torch.long)

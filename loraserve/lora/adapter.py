@@ -39,9 +39,9 @@ _BASE_LAYER = ".base_layer"  # a second target_parameters wrapper nests the firs
 class BaseWeights(Protocol):
     """What reading an adapter needs from the base model's weights (the CausalLM provides it)."""
 
-    def lora_norm_terms(self, module: str, lora_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A·W₀ᵀ [r, out], ‖W₀ row‖² [out]) in float32 for the module's weight W₀ [out, in], de-quantized;
-        for an embedding table E [vocab, dim] W₀ is Eᵀ, as PEFT's DoRA takes it."""
+    def dora_norms(self, module: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+        """‖W₀ + B·A‖ per output row in float32 for the module's served weight W₀ [out, in] (B scaled); for an
+        embedding table E [vocab, dim] W₀ is Eᵀ, as PEFT's DoRA takes it."""
 
     def checkpoint_tensor(self, name: str) -> torch.Tensor | None:
         """The base's tensor `name` (a key of LoRATargetSpec.tensors) in float32, None if not at hand."""
@@ -192,19 +192,14 @@ def _module_weights(module: str, held: ModuleTensors, config: AdapterConfig, spe
 
 def _dora_scale(module: str, weights: LoRAModuleWeights, magnitude: torch.Tensor, base: BaseWeights | None,
                 name: str) -> torch.Tensor:
-    """m / ‖W₀ + s·BA‖ per output row (PEFT treats the norm as a constant: so is this), from
-    ‖W₀ + s·BA‖² = ‖W₀‖² + 2·Σₖ (sB)ᵢₖ (A W₀ᵀ)ₖᵢ + ‖(sB)ᵢ A‖², which never forms W₀ + s·BA."""
+    """m / ‖W₀ + s·BA‖ per output row; PEFT treats the norm as a constant, and so does this."""
     if base is None:
         raise LoRAError(f"adapter {name!r} is a DoRA adapter, whose norms need the base model's weights; load it "
                         f"through an engine")
-    lora_a, lora_b = weights.lora_a, weights.lora_b  # float32, B scaled
-    if magnitude.shape != (lora_b.shape[0],):
+    if magnitude.shape != (weights.lora_b.shape[0],):
         raise LoRAError(f"adapter {name!r}: module {module!r} has a DoRA magnitude of shape {tuple(magnitude.shape)}, "
-                        f"expected ({lora_b.shape[0]},); re-save the adapter")
-    a_w, row_norms = base.lora_norm_terms(module, lora_a)
-    cross = (lora_b * a_w.T).sum(dim=1)
-    lora_norms = ((lora_b @ (lora_a @ lora_a.T)) * lora_b).sum(dim=1)
-    return magnitude.float() / (row_norms + 2 * cross + lora_norms).clamp(min=0).sqrt()
+                        f"expected ({weights.lora_b.shape[0]},); re-save the adapter")
+    return magnitude.float() / base.dora_norms(module, weights.lora_a, weights.lora_b)
 
 
 def _token_rows(module: str, held: ModuleTensors, config: AdapterConfig, spec: LoRATargetSpec,

@@ -140,20 +140,39 @@ class CausalLM(nn.Module):
             total += head.nbytes - (head.dense.numel() * head.dense.element_size() if shared else 0)
         return total
 
-    def lora_norm_terms(self, module: str, lora_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A·W₀ᵀ [r, out], ‖W₀ row‖² [out]) in float32 for DoRA's norms (lora.adapter.BaseWeights), from
-        the weights as served (de-quantized where quantized) and without forming W₀ again: A goes through
-        the layer's own matmul. For the embedding table E W₀ is Eᵀ, as PEFT's DoRA takes it."""
+    def dora_norms(self, module: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+        """‖W₀ + B·A‖ per output row in float32 (B scaled), DoRA's norm (lora.adapter.BaseWeights), on the weights
+        as served (de-quantized where quantized); for the embedding table E, W₀ is Eᵀ as PEFT's DoRA takes it.
+        Where a dense W₀ is at hand (float32 weights, the embedding table) it is formed as PEFT forms it; a
+        weight prepacked for oneDNN (bf16) or quantized is not unpacked: ‖W₀ + BA‖² = ‖W₀‖² + 2·Σₖ Bᵢₖ(A W₀ᵀ)ₖᵢ +
+        ‖Bᵢ A‖², with A·W₀ᵀ from the layer's own matmul."""
+        dense = self._dense_weight(module)
+        if dense is not None:
+            return torch.linalg.norm(dense + lora_b @ lora_a[:, :dense.shape[1]], dim=1)
         dtype = self.embed_tokens.weight.dtype
         if module == HEAD_MODULE:
-            head = self.lm_head_matmul
-            return head(lora_a.to(dtype)).float(), self.head_row_norms_sq
+            a_w, row_norms = self.lm_head_matmul(lora_a.to(dtype)).float(), self.head_row_norms_sq
+        else:
+            linear, part = self.linear_modules()[module]
+            cols = linear.part_slice(part)
+            a_w, row_norms = linear.matmul(lora_a.to(dtype))[:, cols].float(), linear.row_norms_sq[cols]
+        cross = (lora_b * a_w.T).sum(dim=1)
+        lora_norms = ((lora_b @ (lora_a @ lora_a.T)) * lora_b).sum(dim=1)
+        return (row_norms + 2 * cross + lora_norms).clamp(min=0).sqrt()
+
+    def _dense_weight(self, module: str) -> torch.Tensor | None:
+        """W₀ [out, in] in float32 when the served form keeps it (or it is the embedding table), else None."""
         if module == self.embed_name.removesuffix(".weight"):
-            table = self.checkpoint_tensor(self.embed_name)
-            return lora_a[:, :table.shape[0]] @ table, table.pow(2).sum(dim=0)
-        linear, part = self.linear_modules()[module]
-        cols = linear.part_slice(part)
-        return linear.matmul(lora_a.to(dtype))[:, cols].float(), linear.row_norms_sq[cols]
+            return self.checkpoint_tensor(self.embed_name).T
+        if module == HEAD_MODULE:
+            matmul = self.lm_head_matmul
+            cols = slice(None)
+        else:
+            linear, part = self.linear_modules()[module]
+            matmul, cols = linear.matmul, linear.part_slice(part)
+        if isinstance(matmul, MatmulWeight) and matmul.dense is not None and matmul.dtype == torch.float32:
+            return matmul.dense[cols]
+        return None
 
     def checkpoint_tensor(self, name: str) -> torch.Tensor | None:
         """The served value of checkpoint tensor `name` in float32 (de-quantized where quantized); None for an
