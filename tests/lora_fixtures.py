@@ -40,17 +40,28 @@ def tiny_gpt2(name: str = "tiny-gpt2", seed: int = 0) -> GPT2LMHeadModel:
 
 
 def target_spec(model: nn.Module) -> LoRATargetSpec:
-    """Every Linear/Conv1D of the model but its output head, with (in_features, out_features)."""
-    head = model.get_output_embeddings()
-    modules = {}
+    """What an engine's spec holds, read off a transformers model: every Linear/Conv1D with (in_features,
+    out_features), the output head among them; the input embedding; every tensor's shape, and as replaceable
+    the vocabulary tables, norms and linear biases."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    modules, embeddings, head_name, replaceable = {}, {}, None, set()
     for name, module in model.named_modules():
-        if module is head:
-            continue
         if isinstance(module, nn.Linear):
             modules[name] = (module.in_features, module.out_features)
+            if module.bias is not None:
+                replaceable.add(f"{name}.bias")
         elif isinstance(module, Conv1D):  # weight is [in, out]
             modules[name] = tuple(module.weight.shape)
-    return LoRATargetSpec(modules=modules, model_name=model.name_or_path)
+        elif module is embedding:
+            embeddings[name] = tuple(module.weight.shape)
+        elif "norm" in type(module).__name__.lower():
+            replaceable.update(f"{name}.{param}" for param, _ in module.named_parameters())
+        if module is head:
+            head_name = name
+    tensors = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    replaceable.update(f"{name}.weight" for name in [*embeddings, head_name])
+    return LoRATargetSpec(modules=modules, model_name=model.name_or_path, embeddings=embeddings, head=head_name,
+                          tensors=tensors, replaceable=frozenset(replaceable))
 
 
 def make_peft_adapter(model: nn.Module, out_dir: str | Path, *, seed: int = 0, safe_serialization: bool = True,

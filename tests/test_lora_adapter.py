@@ -16,7 +16,7 @@ from loraserve.lora.adapter import AdapterNotFoundError, LoRAError, load_adapter
 from loraserve.lora.request import LoRARequest
 
 QV = ["q_proj", "v_proj"]
-ALL_LEAVES = "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"
+ALL_LEAVES = "down_proj, embed_tokens, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"
 
 
 @pytest.fixture(scope="module")
@@ -259,26 +259,47 @@ def test_truncated_weights(llama, spec, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(use_dora=True), "adapter 'x' uses DoRA (use_dora=True in adapter_config.json), which loraserve does not "
-                          "support"),
-    (dict(lora_bias=True), "uses a trained bias on lora_B (lora_bias=True"),
-    (dict(modules_to_save=["lm_head"]), "adapter_config.json has modules_to_save=['lm_head'], but fully trained "
-                                        "copies"),
-    (dict(bias="lora_only"), "has bias='lora_only', but adapters that train base-layer biases are not supported"),
-    (dict(target_modules=["q_proj", "embed_tokens"]), "adapter 'x' targets 'embed_tokens': LoRA on embeddings or "
-                                                      "lm_head is not supported"),
-    (dict(target_modules=["v_proj", "lm_head"]), "targets 'lm_head': LoRA on embeddings or lm_head"),
+    (dict(use_dora=True), "adapter 'x' is a DoRA adapter, whose norms need the base model's weights; load it through "
+                          "an engine"),
+    (dict(modules_to_save=["gate_proj"]), "adapter 'x' saves 'model.layers.0.mlp.gate_proj.weight' whole "
+                                          "(modules_to_save); loraserve serves whole copies of embedding tables"),
 ])
 def test_refused_features(kwargs, message, llama, spec, tmp_path):
     lora = dict(r=8, target_modules=QV) | kwargs
     expect_error(make_peft_adapter(llama, tmp_path / "a", **lora), spec, message)
 
 
-def test_embedding_tensors_refused_even_if_config_hides_them(llama, spec, tmp_path):
-    path = make_peft_adapter(llama, tmp_path / "a", r=8, target_modules=["q_proj", "embed_tokens"])
-    assert any("lora_embedding_A" in key for key in load_file(path / "adapter_model.safetensors"))
-    edit_config(path, target_modules=["q_proj"])
-    expect_error(path, spec, "adapter 'x' targets 'model.embed_tokens': LoRA on embeddings or lm_head")
+def test_new_kinds_read_as_peft_stores_them(llama, spec, tmp_path):
+    """lora_B's bias scaled like B; embedding factors kept as PEFT's lora_embedding_A [r, vocab] / B; the head's
+    LoRA like any linear; modules_to_save tensors kept whole (minus copies equal to the base's, which only an
+    engine can tell); trainable token rows with their ids."""
+    path = make_peft_adapter(llama, tmp_path / "bias", r=4, lora_alpha=8, lora_bias=True, target_modules=QV)
+    raw = load_file(path / "adapter_model.safetensors")
+    q = "model.layers.0.self_attn.q_proj"
+    torch.testing.assert_close(load(path, spec).modules[q].bias, raw[f"base_model.model.{q}.lora_B.bias"] * 2.0)
+    path = make_peft_adapter(llama, tmp_path / "a", r=4, lora_alpha=8,
+                             target_modules=["embed_tokens", "lm_head", "q_proj"], modules_to_save=["norm"])
+    raw = load_file(path / "adapter_model.safetensors")
+    adapter = load(path, spec)
+    embed = adapter.modules["model.embed_tokens"]
+    torch.testing.assert_close(embed.lora_a, raw["base_model.model.model.embed_tokens.lora_embedding_A"])
+    torch.testing.assert_close(embed.lora_b, raw["base_model.model.model.embed_tokens.lora_embedding_B"] * 2.0)
+    assert adapter.modules["lm_head"].lora_b.shape == (128, 4)
+    assert "model.norm.weight" in adapter.saved and "model.layers.0.input_layernorm.weight" in adapter.saved
+    torch.testing.assert_close(adapter.saved["model.norm.weight"], raw["base_model.model.model.norm.weight"])
+    assert adapter.added_tokens == 0
+    tokens = make_peft_adapter(llama, tmp_path / "b", r=4, target_modules=QV, trainable_token_indices=[3, 7])
+    rows = load(tokens, spec).token_rows["model.embed_tokens.weight"]
+    assert rows.ids.tolist() == [3, 7]
+    torch.testing.assert_close(rows.rows, load_file(tokens / "adapter_model.safetensors")[
+        "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"])
+
+
+def test_saved_tensor_the_config_does_not_explain(llama, spec, tmp_path):
+    path = make_peft_adapter(llama, tmp_path / "a", r=8, target_modules=QV)
+    edit_weights(path, lambda t: t.update({"base_model.model.model.norm.weight": torch.ones(64)}))
+    expect_error(path, spec, "adapter 'x' holds tensor 'model.norm.weight', which is not a LoRA weight, and its "
+                 "adapter_config.json neither saves that module (modules_to_save=[]) nor trains biases (bias='none')")
 
 
 def test_other_peft_type(llama, spec, tmp_path):
@@ -323,9 +344,3 @@ def test_missing_partner(llama, spec, tmp_path):
     path = make_peft_adapter(llama, tmp_path / "a", r=8, target_modules=QV)
     edit_weights(path, lambda t: t.pop("base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"))
     expect_error(path, spec, "adapter 'x' has lora_A but no lora_B for module 'model.layers.1.self_attn.v_proj'")
-
-
-def test_unknown_tensor(llama, spec, tmp_path):
-    path = make_peft_adapter(llama, tmp_path / "a", r=8, target_modules=QV)
-    edit_weights(path, lambda t: t.update({"base_model.model.model.norm.weight": torch.ones(64)}))
-    expect_error(path, spec, "holds tensor 'base_model.model.model.norm.weight', which is not a LoRA A/B weight")

@@ -8,6 +8,7 @@ accepted it holds its adapter in memory, so nothing that happens to the files af
 """
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
@@ -28,7 +29,7 @@ from tiny_models import make_sharp_tiny_model
 GREEDY = SamplingParams(temperature=0, max_tokens=8)
 PROMPT = "broken adapters"
 QV = ["q_proj", "v_proj"]
-ALL_LEAVES = "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"
+ALL_LEAVES = "down_proj, embed_tokens, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"
 BROKEN_ID = 100
 
 
@@ -96,6 +97,15 @@ def _without(file: str) -> Callable[[object, Path], Path]:
     return make
 
 
+def _resized(added: int) -> Callable[[object, Path], Path]:
+    """An adapter trained after adding `added` tokens: its embedding table and head saved whole."""
+    def make(hf, folder: Path) -> Path:
+        model = copy.deepcopy(hf)
+        model.resize_token_embeddings(model.config.vocab_size + added)
+        return _qv(model, folder, modules_to_save=["embed_tokens", "lm_head"])
+    return make
+
+
 def _truncated(hf, folder: Path) -> Path:
     weights = _qv(hf, folder) / "adapter_model.safetensors"
     data = weights.read_bytes()
@@ -124,17 +134,20 @@ BROKEN = {
     "missing-weights": Broken(_without("adapter_model.safetensors"), r"has adapter_config\.json but no weights; "
                               r"expected adapter_model\.safetensors", AdapterNotFoundError),
     "truncated-safetensors": Broken(_truncated, r"adapter_model\.safetensors is corrupt or truncated"),
-    "dora": Broken(lambda hf, d: _qv(hf, d, use_dora=True), r"adapter 'broken' uses DoRA \(use_dora=True in "
-                   r"adapter_config\.json\), which loraserve does not support"),
-    "modules-to-save": Broken(lambda hf, d: _qv(hf, d, modules_to_save=["lm_head"]),
-                              r"modules_to_save=\['lm_head'\], but fully trained copies of modules \(modules_to_save\) "
-                              r"are not supported"),
-    "lora-on-embed-tokens": Broken(lambda hf, d: _qv(hf, d, target_modules=["embed_tokens", "q_proj"]),
-                                   r"targets '[\w.]*embed_tokens': LoRA on embeddings or lm_head is not supported"),
-    "lora-on-lm-head": Broken(lambda hf, d: _qv(hf, d, target_modules=["lm_head", "q_proj"]),
-                              r"targets '[\w.]*lm_head': LoRA on embeddings or lm_head is not supported"),
-    "bias": Broken(lambda hf, d: _qv(hf, d, bias="lora_only"),
-                   r"bias='lora_only', but adapters that train base-layer biases are not supported"),
+    "dora-with-lora-bias": Broken(_edited(use_dora=True, lora_bias=True),
+                                  r"lora_bias=True, but PEFT does not define lora_bias together with DoRA"),
+    "saves-a-linear-whole": Broken(lambda hf, d: _qv(hf, d, modules_to_save=["gate_proj"]),
+                                   r"saves 'model\.layers\.0\.mlp\.gate_proj\.weight' whole \(modules_to_save\); "
+                                   r"loraserve serves whole copies of embedding tables, the LM head, norms and biases "
+                                   r"only; re-train with LoRA on that module instead"),
+    "too-many-added-tokens": Broken(_resized(300), r"its saved 'lm_head\.weight' reaches 572 vocabulary "
+                                    r"rows, the base has 272 and --lora-extra-vocab-size allows 256 more; restart with "
+                                    r"--lora-extra-vocab-size 300"),
+    "unknown-bias-mode": Broken(_edited(bias="some"), r"bias='some', but PEFT's bias must be one of 'none', 'all', "
+                                r"'lora_only'"),
+    "activated-lora": Broken(_edited(alora_invocation_tokens=[5]), r"uses Activated LoRA \(aLoRA\) "
+                             r"\(alora_invocation_tokens=\[5\] in adapter_config\.json\), which loraserve does not "
+                             r"support"),
     "matches-no-module": Broken(_edited(layers_to_transform=[7]),
                                 r"adapter 'broken' selects no module of model .* so it would change nothing"),
 }

@@ -45,12 +45,14 @@ def classify(tensors: dict[str, torch.Tensor], name: str) -> AdapterTensors:
         parts = key.removeprefix(_PEFT_PREFIX).split(".")
         kind = _kind(parts)
         if kind is None:
-            whole = ".".join(parts)
-            # an adapted module's own tensors sit under its LoRA wrapper: save_embedding_layers' table copies,
-            # biases trained with bias='all' / 'lora_only'
-            whole = whole.replace(".base_layer.", ".")
-            if whole in found.whole:
-                raise LoRAError(f"adapter {name!r} holds tensor {whole!r} twice; re-save the adapter")
+            if "original_module" in parts:  # save_embedding_layers' copy of a saved module's base: not the adapter's
+                continue
+            # an adapted module's own tensors sit under its LoRA wrapper (save_embedding_layers' table copies,
+            # biases trained with bias='all' / 'lora_only'); save_embedding_layers also writes a saved module's
+            # trained copy again under its wrapper's name
+            whole = ".".join(p for p in parts if p not in ("base_layer", "modules_to_save"))
+            if whole in found.whole and not torch.equal(found.whole[whole], tensor):
+                raise LoRAError(f"adapter {name!r} holds two different tensors for {whole!r}; re-save the adapter")
             found.whole[whole] = tensor
             continue
         index, attribute = kind
