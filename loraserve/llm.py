@@ -82,11 +82,13 @@ class LLM:
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None, use_tqdm: bool = True,
              lora_request: LoRARequest | Seq[LoRARequest | None] | None = None,
              add_generation_prompt: bool = True) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation or a list of them, then generate."""
+        """Apply the chat template to one conversation or a list of them, then generate (an adapter saved with
+        its own tokenizer brings its own template)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        tokenizer = self.engine.tokenizer
+        loras = _per_prompt(lora_request, len(conversations), "lora_request", LoRARequest)
         prompts = []
-        for conversation in conversations:
+        for conversation, lora in zip(conversations, loras, strict=True):
+            tokenizer = self.engine.request_tokenizer(lora)  # an adapter's own template and added tokens
             text = tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
                                                  tokenize=False)
             prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})

@@ -68,6 +68,13 @@ class AsyncLLMEngine:
     def tokenizer(self):
         return self._engine.tokenizer
 
+    async def tokenizer_for(self, lora_request: LoRARequest | None):
+        """The tokenizer a request for this adapter is tokenized with (the adapter's own, saved beside it, or
+        the model's); reads a cold adapter in a worker thread, raising LoRAError as generate would."""
+        if lora_request is None:
+            return self._engine.tokenizer
+        return await asyncio.get_running_loop().run_in_executor(None, self._engine.request_tokenizer, lora_request)
+
     @property
     def model_name(self) -> str:
         """The base model as the user named it (the default model's hub id when none was named)."""

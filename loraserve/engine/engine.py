@@ -83,20 +83,20 @@ class LLMEngine:
                      params: SamplingParams, lora_request: LoRARequest | None = None) -> Request:
         """A request ready to `add`, holding its adapter. Raises ParamError for a request that cannot run
         (naming the parameter), LoRAError for its adapter. Hand it to `add` or to `discard`."""
-        if prompt_token_ids is None:
-            if prompt is None:
-                raise ParamError("prompt", "give a {param} or prompt_token_ids")
-            prompt_token_ids = self.tokenizer.encode(prompt)
-        prompt_token_ids = list(prompt_token_ids)
-        self._check(prompt_token_ids, params)
+        if prompt_token_ids is None and prompt is None:
+            raise ParamError("prompt", "give a {param} or prompt_token_ids")
         arrival = time.time()
         adapter = self._acquire(lora_request) if lora_request is not None else None
-        request = Request(request_id, prompt, prompt_token_ids, [], lora_request, adapter,
-                          RequestMetrics(arrival_time=arrival))
+        request = Request(request_id, prompt, [], [], lora_request, adapter, RequestMetrics(arrival_time=arrival))
         try:
+            tokenizer = self.tokenizer_of(adapter)
+            if prompt_token_ids is None:
+                prompt_token_ids = tokenizer.encode(prompt)
+            request.prompt_token_ids = prompt_token_ids = list(prompt_token_ids)
+            self._check(prompt_token_ids, params, adapter)
             request.seqs = [
                 Sequence(next(self._seq_ids), request_id, index, len(prompt_token_ids), list(prompt_token_ids),
-                         params, detokenizer=self.output_processor.detokenizer(prompt_token_ids, params),
+                         params, detokenizer=self.output_processor.detokenizer(prompt_token_ids, params, tokenizer),
                          adapter=adapter, generator=_generator(params.sample_seed(index), self.device))
                 for index in range(params.n)
             ]
@@ -105,17 +105,32 @@ class LLMEngine:
             raise
         return request
 
+    def tokenizer_of(self, adapter: LoRAAdapter | None):
+        """The tokenizer a request tokenizes and detokenizes with: its adapter's own (added tokens, its chat
+        template) where the adapter folder has one, else the base model's."""
+        return adapter.tokenizer if adapter is not None and adapter.tokenizer is not None else self.tokenizer
+
+    def request_tokenizer(self, lora_request: LoRARequest | None):
+        """tokenizer_of the adapter `lora_request` names (read from disk if it is cold)."""
+        if lora_request is None:
+            return self.tokenizer
+        adapter = self._acquire(lora_request)
+        try:
+            return self.tokenizer_of(adapter)
+        finally:
+            self.lora_manager.release(adapter)
+
     def discard(self, request: Request) -> None:
         """Give back what a made request holds, when it will not be added after all."""
         if request.adapter is not None:
             self.lora_manager.release(request.adapter)
             request.adapter = None
 
-    def _check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def _check(self, prompt_token_ids: list[int], params: SamplingParams, adapter: LoRAAdapter | None) -> None:
         """Every limit of this engine a request must fit, checked once, here."""
         if not prompt_token_ids:
             raise ParamError("prompt", "the {param} is empty; give at least one token")
-        vocab = self.model.spec.vocab_size
+        vocab = self.model.spec.vocab_size + (adapter.added_tokens if adapter is not None else 0)
         if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in prompt_token_ids):
             raise ParamError("prompt", f"{{param}} token ids must be integers in [0, {vocab})")
         length = len(prompt_token_ids)

@@ -33,13 +33,16 @@ class OutputProcessor:
         self.eos_token_ids = set(eos_token_ids)
         self.max_model_len = max_model_len
 
-    def detokenizer(self, prompt_token_ids: list[int], params: SamplingParams) -> IncrementalDetokenizer:
-        return IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
+    def detokenizer(self, prompt_token_ids: list[int], params: SamplingParams,
+                    tokenizer: PreTrainedTokenizerBase | None = None) -> IncrementalDetokenizer:
+        """A sequence's detokenizer, with its adapter's tokenizer where it has one (default: the model's)."""
+        return IncrementalDetokenizer(tokenizer or self.tokenizer, prompt_token_ids, params.skip_special_tokens)
 
     def append(self, seqs: list[Sequence], result: SamplerOutput) -> None:
         """Add row i of the sampler's output to seqs[i]; a sequence that stops gets its finish_reason."""
         token_ids = result.token_ids.tolist()
-        entries = self._logprob_entries(result, [seq.params.logprobs for seq in seqs])
+        entries = self._logprob_entries(result, [seq.params.logprobs for seq in seqs],
+                                        [seq.detokenizer.tokenizer for seq in seqs])
         for row, seq in enumerate(seqs):
             self._append(seq, token_ids[row], entries[row] if entries is not None else None)
 
@@ -74,7 +77,8 @@ class OutputProcessor:
         if finish is not None:
             seq.finish_reason, seq.stop_reason = finish
 
-    def _logprob_entries(self, result: SamplerOutput, wanted: list[int | None]) -> list[dict[int, Logprob]] | None:
+    def _logprob_entries(self, result: SamplerOutput, wanted: list[int | None],
+                         tokenizers: list[PreTrainedTokenizerBase]) -> list[dict[int, Logprob]] | None:
         """Per row: the top-k (k = that row's logprobs) and the sampled token, each decoded on its own."""
         if result.logprobs is None:
             return None
@@ -88,6 +92,6 @@ class OutputProcessor:
                 entry[top_ids[row][rank]] = Logprob(top_lp[row][rank], rank + 1)
             entry[sampled_ids[row]] = Logprob(sampled_lp[row], ranks[row])
             for token_id, lp in entry.items():
-                lp.decoded_token = self.tokenizer.decode([token_id])
+                lp.decoded_token = tokenizers[row].decode([token_id])
             entries.append(entry)
         return entries

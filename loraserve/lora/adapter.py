@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -34,6 +34,7 @@ __all__ = ["SAFETENSORS_FILE", "AdapterNotFoundError", "BaseWeights", "LoRAAdapt
            "LoRAModuleWeights", "LoRATargetSpec", "TokenRows", "load_adapter", "resolve_adapter_path"]
 
 _BASE_LAYER = ".base_layer"  # a second target_parameters wrapper nests the first: experts.base_layer.lora_A
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # a tokenizer saved beside the adapter
 
 
 class BaseWeights(Protocol):
@@ -85,6 +86,8 @@ class LoRAAdapter:
     saved: dict[str, torch.Tensor] = field(default_factory=dict)
     token_rows: dict[str, TokenRows] = field(default_factory=dict)  # embedding weight name -> trained rows
     added_tokens: int = 0  # vocabulary rows past the base's that its tables bring
+    # the tokenizer saved beside the adapter (its added tokens, its chat template), None: the base model's
+    tokenizer: Any = None
 
 
 def load_adapter(request: LoRARequest, spec: LoRATargetSpec, max_lora_rank: int, dtype: torch.dtype,
@@ -113,7 +116,7 @@ def load_adapter(request: LoRARequest, spec: LoRATargetSpec, max_lora_rank: int,
     for module, held in found.modules.items():
         if held.token_rows is not None:
             table, rows = _token_rows(module, held, config, spec, name)
-            token_rows[table] = TokenRows(rows.ids, rows.rows.to(dtype))
+            token_rows[table] = rows
             continue
         module, weights = _module_weights(module, held, config, spec, name, base)
         if module in modules:
@@ -131,7 +134,10 @@ def load_adapter(request: LoRARequest, spec: LoRATargetSpec, max_lora_rank: int,
             f"adapter {name!r}: its weights file holds no LoRA tensors for {len(missing)} of the {len(selected)} "
             f"modules it targets (first: {missing[0]!r}); the weights file is incomplete, re-save the adapter"
         )
-    saved = _saved_tensors(found.whole, config, spec, selected, name, base)
+    saved, new_rows = _saved_tensors(found.whole, config, spec, selected, name, base, dtype)
+    for table, rows in new_rows.items():  # trained rows (token_rows) win over a resized table's new rows
+        token_rows[table] = _merge_rows(rows, token_rows[table]) if table in token_rows else rows
+    token_rows = {table: TokenRows(rows.ids, rows.rows.to(dtype)) for table, rows in token_rows.items()}
     for table in config.trainable_token_indices:
         if not any(_is_table(t, table, spec) for t in token_rows):
             raise LoRAError(f"adapter {name!r}: its {CONFIG_FILE} trains token rows of {table or 'the embedding'!r} "
@@ -154,7 +160,28 @@ def load_adapter(request: LoRARequest, spec: LoRATargetSpec, max_lora_rank: int,
         name=name, int_id=request.lora_int_id, path=str(folder), modules=modules, max_rank=max_rank,
         base_model_name=config.base_model_name, nbytes=nbytes, content_hash=digest.hexdigest(), saved=saved,
         token_rows=token_rows, added_tokens=max([vocab, *sizes]) - vocab,
+        tokenizer=_adapter_tokenizer(folder, max([vocab, *sizes]), name),
     )
+
+
+def _adapter_tokenizer(folder: Path, vocab: int, name: str) -> Any:
+    """The tokenizer saved in the adapter's folder (a fine-tune that added tokens saves it there), or None.
+    Its ids must stay within the rows the adapter's tables have."""
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as e:
+        raise LoRAError(f"adapter {name!r}: the tokenizer saved in {folder} cannot be read ({e}); re-save it with "
+                        f"tokenizer.save_pretrained") from e
+    if len(tokenizer) > vocab:
+        raise LoRAError(f"adapter {name!r}: its tokenizer has {len(tokenizer)} tokens but the model with the "
+                        f"adapter's tables has {vocab} vocabulary rows; save the embedding table and LM head the "
+                        f"added tokens were trained into (modules_to_save=['embed_tokens', 'lm_head'], or "
+                        f"trainable_token_indices)")
+    return tokenizer
 
 
 def _module_weights(module: str, held: ModuleTensors, config: AdapterConfig, spec: LoRATargetSpec, name: str,
@@ -204,15 +231,17 @@ def _dora_scale(module: str, weights: LoRAModuleWeights, magnitude: torch.Tensor
 
 def _token_rows(module: str, held: ModuleTensors, config: AdapterConfig, spec: LoRATargetSpec,
                 name: str) -> tuple[str, TokenRows]:
-    """The trainable-token rows of embedding `module`, checked against trainable_token_indices."""
-    if module not in spec.embeddings:
-        raise LoRAError(f"adapter {name!r} trains token rows of {module!r}, which is not an embedding table of model "
-                        f"{spec.model_name!r} (its tables: {', '.join(spec.embeddings)})")
+    """The trainable-token rows of vocabulary table `module` (the embedding, or the LM head PEFT trains
+    alongside it), checked against trainable_token_indices."""
+    tables = {**spec.embeddings, **({spec.head: spec.modules[spec.head][::-1]} if spec.head else {})}
+    if module not in tables:
+        raise LoRAError(f"adapter {name!r} trains token rows of {module!r}, which is not a vocabulary table of model "
+                        f"{spec.model_name!r} (its tables: {', '.join(tables)})")
     ids = next((v for k, v in config.trainable_token_indices.items() if _is_table(f"{module}.weight", k, spec)), None)
     if ids is None:
         raise LoRAError(f"adapter {name!r} holds trained token rows for {module!r}, which its {CONFIG_FILE} does not "
                         f"name in trainable_token_indices; the config and the weights do not belong together")
-    vocab, dim = spec.embeddings[module]
+    vocab, dim = tables[module]
     if held.token_rows.shape != (len(ids), dim):
         raise LoRAError(f"adapter {name!r}: the trained token rows of {module!r} have shape "
                         f"{tuple(held.token_rows.shape)}, expected ({len(ids)}, {dim}) for the {len(ids)} ids of "
@@ -222,11 +251,21 @@ def _token_rows(module: str, held: ModuleTensors, config: AdapterConfig, spec: L
 
 
 def _is_table(table: str, entry: str | None, spec: LoRATargetSpec) -> bool:
-    """Whether a trainable_token_indices key (None: the input embedding) names embedding weight `table`."""
+    """Whether a trainable_token_indices key names vocabulary table `table` (None: the input embedding, and
+    the LM head PEFT trains with it)."""
     module = table.removesuffix(".weight")
     if entry is None:
-        return module == next(iter(spec.embeddings), None)
+        return module in (next(iter(spec.embeddings), None), spec.head)
     return module == entry or module.endswith("." + entry)
+
+
+def _merge_rows(first: TokenRows | None, then: TokenRows) -> TokenRows:
+    """Rows of one table from two sources, the later winning where both set a row."""
+    if first is None:
+        return then
+    rows = dict(zip(first.ids.tolist(), first.rows, strict=True)) | dict(zip(then.ids.tolist(), then.rows,
+                                                                             strict=True))
+    return TokenRows(torch.tensor(list(rows), dtype=torch.long), torch.stack(list(rows.values())))
 
 
 def _check_vocabulary(rows: int, vocab: int, spec: LoRATargetSpec, name: str, what: str) -> None:
@@ -237,10 +276,12 @@ def _check_vocabulary(rows: int, vocab: int, spec: LoRATargetSpec, name: str, wh
 
 
 def _saved_tensors(whole: dict[str, torch.Tensor], config: AdapterConfig, spec: LoRATargetSpec,
-                   selected: list[str], name: str, base: BaseWeights | None) -> dict[str, torch.Tensor]:
+                   selected: list[str], name: str, base: BaseWeights | None,
+                   dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, TokenRows]]:
     """The tensors saved whole, each justified by the config and servable per adapter, minus those equal to
-    the base's (an unchanged copy costs memory and changes nothing)."""
-    saved = {}
+    the base's (an unchanged copy costs memory and changes nothing); a resized vocabulary table whose old rows
+    are the base's comes back as its new rows only."""
+    saved, new_rows = {}, {}
     for key, tensor in whole.items():
         module, _, param = key.rpartition(".")
         by_modules_to_save = any(module.endswith(m) for m in config.modules_to_save)  # PEFT's plain suffix match
@@ -267,11 +308,14 @@ def _saved_tensors(whole: dict[str, torch.Tensor], config: AdapterConfig, spec: 
                             f"base model (base_model_name_or_path={config.base_model_name!r})")
         if resizable:
             _check_vocabulary(tensor.shape[0], expected[0], spec, name, f"its saved {key!r}")
-        served = base.checkpoint_tensor(key) if base is not None and tuple(tensor.shape) == expected else None
-        if served is not None and torch.equal(tensor.float(), served):
+        served = base.checkpoint_tensor(key) if base is not None else None
+        # compared as served: a float32 copy of a bf16 base's table equals it once rounded to bf16
+        if served is not None and torch.equal(tensor[:expected[0]].to(dtype).float(), served):
+            if tensor.shape[0] > expected[0]:
+                new_rows[key] = TokenRows(torch.arange(expected[0], tensor.shape[0]), tensor[expected[0]:].float())
             continue
         saved[key] = tensor.float()
-    return saved
+    return saved, new_rows
 
 
 def _expert_factors(experts: str, lora_a: torch.Tensor, lora_b: torch.Tensor, config: AdapterConfig,

@@ -47,10 +47,10 @@ def classify(tensors: dict[str, torch.Tensor], name: str) -> AdapterTensors:
         if kind is None:
             if "original_module" in parts:  # save_embedding_layers' copy of a saved module's base: not the adapter's
                 continue
-            # an adapted module's own tensors sit under its LoRA wrapper (save_embedding_layers' table copies,
-            # biases trained with bias='all' / 'lora_only'); save_embedding_layers also writes a saved module's
-            # trained copy again under its wrapper's name
-            whole = ".".join(p for p in parts if p not in ("base_layer", "modules_to_save"))
+            # an adapted module's own tensors sit under its LoRA or token wrapper (save_embedding_layers' table
+            # copies, biases trained with bias='all' / 'lora_only'); save_embedding_layers also writes a saved
+            # module's trained copy again under its wrapper's name
+            whole = ".".join(p for p in parts if p not in ("base_layer", "modules_to_save", "token_adapter"))
             if whole in found.whole and not torch.equal(found.whole[whole], tensor):
                 raise LoRAError(f"adapter {name!r} holds two different tensors for {whole!r}; re-save the adapter")
             found.whole[whole] = tensor

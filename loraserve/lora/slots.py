@@ -112,8 +112,10 @@ class AdapterSlots:
                                    f"have refused it")
         for name, rows in adapter.token_rows.items():
             tables[name]["rows"] = (rows.ids, rows.rows)
-            if self.tied:  # the head reads the same (trained) rows
-                tables[HEAD_WEIGHT]["rows"] = (rows.ids, rows.rows)
+        embed = next(name for name in self.tables if name != HEAD_WEIGHT)
+        if self.tied and embed in adapter.token_rows and HEAD_WEIGHT not in adapter.token_rows:
+            rows = adapter.token_rows[embed]  # the head reads the embedding's rows
+            tables[HEAD_WEIGHT]["rows"] = (rows.ids, rows.rows)
         if adapter.added_tokens:
             tables[HEAD_WEIGHT]["vocab"] = self.vocab_size + adapter.added_tokens
         for layout in self.layouts:

@@ -70,7 +70,7 @@ class CausalLM(nn.Module):
         own tokens. Token ids past the base vocabulary (an adapter's added tokens) read its own table."""
         input_ids, lora = batch.input_ids, batch.lora
         base_ids = input_ids
-        if lora is not None and self.embed_tables.tables:
+        if lora is not None and (self.embed_tables.tables or self.embed_tables.rows):
             base_ids = input_ids.clamp(max=self.spec.vocab_size - 1)
         table = self.quantized.get(self.embed_name)
         if table is None:

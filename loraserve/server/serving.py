@@ -65,7 +65,6 @@ class OpenAIServing:
         self.engine = engine
         self.adapters = adapters
         self.metrics = metrics
-        self.tokenizer = engine.tokenizer
         self.max_model_len = engine.limits.max_model_len
 
     # ---- entry points: a response body, or an SSE stream -------------------------------------------
@@ -73,7 +72,8 @@ class OpenAIServing:
     async def completions(self, request: CompletionRequest) -> dict | AsyncIterator[str]:
         arrival = time.monotonic()
         lora = self.adapters.resolve(request.model)
-        prompts = [self._completion_prompt(p) for p in request.prompts()]
+        tokenizer = await self._tokenizer(lora)
+        prompts = [self._completion_prompt(p, tokenizer) for p in request.prompts()]
         explicit = "max_tokens" in request.model_fields_set
         params = [request.sampling_params(self._max_tokens(p, request.max_tokens, explicit)) for p in prompts]
         return await self._run(_Job("completion", request, lora, prompts, params, arrival))
@@ -81,24 +81,35 @@ class OpenAIServing:
     async def chat(self, request: ChatCompletionRequest) -> dict | AsyncIterator[str]:
         arrival = time.monotonic()
         lora = self.adapters.resolve(request.model)
-        prompt = self._chat_prompt(request)
+        prompt = self._chat_prompt(request, await self._tokenizer(lora))
         params = request.sampling_params(request.requested_max_tokens)
         return await self._run(_Job("chat", request, lora, [prompt], [params], arrival))
 
     # ---- prompts ----------------------------------------------------------------------------------
 
-    def _completion_prompt(self, prompt: str | list[int]) -> Prompt:
+    async def _tokenizer(self, lora: LoRARequest | None):
+        """The request's tokenizer: its adapter's own (added tokens, chat template) or the model's."""
+        try:
+            return await self.engine.tokenizer_for(lora)
+        except AdapterRemovedError as e:  # unloaded between name lookup and the engine
+            raise model_not_found(lora.lora_name) from e
+        except LoRAError as e:
+            raise bad_request(str(e), "model") from e
+
+    @staticmethod
+    def _completion_prompt(prompt: str | list[int], tokenizer) -> Prompt:
         if isinstance(prompt, str):
-            return Prompt(prompt, self.tokenizer.encode(prompt))
+            return Prompt(prompt, tokenizer.encode(prompt))
         return Prompt(None, list(prompt))
 
-    def _chat_prompt(self, request: ChatCompletionRequest) -> Prompt:
+    @staticmethod
+    def _chat_prompt(request: ChatCompletionRequest, tokenizer) -> Prompt:
         conversation = [m.as_template_input() for m in request.messages]
         try:
-            text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+            text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
         except (jinja2.TemplateError, ValueError) as e:
             raise bad_request(f"the messages do not fit the model's chat template: {e}", "messages") from e
-        return Prompt(text, self.tokenizer.encode(text, add_special_tokens=False))
+        return Prompt(text, tokenizer.encode(text, add_special_tokens=False))
 
     def _max_tokens(self, prompt: Prompt, requested: int | None, explicit: bool) -> int | None:
         """OpenAI's default of 16 completion tokens, lowered to what fits the context when the client did not
