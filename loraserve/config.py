@@ -52,6 +52,10 @@ class LoRAConfig:
                                                     "float16, float32", str)
     lora_extra_vocab_size: int = _option(256, "tokens an adapter may add to the base vocabulary (its own "
                                               "embedding / LM-head rows and tokenizer)", int)
+    long_lora_scaling_factors: str | tuple[float, ...] | None = _option(
+        None, "linear RoPE factors of long-context adapters (adapter_config.json context_length above the "
+              "model's), comma-separated, e.g. 4,8; the served context may reach the largest factor times the "
+              "model's", str)
 
     def __post_init__(self) -> None:
         for name in ("max_loras", "max_lora_rank"):
@@ -59,6 +63,7 @@ class LoRAConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lora_extra_vocab_size < 0:
             raise ValueError(f"lora_extra_vocab_size must be at least 0, got {self.lora_extra_vocab_size}")
+        self.long_lora_scaling_factors = _parse_factors(self.long_lora_scaling_factors)
         if self.max_cpu_loras is None:
             self.max_cpu_loras = self.max_loras
         if self.max_cpu_loras < self.max_loras:
@@ -121,6 +126,21 @@ class EngineConfig:
                             f"{', '.join(sorted(engine_names | lora_names))}")
         lora = LoRAConfig(**{k: v for k, v in options.items() if k in lora_names})
         return cls(**{k: v for k, v in options.items() if k in engine_names}, lora=lora)
+
+
+def _parse_factors(value: str | tuple[float, ...] | list[float] | None) -> tuple[float, ...]:
+    """'4,8' or a sequence of numbers -> sorted distinct factors, each above 1."""
+    if value is None:
+        return ()
+    items = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        factors = sorted({float(item) for item in items if str(item).strip()})
+    except ValueError:
+        raise ValueError(f"long_lora_scaling_factors must be numbers separated by commas (e.g. 4,8); got "
+                         f"{value!r}") from None
+    if any(factor <= 1 for factor in factors):
+        raise ValueError(f"long_lora_scaling_factors must each be above 1; got {value!r}")
+    return tuple(factors)
 
 
 def option_fields(cls: type) -> list[dataclasses.Field]:

@@ -68,10 +68,11 @@ ARCHITECTURES: dict[str, tuple[str, str, dict]] = {
 }
 
 
-def make_tiny_model(arch: str, out_dir: Path, seed: int = 0) -> Path:
-    """Save a random tiny model of `arch` (a key of ARCHITECTURES) with a byte-level tokenizer copy."""
+def make_tiny_model(arch: str, out_dir: Path, seed: int = 0, **overrides) -> Path:
+    """Save a random tiny model of `arch` (a key of ARCHITECTURES; config `overrides` on top) with a
+    byte-level tokenizer copy."""
     config_cls, model_cls, extra = ARCHITECTURES[arch]
-    config = getattr(transformers, config_cls)(**{**COMMON, **extra})
+    config = getattr(transformers, config_cls)(**{**COMMON, **extra, **overrides})
     config.architectures = [model_cls]
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).float().eval()
@@ -84,13 +85,13 @@ def make_tiny_model(arch: str, out_dir: Path, seed: int = 0) -> Path:
     return Path(out_dir)
 
 
-def make_sharp_tiny_model(arch: str, out_dir: Path, seed: int = 0, factor: float = 10.0) -> Path:
+def make_sharp_tiny_model(arch: str, out_dir: Path, seed: int = 0, factor: float = 10.0, **overrides) -> Path:
     """make_tiny_model with every weight matrix scaled by `factor`.
 
     At the default init (std 0.02) attention is nearly uniform, so positions barely change the logits, and
     tied heads just echo the last input token: greedy text is one token repeated and a rotary or masking
     bug would go unseen. Sharper weights give varied, position-dependent generations."""
-    path = make_tiny_model(arch, out_dir, seed)
+    path = make_tiny_model(arch, out_dir, seed, **overrides)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     with torch.no_grad():
         for param in model.parameters():

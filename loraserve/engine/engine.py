@@ -51,9 +51,10 @@ class LLMEngine:
         hf_config = load_hf_config(self.model_path)
         self.quantization = resolve_quantization(self.model_path, hf_config, config.quantization)
         self.tokenizer = load_tokenizer(self.model_path)
-        self.max_model_len = max_model_len(decoder_spec(hf_config), config.max_model_len)
+        long_factors = config.lora.long_lora_scaling_factors if config.enable_lora else ()
+        self.max_model_len = max_model_len(decoder_spec(hf_config), config.max_model_len, max(long_factors, default=1))
         self.model = build_model(self.model_path, hf_config, self.dtype, self.device, self.max_model_len,
-                                 self.quantization)
+                                 self.quantization, rope_factors=(1.0, *long_factors))
         self.weight_bytes = self.model.weight_bytes()
         num_blocks = config.num_kv_blocks or choose_num_blocks(self.model.spec, config, self.dtype,
                                                                 self.max_model_len)
@@ -66,7 +67,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.lora.max_loras if config.enable_lora else None)
         self.eos_token_ids = _eos_token_ids(self.model_path, hf_config, self.tokenizer)
-        self.runner = ModelRunner(self.model, config.block_size, self.eos_token_ids)
+        self.runner = ModelRunner(self.model, config.block_size, self.eos_token_ids, (1.0, *long_factors))
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
         self.lora_manager = None
         if config.enable_lora:
@@ -134,12 +135,15 @@ class LLMEngine:
         if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in prompt_token_ids):
             raise ParamError("prompt", f"{{param}} token ids must be integers in [0, {vocab})")
         length = len(prompt_token_ids)
-        room = self.max_model_len - length
+        limit = self.max_model_len  # past the model's own context only long-context adapters' requests run
+        if adapter is None or adapter.rope_factor == 1:
+            limit = min(limit, self.model.spec.max_position_embeddings)
+        room = limit - length
         if room < 1:
-            raise ParamError("prompt", f"the {{param}} has {length} tokens but this model's maximum context length "
-                                       f"is {self.max_model_len}; shorten the {{param}}")
+            raise ParamError("prompt", f"the {{param}} has {length} tokens but the maximum context length here "
+                                       f"is {limit}; shorten the {{param}}")
         if params.max_tokens is not None and params.max_tokens > room:
-            raise ParamError("max_tokens", f"this model's maximum context length is {self.max_model_len} tokens; "
+            raise ParamError("max_tokens", f"the maximum context length here is {limit} tokens; "
                                            f"the prompt has {length} and {{param}}={params.max_tokens} asks for "
                                            f"more; lower {{param}} to at most {room}")
         if params.n > self.config.max_n:

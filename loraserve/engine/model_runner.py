@@ -10,8 +10,10 @@ from loraserve.model.causal_lm import CausalLM
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, block_size: int, eos_token_ids: list[int]) -> None:
+    def __init__(self, model: CausalLM, block_size: int, eos_token_ids: list[int],
+                 rope_factors: tuple[float, ...] = (1.0,)) -> None:
         self.model = model
+        self.rope_index = {factor: index for index, factor in enumerate(rope_factors)}  # the model's RoPE tables
         self.block_size = block_size
         self.eos_token_ids = eos_token_ids
         self.device = model.device
@@ -47,6 +49,7 @@ class ModelRunner:
         positions: list[int] = []
         slot_mapping: list[int] = []
         token_slots: list[int] = []
+        token_factors: list[int] = []
         spans: list[PrefillSpan] = []
         logits_rows: list[int] = []
         sampled: list[ScheduledSeq] = []
@@ -60,6 +63,7 @@ class ModelRunner:
             table = seq.block_table
             slot_mapping += [table[p // bs] * bs + p % bs for p in range(start, end)]
             token_slots += [slot_of(s)] * s.num_tokens
+            token_factors += [self.rope_index[seq.adapter.rope_factor] if seq.adapter else 0] * s.num_tokens
             if i < len(prefills):
                 blocks = torch.tensor(table[:-(-end // bs)], dtype=torch.long, device=device)
                 spans.append(PrefillSpan(row, row + s.num_tokens, end, blocks))
@@ -87,5 +91,6 @@ class ModelRunner:
             attention=attention,
             logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=device),
             lora=LoRABatch.build(token_slots, len(input_ids) - len(decodes), device),
+            rope_factors=torch.tensor(token_factors, device=device) if any(token_factors) else None,
         )
         return batch, sampled

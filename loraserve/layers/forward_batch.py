@@ -175,6 +175,8 @@ class ForwardBatch:
     attention: AttentionMetadata
     logits_indices: torch.Tensor  # [S] rows of the flat batch whose next token is sampled
     lora: LoRABatch | None = None  # per-token adapter slots; None when no token uses an adapter
+    # [T] int64 index into the model's RoPE factors per token (long-context adapters); None: all the model's own
+    rope_factors: torch.Tensor | None = None
 
     @cached_property
     def logits_lora(self) -> LoRABatch | None:

@@ -33,22 +33,38 @@ def rope_inverse_frequencies(config: PretrainedConfig, head_dim: int,
 
 
 class RotaryEmbedding(nn.Module):
-    """Holds cos/sin for every position up to max_positions; `lookup` gathers them once per step for all
+    """Holds cos/sin for every position up to max_positions, one table per linear scaling factor tokens may
+    use (`factors[0]` = 1, the model's own; the others for long-context adapters, whose frequencies are the
+    model's divided by the factor: transformers' "linear" RoPE); `lookup` gathers them once per step for all
     layers that share it."""
 
     def __init__(self, config: PretrainedConfig, head_dim: int, max_positions: int,
-                 layer_type: str | None = None) -> None:
+                 layer_type: str | None = None, factors: tuple[float, ...] = (1.0,)) -> None:
         super().__init__()
         inv_freq, scale = rope_inverse_frequencies(config, head_dim, layer_type)
+        if len(factors) > 1 and _rope_type(config, layer_type) != "default":
+            raise ValueError(f"long-context LoRA (--long-lora-scaling-factors) scales plain RoPE linearly; this "
+                             f"model's RoPE is {_rope_type(config, layer_type)!r}, which it does not compose with")
         self.rotary_dim = inv_freq.numel() * 2
-        freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos() * scale, persistent=False)
+        positions = torch.arange(max_positions, dtype=torch.float32)
+        emb = torch.stack([torch.cat([positions[:, None] * (inv_freq / f)[None, :]] * 2, dim=-1) for f in factors])
+        self.register_buffer("cos", emb.cos() * scale, persistent=False)  # [factors, positions, rotary_dim]
         self.register_buffer("sin", emb.sin() * scale, persistent=False)
 
-    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin as [T, 1, rotary_dim] in the activation dtype (as transformers casts them)."""
-        return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype,
+               factors: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin as [T, 1, rotary_dim] in the activation dtype (as transformers casts them); `factors`:
+        each token's index into the factors (None: all the model's own)."""
+        if factors is None:
+            cos, sin = self.cos[0, positions], self.sin[0, positions]
+        else:
+            cos, sin = self.cos[factors, positions], self.sin[factors, positions]
+        return cos.to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
+
+
+def _rope_type(config: PretrainedConfig, layer_type: str | None) -> str:
+    params = getattr(config, "rope_parameters", None) or {}
+    return (params[layer_type] if layer_type is not None else params).get("rope_type", "default")
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:

@@ -88,6 +88,7 @@ class LoRAAdapter:
     added_tokens: int = 0  # vocabulary rows past the base's that its tables bring
     # the tokenizer saved beside the adapter (its added tokens, its chat template), None: the base model's
     tokenizer: Any = None
+    rope_factor: float = 1.0  # linear RoPE factor of a long-context adapter's tokens
 
 
 def load_adapter(request: LoRARequest, spec: LoRATargetSpec, max_lora_rank: int, dtype: torch.dtype,
@@ -103,6 +104,7 @@ def load_adapter(request: LoRARequest, spec: LoRATargetSpec, max_lora_rank: int,
     config_bytes = read_config_bytes(folder, name)
     config = parse_config(parse_json(config_bytes, folder / CONFIG_FILE, name), spec, name)
     selected = selected_modules(config, spec, name)
+    rope_factor = config.rope_factor(spec, name)
     max_rank = max((config.rank(module) for module in selected), default=0)
     if max_rank > max_lora_rank:
         raise LoRAError(
@@ -160,7 +162,7 @@ def load_adapter(request: LoRARequest, spec: LoRATargetSpec, max_lora_rank: int,
         name=name, int_id=request.lora_int_id, path=str(folder), modules=modules, max_rank=max_rank,
         base_model_name=config.base_model_name, nbytes=nbytes, content_hash=digest.hexdigest(), saved=saved,
         token_rows=token_rows, added_tokens=max([vocab, *sizes]) - vocab,
-        tokenizer=_adapter_tokenizer(folder, max([vocab, *sizes]), name),
+        tokenizer=_adapter_tokenizer(folder, max([vocab, *sizes]), name), rope_factor=rope_factor,
     )
 
 

@@ -32,7 +32,8 @@ class LoRAManager:
     def __init__(self, model: CausalLM, config: LoRAConfig, dtype: torch.dtype, model_name: str) -> None:
         """Adapters for every tensor of `model` they may act on (model/lora_targets.py)."""
         self.config = config
-        self.spec = LoRATargetSpec.of_model(model, model_name, config.lora_extra_vocab_size)
+        self.spec = LoRATargetSpec.of_model(model, model_name, config.lora_extra_vocab_size,
+                                            config.long_lora_scaling_factors)
         self.host = HostCache(lambda request, folder: load_adapter(request, self.spec, config.max_lora_rank, dtype,
                                                                    folder, base=model), config.max_cpu_loras)
         self.slots = AdapterSlots(enable_lora(model, config.max_loras, config.max_lora_rank, dtype,

@@ -41,13 +41,16 @@ class LoRATargetSpec:
     tensors: dict[str, tuple[int, ...]] = field(default_factory=dict)
     replaceable: frozenset[str] = frozenset()  # of those, what a slot can hold an adapter's copy of
     extra_vocab_size: int = 0  # rows an adapter may add to the vocabulary (--lora-extra-vocab-size)
+    context_length: int = 0  # the model's own (max_position_embeddings); 0: not checked
+    long_factors: tuple[float, ...] = ()  # RoPE factors long-context adapters may use (--long-lora-scaling-factors)
 
     @classmethod
-    def of_model(cls, model: Any, model_name: str, extra_vocab_size: int = 0) -> LoRATargetSpec:
+    def of_model(cls, model: Any, model_name: str, extra_vocab_size: int = 0,
+                 long_factors: tuple[float, ...] = ()) -> LoRATargetSpec:
         """From a CausalLM: its adapter targets and checkpoint tensor shapes."""
         shapes = target_shapes(model)
         return cls(shapes.modules, model_name, shapes.parameters, shapes.embeddings, shapes.head, shapes.tensors,
-                   shapes.replaceable, extra_vocab_size)
+                   shapes.replaceable, extra_vocab_size, model.spec.max_position_embeddings, tuple(long_factors))
 
     def leaf_names(self) -> str:
         """The distinct last name parts ("q_proj, v_proj, ..."), what users write in target_modules."""
@@ -79,6 +82,22 @@ class AdapterConfig:
     modules_to_save: list[str] = field(default_factory=list)  # modules saved whole
     # embedding rows trained in place: table module (None: the input embedding) -> token ids
     trainable_token_indices: dict[str | None, list[int]] = field(default_factory=dict)
+    context_length: int | None = None  # the context a long-context adapter was trained for (vLLM's key)
+
+    def rope_factor(self, spec: LoRATargetSpec, name: str) -> float:
+        """The linear RoPE factor its tokens are rotated with: ceil(context_length / the model's context)
+        when it was trained beyond the model's context (vLLM's rule), which must be one the engine serves."""
+        if not self.context_length or not spec.context_length or self.context_length <= spec.context_length:
+            return 1.0
+        factor = float(math.ceil(self.context_length / spec.context_length))
+        if factor not in spec.long_factors:
+            served = ", ".join(f"{f:g}" for f in spec.long_factors) or "none"
+            raise LoRAError(f"adapter {name!r} was trained for a context of {self.context_length} tokens "
+                            f"(context_length in {CONFIG_FILE}), {factor:g} times the model's {spec.context_length}, "
+                            f"so it needs RoPE scaled by {factor:g}; this engine serves factors: {served}; restart "
+                            f"with --long-lora-scaling-factors {factor:g} (and --max-model-len up to "
+                            f"{int(factor * spec.context_length)})")
+        return factor
 
     def selects_parameter(self, name: str) -> bool:
         """PEFT's rule for target_parameters: the full tensor name equals an entry or ends with it after a dot."""
@@ -145,6 +164,9 @@ def parse_config(raw: dict[str, Any], spec: LoRATargetSpec, name: str) -> Adapte
     modules_to_save = raw.get("modules_to_save") or []
     if not _is_str_list(modules_to_save):
         raise bad("modules_to_save", "modules_to_save must be a list of module names")
+    context_length = raw.get("context_length")
+    if not (context_length is None or _is_positive_int(context_length)):
+        raise bad("context_length", "context_length must be a positive number of tokens")
     tokens = raw.get("trainable_token_indices") or {}
     if not (_is_int_list(tokens) or (isinstance(tokens, dict) and all(isinstance(k, str) and _is_int_list(v)
                                                                         for k, v in tokens.items()))):
@@ -199,6 +221,7 @@ def parse_config(raw: dict[str, Any], spec: LoRATargetSpec, name: str) -> Adapte
         rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, base_model_name=base if isinstance(base, str) else None,
         target_parameters=parameters, use_dora=use_dora, lora_bias=lora_bias, bias=bias,
         modules_to_save=modules_to_save, trainable_token_indices={None: tokens} if isinstance(tokens, list) else tokens,
+        context_length=context_length,
     )
 
 

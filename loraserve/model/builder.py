@@ -30,19 +30,22 @@ def load_hf_config(folder: Path) -> PretrainedConfig:
     return AutoConfig.from_pretrained(folder)
 
 
-def model_skeleton(config: PretrainedConfig, max_positions: int) -> CausalLM:
-    """Our model for the config's architecture, its parameters uninitialised (on the current device)."""
+def model_skeleton(config: PretrainedConfig, max_positions: int, rope_factors: tuple[float, ...] = (1.0,)) -> CausalLM:
+    """Our model for the config's architecture, its parameters uninitialised (on the current device);
+    `rope_factors`: the linear RoPE factors tokens may be rotated with (1: the model's own; more for
+    long-context adapters)."""
     spec = decoder_spec(config)
-    return FAMILIES[spec.family](spec, config, max_positions)
+    return FAMILIES[spec.family](spec, config, max_positions, rope_factors)
 
 
 def build_model(folder: Path, config: PretrainedConfig, dtype: torch.dtype, device: torch.device,
-                max_positions: int, quantization: str | None = None) -> CausalLM:
+                max_positions: int, quantization: str | None = None,
+                rope_factors: tuple[float, ...] = (1.0,)) -> CausalLM:
     """Allocate on the target device, load the checkpoint (quantized tensors stay quantized; int8 / int4
     quantize the float linears from their checkpoint values), cast the other parameters once (the rotary
     tables are buffers and stay float32). `quantization` is resolve_quantization's answer."""
     with torch.device(device):
-        model = model_skeleton(config, max_positions)
+        model = model_skeleton(config, max_positions, rope_factors)
     model.load_weights(checkpoint_weights(folder, config, quantization, model.checkpoint_names()))
     if quantization in ON_THE_FLY:
         model.quantize_linears(quantization)

@@ -88,7 +88,11 @@ class Transformer(nn.Module):
 class GPTBigCodeForCausalLM(CausalLM):
     embed_name = "transformer.wte.weight"
 
-    def __init__(self, spec: DecoderSpec, config: PretrainedConfig, max_positions: int) -> None:
+    def __init__(self, spec: DecoderSpec, config: PretrainedConfig, max_positions: int,
+                 rope_factors: tuple[float, ...] = (1.0,)) -> None:
+        if len(rope_factors) > 1:
+            raise ValueError("GPT-BigCode has learned absolute positions, no RoPE to scale: long-context LoRA "
+                             "(--long-lora-scaling-factors) does not apply to it")
         super().__init__(spec)
         self.transformer = Transformer(spec)
         self._make_lm_head()

@@ -133,13 +133,15 @@ class DecoderModel(nn.Module):
 
 
 class DecoderForCausalLM(CausalLM):
-    def __init__(self, spec: DecoderSpec, config: PretrainedConfig, max_positions: int) -> None:
+    def __init__(self, spec: DecoderSpec, config: PretrainedConfig, max_positions: int,
+                 rope_factors: tuple[float, ...] = (1.0,)) -> None:
         super().__init__(spec)
         self.model = DecoderModel(spec, max_positions)
         # one table per distinct rope_parameters: Gemma 3's sliding and full layers rotate differently
         self.rope_keys = list(spec.layer_types) if spec.rope_per_layer_type else ["default"] * spec.num_layers
         self.rotary = nn.ModuleDict({
-            key: RotaryEmbedding(config, spec.head_dim, max_positions, None if key == "default" else key)
+            key: RotaryEmbedding(config, spec.head_dim, max_positions, None if key == "default" else key,
+                                 rope_factors)
             for key in dict.fromkeys(self.rope_keys)})
         self._make_lm_head()
 
@@ -152,7 +154,8 @@ class DecoderForCausalLM(CausalLM):
         h = self.embed(batch)
         if self.spec.embed_scale is not None:
             h = h * torch.tensor(self.spec.embed_scale, dtype=h.dtype)
-        rotary = {key: table.lookup(batch.positions, h.dtype) for key, table in self.rotary.items()}
+        rotary = {key: table.lookup(batch.positions, h.dtype, batch.rope_factors)
+                  for key, table in self.rotary.items()}
         residual = None
         for layer, key in zip(self.model.layers, self.rope_keys, strict=True):
             h, residual = layer(h, residual, rotary[key], batch)

@@ -76,14 +76,16 @@ class MoESpec:
 DEFAULT_MAX_MODEL_LEN = 4096
 
 
-def max_model_len(spec: DecoderSpec, requested: int | None) -> int:
-    """The one place the served context length is decided: `requested`, which must fit the model, or the
-    model's limit capped at DEFAULT_MAX_MODEL_LEN. Sliding windows do not limit it: attention honours them."""
-    limit = spec.max_position_embeddings
+def max_model_len(spec: DecoderSpec, requested: int | None, long_factor: float = 1.0) -> int:
+    """The one place the served context length is decided: `requested`, which must fit the model (times the
+    largest long-context LoRA factor, whose adapters' requests may run that long), or the model's limit
+    capped at DEFAULT_MAX_MODEL_LEN. Sliding windows do not limit it: attention honours them."""
+    limit = int(spec.max_position_embeddings * long_factor)
     if requested is None:
-        return min(limit, DEFAULT_MAX_MODEL_LEN)
+        return min(spec.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
     if requested > limit:
-        raise ValueError(f"max_model_len={requested} exceeds the model's limit of {limit} tokens; "
+        widen = "" if long_factor > 1 else " (long-context adapters: --long-lora-scaling-factors)"
+        raise ValueError(f"max_model_len={requested} exceeds the model's limit of {limit} tokens{widen}; "
                          f"lower max_model_len")
     return requested
 
