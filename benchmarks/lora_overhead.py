@@ -2,6 +2,7 @@
 serving adapters, each LoRA case beside its bound measured in the same run.
 
     python benchmarks/lora_overhead.py [--dtype auto] [--num-prompts 64] [--output-len 128] [--repeats 3]
+    python benchmarks/lora_overhead.py --kinds-only [--rounds 5]
 
 Settings: the base model; LoRA enabled with no adapter used; one r16 adapter for every request; 8 distinct
 r16 adapters mixed; 64 distinct r16 adapters mixed (max_loras 64); one r64 adapter; 4 r8 and 4 r64
@@ -9,12 +10,18 @@ adapters mixed (the work must follow each adapter's own rank); that r16 adapter 
 and transformers + PEFT serving the 8-adapter mix (one batched generate per adapter group). Adapters are
 random (non-zero B) all-linear PEFT adapters of the default model, made in a temp folder.
 
+Adapter kinds (issue 17): one r16 adapter of each kind for all requests -- plain LoRA, DoRA, LoRA on the
+embedding and lm_head (with q/v), modules_to_save lm_head (with q/v LoRA) -- and the base, all engines loaded
+at once and measured in paired rounds (every case once per round, its ratio to the base of that round, the
+median over the rounds), so the machine's drift falls on every row alike.
+
 The bound of a case (benchmarks/bounds.py) is base step time / (base step time + the bytes of the distinct
 adapters one step reads / measured bandwidth + the step's LoRA FLOPs / the measured matmul rate), with the
 base step time taken from the base row of this run; `of bound` is the measured ratio over that.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import statistics
@@ -125,16 +132,67 @@ def requests_for(adapters: list[Path], count: int) -> tuple[list[LoRARequest], l
     return [LoRARequest(path.name, _IDS.setdefault(path, len(_IDS) + 1), str(path)) for path in chosen], chosen
 
 
+KINDS = {
+    "plain r16 (all-linear)": dict(target_modules="all-linear"),
+    "DoRA r16 (all-linear)": dict(target_modules="all-linear", use_dora=True),
+    "embed_tokens + lm_head + q/v LoRA r16": dict(target_modules=["embed_tokens", "lm_head", "q_proj", "v_proj"]),
+    "modules_to_save lm_head + q/v r16": dict(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
+}
+
+
+def kinds_rows(args, folder: Path, prompts: list[list[int]], tmp: Path) -> None:
+    """Each kind's cost at num_prompts in flight, beside plain LoRA and the base, in paired rounds."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    paths = {}
+    for i, (kind, options) in enumerate(KINDS.items()):
+        torch.manual_seed(i)
+        peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=16, lora_alpha=32, init_lora_weights=False,
+                                                                     **options))
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_B" in name or "lora_embedding_B" in name:
+                    param.mul_(0.01)
+        paths[kind] = tmp / f"kind-{i}"
+        peft_model.save_pretrained(paths[kind])
+    common = dict(dtype=args.dtype, max_num_seqs=args.num_prompts)
+    engines = {"base": LLM(args.model, **common),
+               "lora": LLM(args.model, enable_lora=True, max_loras=len(KINDS), max_lora_rank=16, **common)}
+    cases = {"base": (engines["base"], None)} | {
+        kind: (engines["lora"], LoRARequest(f"kind{i}", 1000 + i, str(path))) for i, (kind, path) in
+        enumerate(paths.items())}
+    for llm, lora in cases.values():  # warm: adapters read and in slots, kernels built
+        run_engine(llm, prompts[:8], 4, lora, 1)
+    ratios: dict[str, list[float]] = {kind: [] for kind in cases}
+    speeds: dict[str, list[float]] = {kind: [] for kind in cases}
+    for _ in range(args.rounds):
+        measured = {kind: run_engine(llm, prompts, args.output_len, lora, 1)[0] for kind, (llm, lora) in cases.items()}
+        for kind, speed in measured.items():
+            speeds[kind].append(speed)
+            ratios[kind].append(speed / measured["base"])
+    print(f"adapter kinds, {len(prompts)} in flight x {args.output_len} tokens, {args.rounds} paired rounds "
+          f"(median ratio to the base of the same round):", flush=True)
+    plain = statistics.median(ratios["plain r16 (all-linear)"])
+    for kind in cases:
+        ratio = statistics.median(ratios[kind])
+        print(f"{kind:40s} {statistics.median(speeds[kind]):8.1f} out tok/s  {ratio:.3f}x base  "
+              f"{ratio / plain:.3f}x plain r16  rounds: {', '.join(f'{r:.3f}' for r in ratios[kind])}", flush=True)
+
+
 def main() -> None:
     parser = workload_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5, help="paired rounds of the adapter-kinds rows")
     parser.add_argument("--skip-peft", action="store_true")
+    parser.add_argument("--kinds-only", action="store_true", help="only the adapter-kinds rows")
     args = parser.parse_args()
 
     folder = resolve_model(args.model)
     tokenizer = load_tokenizer(folder)
     prompts = make_prompts(tokenizer, args.num_prompts, seed=0)
     tmp = Path(tempfile.mkdtemp(prefix="lora-overhead-"))
+    if args.kinds_only:
+        kinds_rows(args, folder, prompts, tmp)
+        return
     r16 = make_adapters(folder, tmp, 16, 64, seed=0)
     r64 = make_adapters(folder, tmp, 64, 4, seed=100)
     r8 = make_adapters(folder, tmp, 8, 4, seed=200)
@@ -190,6 +248,7 @@ def main() -> None:
                                      tokenizer.pad_token_id or 0)
         print(f"{'transformers+peft, 8-adapter mix':34s} {peft:8.1f} out tok/s  "
               f"(engine mix is {results['8 distinct r16 adapters mixed'] / peft:.1f}x)")
+    kinds_rows(args, folder, prompts, tmp)
 
 
 if __name__ == "__main__":

@@ -75,12 +75,14 @@ def make_peft_adapter(model: nn.Module, out_dir: str | Path, *, seed: int = 0, s
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
+            if "lora_" not in name and not param.requires_grad:
+                continue  # the frozen base
             draw = torch.randn(param.shape, generator=generator)
             if "lora_magnitude_vector" in name:
                 param.mul_(1 + 0.2 * noise * draw)
             elif "lora_" in name:
                 param.copy_(draw * 0.1)
-            elif param.requires_grad:
+            else:
                 param.add_(draw * 0.2 * noise * (param.abs().mean() or 1.0))
     peft_model.save_pretrained(out_dir, safe_serialization=safe_serialization)
     return Path(out_dir)

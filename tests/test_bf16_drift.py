@@ -9,6 +9,7 @@ PyTorch's only by a small margin.
 """
 from __future__ import annotations
 
+import copy
 import statistics
 
 import pytest
@@ -79,3 +80,39 @@ def test_fast_paths_drift_no_more_than_pytorch_bf16(llm, hf, adapter, with_adapt
     (fast_mean, fast_p90, fast_max), (plain_mean, plain_p90, _) = summary["kernels"], summary["pytorch"]
     assert plain_mean < MEAN_BOUND and fast_mean < MEAN_BOUND and fast_max < MAX_BOUND
     assert fast_mean <= 1.1 * plain_mean + 0.01 and fast_p90 <= 1.1 * plain_p90 + 0.02
+
+
+# Every adapter kind beyond plain LoRA (tests/test_lora_kinds.py holds them to PEFT in fp32).
+KINDS = {
+    "dora": dict(r=8, lora_alpha=2, use_dora=True, target_modules="all-linear"),
+    "dora-vocab": dict(r=4, lora_alpha=1, use_dora=True, target_modules=["embed_tokens", "lm_head", "o_proj"]),
+    "embed-head": dict(r=8, lora_alpha=2, target_modules=["embed_tokens", "lm_head", "q_proj"]),
+    "saved": dict(r=8, lora_alpha=2, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head", "norm"]),
+    "bias": dict(r=8, lora_alpha=2, target_modules=["q_proj", "v_proj"], lora_bias=True),
+}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_every_kind_drifts_in_bf16_no_more_than_transformers_bf16(llm, hf, kind, tmp_path):
+    """The engine's bf16 drift from PEFT in fp32 against PEFT's own bf16 drift, on the same tokens."""
+    path = make_peft_adapter(hf, tmp_path / kind, seed=4, noise=0.25, **KINDS[kind])
+    lora = LoRARequest(kind, 10 + list(KINDS).index(kind), str(path))
+    reference = PeftModel.from_pretrained(copy.deepcopy(hf), str(path)).eval()
+    reference_bf16 = PeftModel.from_pretrained(copy.deepcopy(hf).to(torch.bfloat16), str(path)).eval()
+    ours, theirs = [], []
+    for out in llm.generate(PROMPTS, PARAMS, use_tqdm=False, lora_request=lora):
+        tokens = torch.tensor([out.prompt_token_ids + out.outputs[0].token_ids])
+        rows = slice(len(out.prompt_token_ids) - 1, -1)
+        with torch.no_grad():
+            expected = torch.log_softmax(reference(tokens).logits[0, rows].float(), dim=-1)
+            bf16 = torch.log_softmax(reference_bf16(tokens).logits[0, rows].float(), dim=-1)
+        for position, top in enumerate(out.outputs[0].logprobs):
+            for token, logprob in top.items():
+                ours.append(abs(logprob.logprob - expected[position, token].item()))
+                theirs.append(abs(bf16[position, token].item() - expected[position, token].item()))
+    ours, theirs = sorted(ours), sorted(theirs)
+    p90 = int(len(ours) * 0.9)
+    print(f"bf16 drift from fp32, {kind} (mean / p90 nats): loraserve {statistics.mean(ours):.3f} / {ours[p90]:.3f}; "
+          f"transformers+PEFT {statistics.mean(theirs):.3f} / {theirs[p90]:.3f}")
+    assert statistics.mean(ours) <= 1.25 * statistics.mean(theirs) + 0.01
+    assert ours[p90] <= 1.25 * theirs[p90] + 0.02

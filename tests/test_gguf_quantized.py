@@ -18,6 +18,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from lora_fixtures import make_peft_adapter
 from loraserve import LLM, LoRARequest, SamplingParams
 from loraserve.layers import quantized
 from loraserve.model.loader import _default_gguf
@@ -196,3 +197,26 @@ def test_default_model_as_q4_1_with_trained_adapters(default_model_path):
         tokens, logprobs = greedy_reference(peft_model, ids[row])
         assert_matches(output.outputs[0], tokens, logprobs)
     assert outputs[1].outputs[0].text.upper() == outputs[1].outputs[0].text  # the adapter is really at work
+
+
+def test_dora_on_the_quantized_default_model_uses_its_dequantized_weights(default_model_path, tmp_path):
+    """DoRA's norm ‖W₀ + scale·BA‖ on a base kept quantized (Q4_1, no dense weight anywhere) is taken on the
+    de-quantized weights, as PEFT takes it on transformers' de-quantized load of the same file: greedy tokens
+    and full logits within 1e-4 (fp32), beside a base request."""
+    hf = AutoModelForCausalLM.from_pretrained(default_model_path, dtype=torch.float32).eval()
+    path = make_peft_adapter(hf, tmp_path / "dora", seed=6, noise=0.25, r=8, lora_alpha=2, use_dora=True,
+                             target_modules=["q_proj", "v_proj", "o_proj", "down_proj", "lm_head"])
+    lora = LoRARequest("dora", 1, str(path))
+    llm = LLM(quantization="gguf", dtype="float32", enable_lora=True, max_loras=1, max_lora_rank=8,
+              max_model_len=256, num_kv_blocks=64)
+    ids = llm.get_tokenizer().encode("Quantized bases keep DoRA exact")
+    params = SamplingParams(temperature=0, max_tokens=STEPS, min_tokens=STEPS, ignore_eos=True, logprobs=2)
+    base, dora = llm.generate([{"prompt_token_ids": ids}] * 2, params, use_tqdm=False, lora_request=[None, lora])
+    peft_model = PeftModel.from_pretrained(hf, str(path)).eval()
+    tokens, logprobs = greedy_reference(peft_model, ids)
+    assert_matches(dora.outputs[0], tokens, logprobs)
+    assert tokens != list(base.outputs[0].token_ids)
+    with torch.no_grad():
+        reference = peft_model(input_ids=torch.tensor([ids + tokens])).logits[0]
+    ours = engine_logits(llm, {"dora": ids + tokens}, {"dora": lora})["dora"]
+    assert (ours - reference).abs().max().item() < 1e-4

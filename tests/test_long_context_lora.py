@@ -105,8 +105,8 @@ def test_limits_and_prefix_isolation(family: Family, tmp_path):
     llm, long_lora = family.llm, family.long_lora
     params = SamplingParams(temperature=0, max_tokens=4)
     prompt = list(range(5, 5 + CONTEXT + 8))
-    with pytest.raises(ParamError, match=rf"the prompt has {len(prompt)} tokens but the maximum context length "
-                                         rf"here is {CONTEXT}"):
+    with pytest.raises(ParamError, match=rf"the prompt has {len(prompt)} tokens but this model's maximum context "
+                                         rf"length is {CONTEXT}"):
         llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
     needs_eight = LoRARequest("eight", 3, str(_adapter(family.hf, tmp_path / f"{family.arch}-eight", 3, 8 * CONTEXT)))
     with pytest.raises(LoRAError, match=r"needs RoPE scaled by 8; this engine serves factors: 2, 4; restart with "

@@ -112,14 +112,13 @@ class LLMEngine:
         return adapter.tokenizer if adapter is not None and adapter.tokenizer is not None else self.tokenizer
 
     def request_tokenizer(self, lora_request: LoRARequest | None):
-        """tokenizer_of the adapter `lora_request` names (read from disk if it is cold)."""
+        """The tokenizer a request for `lora_request` will be tokenized with, found before the request is
+        made (to render a chat template or count prompt tokens); looking does not count as a use."""
         if lora_request is None:
             return self.tokenizer
-        adapter = self._acquire(lora_request)
-        try:
-            return self.tokenizer_of(adapter)
-        finally:
-            self.lora_manager.release(adapter)
+        if self.lora_manager is None:
+            self._acquire(lora_request)  # raises: LoRA is not enabled
+        return self.lora_manager.tokenizer(lora_request) or self.tokenizer
 
     def discard(self, request: Request) -> None:
         """Give back what a made request holds, when it will not be added after all."""
@@ -140,10 +139,10 @@ class LLMEngine:
             limit = min(limit, self.model.spec.max_position_embeddings)
         room = limit - length
         if room < 1:
-            raise ParamError("prompt", f"the {{param}} has {length} tokens but the maximum context length here "
+            raise ParamError("prompt", f"the {{param}} has {length} tokens but this model's maximum context length "
                                        f"is {limit}; shorten the {{param}}")
         if params.max_tokens is not None and params.max_tokens > room:
-            raise ParamError("max_tokens", f"the maximum context length here is {limit} tokens; "
+            raise ParamError("max_tokens", f"this model's maximum context length is {limit} tokens; "
                                            f"the prompt has {length} and {{param}}={params.max_tokens} asks for "
                                            f"more; lower {{param}} to at most {room}")
         if params.n > self.config.max_n:

@@ -162,13 +162,13 @@ def load_adapter(request: LoRARequest, spec: LoRATargetSpec, max_lora_rank: int,
         name=name, int_id=request.lora_int_id, path=str(folder), modules=modules, max_rank=max_rank,
         base_model_name=config.base_model_name, nbytes=nbytes, content_hash=digest.hexdigest(), saved=saved,
         token_rows=token_rows, added_tokens=max([vocab, *sizes]) - vocab,
-        tokenizer=_adapter_tokenizer(folder, max([vocab, *sizes]), name), rope_factor=rope_factor,
+        tokenizer=adapter_tokenizer(folder, name, max([vocab, *sizes])), rope_factor=rope_factor,
     )
 
 
-def _adapter_tokenizer(folder: Path, vocab: int, name: str) -> Any:
+def adapter_tokenizer(folder: Path, name: str, vocab: int | None = None) -> Any:
     """The tokenizer saved in the adapter's folder (a fine-tune that added tokens saves it there), or None.
-    Its ids must stay within the rows the adapter's tables have."""
+    Its ids must stay within the `vocab` rows the adapter's tables have (checked when given)."""
     if not any((folder / f).is_file() for f in TOKENIZER_FILES):
         return None
     from transformers import AutoTokenizer
@@ -178,7 +178,7 @@ def _adapter_tokenizer(folder: Path, vocab: int, name: str) -> Any:
     except (OSError, ValueError) as e:
         raise LoRAError(f"adapter {name!r}: the tokenizer saved in {folder} cannot be read ({e}); re-save it with "
                         f"tokenizer.save_pretrained") from e
-    if len(tokenizer) > vocab:
+    if vocab is not None and len(tokenizer) > vocab:
         raise LoRAError(f"adapter {name!r}: its tokenizer has {len(tokenizer)} tokens but the model with the "
                         f"adapter's tables has {vocab} vocabulary rows; save the embedding table and LM head the "
                         f"added tokens were trained into (modules_to_save=['embed_tokens', 'lm_head'], or "

@@ -90,6 +90,13 @@ class HostCache:
         pending.set_result(adapter)
         return adapter
 
+    def peek(self, request: LoRARequest) -> tuple[LoRAAdapter | None, Path]:
+        """The request's adapter if it is in memory (not pinned, not counted as a use), and its folder;
+        raises what acquire would for a removed id or a clashing binding."""
+        folder = self._folder(request)
+        with self._lock:
+            return self._cached(request, folder), folder
+
     def release(self, adapter: LoRAAdapter) -> None:
         with self._lock:
             users = self._pins[adapter] - 1

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from loraserve.config import LoRAConfig
-from loraserve.lora.adapter import LoRAAdapter, LoRATargetSpec, load_adapter
+from loraserve.lora.adapter import LoRAAdapter, LoRATargetSpec, adapter_tokenizer, load_adapter
 from loraserve.lora.host_cache import HostCache, HostCacheStats
 from loraserve.lora.slots import AdapterSlots, SlotStats
 from loraserve.lora_request import LoRARequest
@@ -42,6 +42,13 @@ class LoRAManager:
     def acquire(self, request: LoRARequest) -> LoRAAdapter:
         """The request's adapter in host memory, pinned until `release` (reads the disk if it is cold)."""
         return self.host.acquire(request)
+
+    def tokenizer(self, request: LoRARequest):
+        """The tokenizer saved beside the request's adapter, or None (then the model's serves it): the host
+        copy's when it is in memory, else read from the folder alone; neither pins nor counts as a use (the
+        request that follows does)."""
+        adapter, folder = self.host.peek(request)
+        return adapter.tokenizer if adapter is not None else adapter_tokenizer(folder, request.lora_name)
 
     def release(self, adapter: LoRAAdapter) -> None:
         self.host.release(adapter)

@@ -79,8 +79,10 @@ class CausalLM(nn.Module):
             h = table.dequantize(torch.float32, rows=base_ids).to(self.embed_tokens.weight.dtype)
         if lora is not None:
             self.embed_tables.lookup(h, input_ids, lora)
-            if self.embed_lora is not None and self.embed_lora.in_use:
-                add_embedding_lora(h, input_ids, self.embed_lora, lora)
+            if self.embed_lora is not None and self.embed_lora.in_use:  # summed and scaled in float32, rounded once
+                wide = h.float()
+                add_embedding_lora(wide, input_ids, self.embed_lora, lora)
+                h = wide.to(h.dtype)
         return h
 
     def logits(self, h: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
@@ -93,6 +95,8 @@ class CausalLM(nn.Module):
         if lora is not None:
             width = self.head_tables.width(lora, logits.shape[1])
             head_lora = self.head_lora is not None and self.head_lora.in_use
+            if head_lora:  # the LoRA term and DoRA's scale on float32 logits (the sampler widens them anyway)
+                logits = logits.float()
             padded = self.head_lora.lora_b.shape[-1] if head_lora else width  # the LoRA writes all its columns
             if padded > logits.shape[1]:
                 logits = F.pad(logits, (0, padded - logits.shape[1]), value=float("-inf"))
@@ -161,9 +165,12 @@ class CausalLM(nn.Module):
         return (row_norms + 2 * cross + lora_norms).clamp(min=0).sqrt()
 
     def _dense_weight(self, module: str) -> torch.Tensor | None:
-        """W₀ [out, in] in float32 when the served form keeps it (or it is the embedding table), else None."""
+        """W₀ [out, in] in float32 when the served form keeps it (or it is the embedding table, which a tied
+        head reads too), else None."""
         if module == self.embed_name.removesuffix(".weight"):
             return self.checkpoint_tensor(self.embed_name).T
+        if module == HEAD_MODULE and self.spec.tie_word_embeddings:
+            return self.checkpoint_tensor(self.embed_name)
         if module == HEAD_MODULE:
             matmul = self.lm_head_matmul
             cols = slice(None)
