@@ -205,6 +205,15 @@ def add_lora_groups(y: torch.Tensor, x: torch.Tensor, layout: SlotLayout,
     kernel.lora_add_runs(y, x.contiguous(), layout.lora_a, layout.lora_b, table, layout.part_rows, layout.part_cols)
 
 
+def add_lora_per_run(y: torch.Tensor, x: torch.Tensor, layout: SlotLayout, batch: LoRABatch) -> None:
+    """add_lora with a pair of matmuls per run, for a tensor run once per step whose outputs are wide (the
+    LM head over a vocabulary): no gathered copies of its B or of the outputs; y may be wider in dtype than
+    the factors (float32 logits) and narrower than the slots (a vocabulary without the added tokens' columns
+    when no adapter of the batch adds any)."""
+    _add_segments(y, x, layout, batch.segments + batch.decode_runs)
+    apply_output_maps(y, layout, batch)
+
+
 def add_embedding_lora(y: torch.Tensor, token_ids: torch.Tensor, layout: SlotLayout, batch: LoRABatch) -> None:
     """An embedding table's LoRA (PEFT's lora_embedding_A [r, vocab] / lora_embedding_B): the shrink of a
     token is column `id` of A, so y += A[slot][:, ids]ᵀ · B[slot] per run, then the output maps. Once per
@@ -219,11 +228,11 @@ def add_embedding_lora(y: torch.Tensor, token_ids: torch.Tensor, layout: SlotLay
 
 def apply_output_maps(y: torch.Tensor, layout: SlotLayout, batch: LoRABatch) -> None:
     """y ← y·out_scale[slot] + out_shift[slot] per token, where a slot of the batch has them."""
-    present = batch.slots_present
+    present, columns = batch.slots_present, y.shape[-1]
     if layout.scaled and not layout.scaled.isdisjoint(present):
-        y.mul_(_to(layout.out_scale[batch.token_slots], y))
+        y.mul_(_to(layout.out_scale[batch.token_slots, :columns], y))
     if layout.shifted and not layout.shifted.isdisjoint(present):
-        y.add_(_to(layout.out_shift[batch.token_slots], y))
+        y.add_(_to(layout.out_shift[batch.token_slots, :columns], y))
 
 
 def _add_grouped(y: torch.Tensor, x: torch.Tensor, layout: SlotLayout, batch: LoRABatch) -> None:
@@ -249,7 +258,7 @@ def _add_segments(y: torch.Tensor, x: torch.Tensor, layout: SlotLayout, segments
     for seg in segments:
         width = layout.widths[seg.slot]
         if width:
-            a, b = layout.lora_a[seg.slot, :width], layout.lora_b[seg.slot, :width]
+            a, b = layout.lora_a[seg.slot, :width], layout.lora_b[seg.slot, :width, :y.shape[-1]]
             y[seg.start:seg.end] += _to(_to(x[seg.start:seg.end], a) @ a.T @ b, y)
 
 

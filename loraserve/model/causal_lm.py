@@ -13,7 +13,7 @@ from torch import nn
 
 from loraserve.layers.forward_batch import ForwardBatch
 from loraserve.layers.linear import Linear
-from loraserve.layers.lora_ops import SlotLayout, SlotTables, add_embedding_lora, add_lora
+from loraserve.layers.lora_ops import SlotLayout, SlotTables, add_embedding_lora, add_lora_per_run
 from loraserve.layers.matmul import MatmulWeight
 from loraserve.layers.moe import EXPERT_PARTS, FusedExperts
 from loraserve.layers.quantized import QuantizedMatmul, QuantizedTensor
@@ -94,16 +94,14 @@ class CausalLM(nn.Module):
         lora = batch.logits_lora
         if lora is not None:
             width = self.head_tables.width(lora, logits.shape[1])
-            head_lora = self.head_lora is not None and self.head_lora.in_use
-            if head_lora:  # the LoRA term and DoRA's scale on float32 logits (the sampler widens them anyway)
-                logits = logits.float()
-            padded = self.head_lora.lora_b.shape[-1] if head_lora else width  # the LoRA writes all its columns
-            if padded > logits.shape[1]:
-                logits = F.pad(logits, (0, padded - logits.shape[1]), value=float("-inf"))
+            if width > logits.shape[1]:
+                logits = F.pad(logits, (0, width - logits.shape[1]), value=float("-inf"))
             self.head_tables.project(logits, h, lora)
-            if head_lora:
-                add_lora(logits, h, self.head_lora, lora)
-            logits = logits[:, :width]
+            head = self.head_lora
+            if head is not None and head.in_use:
+                if not head.scaled.isdisjoint(lora.slots_present):
+                    logits = logits.float()  # DoRA's scale on logits in bf16 would round them twice more
+                add_lora_per_run(logits, h, head, lora)
         cap = self.spec.final_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
