@@ -52,6 +52,9 @@ class LoRAConfig:
                                                     "float16, float32", str)
     lora_extra_vocab_size: int = _option(256, "tokens an adapter may add to the base vocabulary (its own "
                                               "embedding / LM-head rows and tokenizer)", int)
+    max_lora_saved_mb: float = _option(1024.0, "MiB of whole copies (modules_to_save, resized vocabulary tables) "
+                                               "one adapter may bring; a slot or host copy holds at most that "
+                                               "beside its rank factors", float)
     long_lora_scaling_factors: str | tuple[float, ...] | None = _option(
         None, "linear RoPE factors of long-context adapters (adapter_config.json context_length above the "
               "model's), comma-separated, e.g. 4,8; the served context may reach the largest factor times the "
@@ -61,6 +64,8 @@ class LoRAConfig:
         for name in ("max_loras", "max_lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_lora_saved_mb <= 0:
+            raise ValueError(f"max_lora_saved_mb must be positive, got {self.max_lora_saved_mb}")
         if self.lora_extra_vocab_size < 0:
             raise ValueError(f"lora_extra_vocab_size must be at least 0, got {self.lora_extra_vocab_size}")
         self.long_lora_scaling_factors = _parse_factors(self.long_lora_scaling_factors)

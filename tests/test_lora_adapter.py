@@ -1,6 +1,7 @@
 """load_adapter against PEFT's own reading of the same saved adapters, and every refusal by its message."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -344,3 +345,11 @@ def test_missing_partner(llama, spec, tmp_path):
     path = make_peft_adapter(llama, tmp_path / "a", r=8, target_modules=QV)
     edit_weights(path, lambda t: t.pop("base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"))
     expect_error(path, spec, "adapter 'x' has lora_A but no lora_B for module 'model.layers.1.self_attn.v_proj'")
+
+
+def test_whole_copies_past_the_budget_are_refused_naming_the_flag(llama, spec, tmp_path):
+    path = make_peft_adapter(llama, tmp_path / "a", r=4, target_modules=QV, modules_to_save=["lm_head"])
+    assert load(path, spec).saved["lm_head.weight"].shape == (128, 64)  # 32 KiB in fp32
+    tight = dataclasses.replace(spec, max_saved_bytes=16 * 2**10)
+    expect_error(path, tight, "adapter 'x' brings 0.0 MiB of whole copies (modules_to_save: lm_head.weight; token "
+                 "rows), more than one adapter may hold here (--max-lora-saved-mb 0.015625); raise it")

@@ -176,3 +176,34 @@ def test_bf16_runs_of_every_length_and_rank_at_model_sizes(dim_in, path):
     add_lora(y, x, layout, LoRABatch.build(token_slots, len(prefill), torch.device("cpu")))
     # one bf16 rounding of the sum (the kernel keeps x·Aᵀ in float; the matmul path rounds it to bf16 too)
     torch.testing.assert_close(y.float(), expected, atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_output_maps_scale_and_shift_only_their_slots_tokens(dtype, path):
+    """Slot 0 carries DoRA's per-column scale and shift on part q only, slot 1 a bias shift on part k with no
+    rank factors at all; tokens of other slots and of no slot are left as the rank term leaves them."""
+    torch.manual_seed(2)
+    parts = {"q": 6, "k": 4}
+    layout = SlotLayout.allocate(parts, 8, num_slots=3, max_rank=4, dtype=dtype, device=torch.device("cpu"))
+    a, b = torch.randn(4, 8, dtype=dtype), torch.randn(6, 4, dtype=dtype)
+    scale, shift, bias = torch.rand(6) + 0.5, torch.randn(6), torch.randn(4)
+    layout.fill(0, {"q": SlotPart(a, b, scale, shift)})
+    layout.fill(1, {"k": SlotPart(shift=bias)})
+    layout.fill(2, {"q": SlotPart(a, b)})
+    token_slots = [0, 0, 1, -1, 2, 0, 1]
+    x, y = torch.randn(7, 8, dtype=dtype), torch.randn(7, 10, dtype=dtype)
+    expected = y.float().clone()
+    for t, slot in enumerate(token_slots):
+        if slot in (0, 2):
+            expected[t, :6] += x[t].float() @ a.float().T @ b.float().T
+        if slot == 0:
+            expected[t, :6] = expected[t, :6] * scale.to(dtype).float() + shift.to(dtype).float()
+        if slot == 1:
+            expected[t, 6:] += bias.to(dtype).float()
+    add_lora(y, x, layout, LoRABatch.build(token_slots, 2, torch.device("cpu")))
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.1, rtol=0.02)
+    torch.testing.assert_close(y.float(), expected, **tolerance)
+    layout.clear(0)
+    layout.clear(1)
+    assert not layout.scaled and not layout.shifted
+    assert (layout.out_scale == 1).all() and not layout.out_shift.any()

@@ -140,6 +140,13 @@ def load_adapter(request: LoRARequest, spec: LoRATargetSpec, max_lora_rank: int,
     for table, rows in new_rows.items():  # trained rows (token_rows) win over a resized table's new rows
         token_rows[table] = _merge_rows(rows, token_rows[table]) if table in token_rows else rows
     token_rows = {table: TokenRows(rows.ids, rows.rows.to(dtype)) for table, rows in token_rows.items()}
+    whole_bytes = sum(t.numel() for t in saved.values()) * dtype.itemsize
+    whole_bytes += sum(r.rows.nbytes for r in token_rows.values())
+    if whole_bytes > spec.max_saved_bytes:
+        raise LoRAError(f"adapter {name!r} brings {whole_bytes / 2**20:.1f} MiB of whole copies (modules_to_save: "
+                        f"{', '.join(saved) or 'none'}; token rows), more than one adapter may hold here "
+                        f"(--max-lora-saved-mb {spec.max_saved_bytes / 2**20:g}); raise it (each slot and host copy "
+                        f"may then hold that much), or re-train with LoRA on those modules instead of saving them")
     for table in config.trainable_token_indices:
         if not any(_is_table(t, table, spec) for t in token_rows):
             raise LoRAError(f"adapter {name!r}: its {CONFIG_FILE} trains token rows of {table or 'the embedding'!r} "

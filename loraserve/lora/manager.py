@@ -33,7 +33,7 @@ class LoRAManager:
         """Adapters for every tensor of `model` they may act on (model/lora_targets.py)."""
         self.config = config
         self.spec = LoRATargetSpec.of_model(model, model_name, config.lora_extra_vocab_size,
-                                            config.long_lora_scaling_factors)
+                                            config.long_lora_scaling_factors, config.max_lora_saved_mb)
         self.host = HostCache(lambda request, folder: load_adapter(request, self.spec, config.max_lora_rank, dtype,
                                                                    folder, base=model), config.max_cpu_loras)
         self.slots = AdapterSlots(enable_lora(model, config.max_loras, config.max_lora_rank, dtype,

@@ -43,14 +43,16 @@ class LoRATargetSpec:
     extra_vocab_size: int = 0  # rows an adapter may add to the vocabulary (--lora-extra-vocab-size)
     context_length: int = 0  # the model's own (max_position_embeddings); 0: not checked
     long_factors: tuple[float, ...] = ()  # RoPE factors long-context adapters may use (--long-lora-scaling-factors)
+    max_saved_bytes: float = float("inf")  # whole copies one adapter may bring (--max-lora-saved-mb)
 
     @classmethod
-    def of_model(cls, model: Any, model_name: str, extra_vocab_size: int = 0,
-                 long_factors: tuple[float, ...] = ()) -> LoRATargetSpec:
+    def of_model(cls, model: Any, model_name: str, extra_vocab_size: int = 0, long_factors: tuple[float, ...] = (),
+                 max_saved_mb: float = float("inf")) -> LoRATargetSpec:
         """From a CausalLM: its adapter targets and checkpoint tensor shapes."""
         shapes = target_shapes(model)
         return cls(shapes.modules, model_name, shapes.parameters, shapes.embeddings, shapes.head, shapes.tensors,
-                   shapes.replaceable, extra_vocab_size, model.spec.max_position_embeddings, tuple(long_factors))
+                   shapes.replaceable, extra_vocab_size, model.spec.max_position_embeddings, tuple(long_factors),
+                   max_saved_mb * 2**20)
 
     def leaf_names(self) -> str:
         """The distinct last name parts ("q_proj, v_proj, ..."), what users write in target_modules."""
