@@ -2,9 +2,9 @@
 and saved its embedding table and LM head whole, and one that trained only the new rows
 (trainable_token_indices), each with its own tokenizer saved beside it.
 
-- Parity: a tiny Llama resized by 8 tokens, prompts using the new ids, against transformers + PEFT on the
-  resized model (greedy tokens, full logits within 1e-4, fp32), in one batch with a base request whose
-  logits never reach the added columns.
+- Parity: tiny Llama, Phi-3, Mixtral and GPT-BigCode models resized by 8 tokens, prompts using the new ids,
+  against transformers + PEFT on the resized model (greedy tokens, full logits within 1e-4, fp32), in one
+  batch with a base request whose logits never reach the added columns.
 - Use: the default model fine-tuned here for a few steps to answer "<|tool|>" (a new special token), over
   HTTP with the openai client, streamed and not, while base requests in the same batch never produce it.
 """
@@ -32,18 +32,26 @@ TOOL = "<|tool|>"
 TOOL_PROMPT = "Which tool do you call now?"
 
 
-@pytest.fixture(scope="module")
-def resized(tmp_path_factory):
-    """A sharpened tiny Llama (vocab 272), a copy resized to 280, and an adapter saved for the copy."""
+# family -> (LoRA targets, its embedding's module name)
+FAMILIES = {"llama": (["q_proj", "v_proj"], "embed_tokens"), "phi3": (["qkv_proj", "down_proj"], "embed_tokens"),
+            "mixtral": (["q_proj", "v_proj"], "embed_tokens"), "gpt_bigcode": (["c_attn", "c_fc"], "wte")}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def resized(request, tmp_path_factory):
+    """A sharpened tiny model (vocab 272), a copy resized to 280, and an adapter saved for the copy."""
     folder = tmp_path_factory.mktemp("resized")
-    path = make_sharp_tiny_model("llama", folder / "model")
+    targets, embedding = FAMILIES[request.param]
+    path = make_sharp_tiny_model(request.param, folder / "model")
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     grown = copy.deepcopy(hf)
     grown.resize_token_embeddings(hf.config.vocab_size + ADDED)
     with torch.no_grad():  # the new rows distinct from each other, as training would leave them
-        grown.get_input_embeddings().weight[-ADDED:].normal_(0, 2.0, generator=torch.Generator().manual_seed(1))
-    adapter = make_peft_adapter(grown, folder / "adapter", seed=3, r=8, lora_alpha=16,
-                                target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens", "lm_head"])
+        generator = torch.Generator().manual_seed(1)
+        for table in (grown.get_input_embeddings(), grown.get_output_embeddings()):  # one table when tied
+            table.weight[-ADDED:].normal_(0, 2.0, generator=generator)
+    adapter = make_peft_adapter(grown, folder / "adapter", seed=3, r=8, lora_alpha=16, target_modules=targets,
+                                modules_to_save=[embedding, "lm_head"])
     return path, hf, grown, adapter
 
 

@@ -144,6 +144,19 @@ def peft_reference(model, prompt_ids: list[int], eos_token_ids: list[int]) -> Re
     return Reference(sequence[len(prompt_ids):].tolist(), step_logprobs, logits)
 
 
+def teacher_forced_reference(model, prompt_ids: list[int], tokens: list[int], eos_token_ids: list[int]) -> Reference:
+    """The reference's greedy choice and logits at every step of the engine's own generation, from one forward
+    over prompt + tokens (what generate() computes step by step on the same prefix, without its loop): where
+    the engine picked another token than the reference would, `tokens` differ from the engine's there. EOS
+    is barred from the choice as min_tokens bars it from the engine's."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt_ids + tokens])).logits[0].float()
+    steps = logits[len(prompt_ids) - 1:-1]
+    choices = steps.clone()
+    choices[:, eos_token_ids] = float("-inf")
+    return Reference(choices.argmax(dim=-1).tolist(), steps.log_softmax(dim=-1), logits)
+
+
 def engine_logits(llm: LLM, token_ids: dict[str, list[int]], loras: dict[str, LoRARequest]) -> dict[str, torch.Tensor]:
     """Logits at every position of each row, the rows in mixed-adapter forwards of the model runner, as many
     adapters in each as there are slots."""
@@ -195,24 +208,21 @@ def serve(path: Path, cases: dict[str, Case], adapters_dir: Path,
         hf = reference(llm)
     eos = llm.engine.eos_token_ids
     prompt_ids = llm.get_tokenizer().encode(PROMPT)
-    references = {BASE: peft_reference(hf, prompt_ids, eos)}  # before PEFT wraps (and changes) hf
     loras = {}
     for lora_id, (name, case) in enumerate(cases.items(), start=1):
         folder = make_peft_adapter(hf, adapters_dir / name, seed=lora_id,
                                    safe_serialization=case.safe_serialization, noise=case.noise,
                                    **lora_kwargs(case, arch, prompt_ids))
         loras[name] = LoRARequest(name, lora_id, str(folder))
-    names = list(cases)
-    for name in names:  # each alone on its own copy: PEFT holds one set of target_parameters per model
-        peft_model = PeftModel.from_pretrained(copy.deepcopy(hf), loras[name].lora_path).eval()
-        references[name] = peft_reference(peft_model, prompt_ids, eos)
-        del peft_model
-
-    rows = [BASE, *names]
+    rows = [BASE, *cases]
     params = SamplingParams(temperature=0, max_tokens=STEPS, min_tokens=STEPS, logprobs=2)
     outputs = llm.generate([{"prompt_token_ids": prompt_ids}] * len(rows), params, use_tqdm=False,
                            lora_request=[loras.get(row) for row in rows])
     completions = {row: out.outputs[0] for row, out in zip(rows, outputs, strict=True)}
+    references = {}
+    for row in rows:  # each adapter alone on its own copy: PEFT holds one set of target_parameters per model
+        model = hf if row == BASE else PeftModel.from_pretrained(copy.deepcopy(hf), loras[row].lora_path).eval()
+        references[row] = teacher_forced_reference(model, prompt_ids, list(completions[row].token_ids), eos)
     full_ids = {row: prompt_ids + references[row].tokens for row in rows}
     return Served(
         engine_tokens={row: c.token_ids for row, c in completions.items()},
