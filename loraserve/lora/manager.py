@@ -12,9 +12,10 @@ from dataclasses import dataclass, replace
 import torch
 
 from loraserve.config import LoRAConfig
-from loraserve.lora.adapter import LoRAAdapter, LoRATargetSpec, adapter_tokenizer, load_adapter
+from loraserve.lora.adapter import LoRAAdapter, LoRATargetSpec, load_adapter
 from loraserve.lora.host_cache import HostCache, HostCacheStats
 from loraserve.lora.slots import AdapterSlots, SlotStats
+from loraserve.lora.whole_copies import adapter_tokenizer
 from loraserve.lora_request import LoRARequest
 from loraserve.model.causal_lm import CausalLM
 from loraserve.model.lora_targets import enable_lora
