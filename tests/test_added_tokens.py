@@ -156,3 +156,28 @@ def test_trained_token_over_http_streamed_and_not(default_model_path, tool_adapt
         assert TOOL not in base_plain and base_plain == base_streamed
     finally:
         server.stop()
+
+
+def test_an_adapters_own_end_token_ends_its_requests_only(resized, tmp_path):
+    """A tokenizer saved beside an adapter with an end token of its own: that adapter's requests stop on it
+    (finish_reason "stop"), and min_tokens holds it back as it holds the model's own; base requests run on."""
+    path, hf, _, _ = resized
+    adapter = make_peft_adapter(hf, tmp_path / "plain", seed=5, r=8, lora_alpha=16, target_modules="all-linear")
+    llm = LLM(str(path), dtype="float32", enable_lora=True, max_loras=1, max_lora_rank=16, max_model_len=64,
+              num_kv_blocks=64, block_size=4)  # rank 16: all-linear doubles Mixtral's gate_up rank
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=False)
+    prompt = [{"prompt_token_ids": [1, 70, 80, 90]}]
+    free = llm.generate(prompt, params, use_tqdm=False, lora_request=LoRARequest("plain", 1, str(adapter)))
+    tokens = list(free[0].outputs[0].token_ids)
+    stop_at = next(i for i in range(2, len(tokens)) if tokens[i] not in tokens[:i])
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(tokens[stop_at])
+    tokenizer.save_pretrained(adapter)  # now the adapter folder carries a tokenizer with its own end token
+    ending = LoRARequest("ending", 2, str(adapter))
+    ended, base = llm.generate(prompt * 2, params, use_tqdm=False, lora_request=[ending, None])
+    assert list(ended.outputs[0].token_ids) == tokens[:stop_at + 1]
+    assert ended.outputs[0].finish_reason == "stop"
+    assert len(base.outputs[0].token_ids) == 12 or base.outputs[0].token_ids[-1] in llm.engine.eos_token_ids
+    held = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, min_tokens=stop_at + 2),
+                        use_tqdm=False, lora_request=ending)
+    assert tokens[stop_at] not in held[0].outputs[0].token_ids[:stop_at + 2]

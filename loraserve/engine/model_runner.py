@@ -30,7 +30,8 @@ class ModelRunner:
         seqs = [s.seq for s in sampled]
         sampling = SamplingBatch.build(
             [s.params for s in seqs], [s.generator for s in seqs], [s.token_ids[:s.prompt_len] for s in seqs],
-            [s.output_token_ids for s in seqs], self.eos_token_ids, self.device)
+            [s.output_token_ids for s in seqs], self.eos_token_ids, self.device,
+            [s.adapter.eos_token_ids if s.adapter is not None else frozenset() for s in seqs])
         return sampled, self.sampler(logits, sampling)
 
     def build_batch(self, scheduled: list[ScheduledSeq],

@@ -58,7 +58,8 @@ class OutputProcessor:
         finish: tuple[str, int | str | None] | None = None
         if may_stop and token in params.stop_token_ids:
             finish = ("stop", token)
-        elif may_stop and token in self.eos_token_ids and not params.ignore_eos:
+        elif may_stop and not params.ignore_eos and (token in self.eos_token_ids or (
+                seq.adapter is not None and token in seq.adapter.eos_token_ids)):
             finish = ("stop", None)
         elif (params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens) \
                 or len(seq.token_ids) >= self.max_model_len:

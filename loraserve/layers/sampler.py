@@ -55,8 +55,10 @@ class SamplingBatch:
     @classmethod
     def build(cls, params: list[SamplingParams], generators: list[torch.Generator | None],
               prompt_token_ids: list[list[int]], output_token_ids: list[list[int]],
-              eos_token_ids: list[int], device: torch.device) -> SamplingBatch:
-        """Gather the rows' settings into tensors on `device`; every list has one entry per row."""
+              eos_token_ids: list[int], device: torch.device,
+              row_eos_token_ids: list[frozenset[int]] | None = None) -> SamplingBatch:
+        """Gather the rows' settings into tensors on `device`; every list has one entry per row
+        (`row_eos_token_ids`: end ids a row has beside the model's, from its adapter's tokenizer)."""
         n = len(params)
         lengths = {"generators": len(generators), "prompt_token_ids": len(prompt_token_ids),
                    "output_token_ids": len(output_token_ids)}
@@ -96,6 +98,8 @@ class SamplingBatch:
         for row, (p, out) in enumerate(zip(params, output_token_ids, strict=True)):
             if len(out) < p.min_tokens:
                 ids = set(eos_token_ids) | set(p.stop_token_ids)
+                if row_eos_token_ids:
+                    ids |= row_eos_token_ids[row]
                 banned_rows += [row] * len(ids)
                 banned_ids += sorted(ids)
         banned = None

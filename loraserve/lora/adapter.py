@@ -79,6 +79,12 @@ class LoRAAdapter:
     tokenizer: Any = None
     rope_factor: float = 1.0  # linear RoPE factor of a long-context adapter's tokens
 
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """End-of-sequence ids its own tokenizer adds to the model's (a chat fine-tune's new end token)."""
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        return frozenset() if eos is None else frozenset([eos])
+
 
 def load_adapter(request: LoRARequest, spec: LoRATargetSpec, max_lora_rank: int, dtype: torch.dtype,
                  folder: Path | None = None, base: BaseWeights | None = None) -> LoRAAdapter:
