@@ -1,4 +1,5 @@
-"""Command line: `loraserve serve [MODEL]`, `loraserve prepare [MODEL]`, `loraserve generate`, `loraserve merge`.
+"""Command line: `loraserve serve [MODEL]`, `loraserve prepare [MODEL]`, `loraserve generate`, `loraserve merge`,
+`loraserve inspect ADAPTER`.
 
 The engine flags are made from the config dataclasses' fields (loraserve.config), so every engine option
 is a flag with the same name, default and help as the `LLM(...)` keyword."""
@@ -13,10 +14,10 @@ from loraserve.config import EngineConfig, LoRAConfig, option_fields
 from loraserve.model.loader import DEFAULT_MODEL_NAME, resolve_model
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser, model_positional: bool) -> None:
+def add_engine_arguments(parser: argparse.ArgumentParser, model_positional: bool, lora_only: bool = False) -> None:
     """One flag per EngineConfig / LoRAConfig field (--max-num-seqs for max_num_seqs); the model is a
-    positional argument or --model."""
-    for cls, title in ((EngineConfig, "engine"), (LoRAConfig, "LoRA")):
+    positional argument or --model. `lora_only`: the LoRAConfig fields alone."""
+    for cls, title in ((EngineConfig, "engine"), (LoRAConfig, "LoRA"))[1 if lora_only else 0:]:
         group = parser.add_argument_group(title)
         for option in option_fields(cls):
             kind, doc = option.metadata["kind"], option.metadata["help"]
@@ -62,6 +63,24 @@ def _merge(args: argparse.Namespace) -> None:
     from loraserve.lora.merge import merge_adapter
 
     print(merge_adapter(args.model, args.adapter, args.out, dequantize=args.dequantize))
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    import json
+
+    from loraserve.errors import LoRAError
+    from loraserve.lora.report import inspect_adapter
+
+    options = {option.name: getattr(args, option.name) for option in option_fields(LoRAConfig)}
+    try:
+        report = inspect_adapter(args.adapter, args.model, LoRAConfig(**options))
+    except (LoRAError, ValueError) as e:
+        sys.exit(f"loraserve inspect: {e}")
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    for key, value in report.items():
+        print(f"{key:24s} {json.dumps(value) if isinstance(value, (dict, list)) else value}")
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -145,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="for a quantized base (GPTQ, AWQ, compressed-tensors): write a de-quantized float "
                             "model with the adapter merged (without it, a quantized base is refused)")
     merge.set_defaults(func=_merge)
+    inspect = commands.add_parser("inspect", help="what a PEFT adapter is and whether this engine serves it, "
+                                  "without starting a server or loading the base weights")
+    inspect.add_argument("adapter", help="PEFT adapter folder or hub id in the local cache")
+    inspect.add_argument("--model", default=None, help="base model (default: SmolLM2-135M-Instruct)")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_engine_arguments(inspect, model_positional=False, lora_only=True)
+    inspect.set_defaults(func=_inspect)
     _add_serve_parser(commands)
     return parser
 

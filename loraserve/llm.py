@@ -75,6 +75,11 @@ class LLM:
         """Unbind an adapter id; a later request for it is refused until it is added again."""
         return self.engine.remove_lora(lora_int_id)
 
+    def lora_report(self, lora_request: LoRARequest) -> dict:
+        """The adapter's load report: kinds, rank and scaling per module, targets per layer, saved modules,
+        added tokens, long-context factor, host and slot bytes, content hash, path."""
+        return self.engine.lora_report(lora_request)
+
     def list_loras(self) -> list[int]:
         return self.engine.list_loras()
 

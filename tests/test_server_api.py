@@ -266,6 +266,12 @@ def test_runtime_load_use_unload(client, http, offline, lora_requests, files):
     expected = offline_texts(offline, lora_requests, "a4", PROMPTS[:1], **GREEDY)
     response = http.post("/v1/load_lora_adapter", json={"lora_name": "late", "lora_path": files["adapters"]["a4"]})
     assert response.status_code == 200, response.text
+    assert response.json()["message"] == "Success: LoRA adapter 'late' added successfully."
+    report, offline_report = response.json()["lora"], offline.lora_report(lora_requests["a4"])
+    for key in ("content_hash", "kinds", "rank_by_module", "scaling_by_module", "targets_by_layer", "host_bytes"):
+        assert report[key] == offline_report[key], key
+    card = next(m for m in http.get("/v1/models").json()["data"] if m["id"] == "late")
+    assert card["lora"] == report
     assert "late" in [m.id for m in client.models.list().data]
     got = client.completions.create(model="late", prompt=PROMPTS[0], temperature=0, max_tokens=10,
                                     extra_body={"ignore_eos": True})

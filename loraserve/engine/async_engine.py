@@ -150,6 +150,14 @@ class AsyncLLMEngine:
 
     # ---- adapters and stats ----------------------------------------------------------------------
 
+    async def lora_report(self, lora_request: LoRARequest) -> dict:
+        """LLMEngine.lora_report in a worker thread."""
+        return await asyncio.get_running_loop().run_in_executor(None, self._engine.lora_report, lora_request)
+
+    def lora_report_blocking(self, lora_request: LoRARequest) -> dict:
+        """lora_report for code that is not on an event loop (start-up)."""
+        return self._engine.lora_report(lora_request)
+
     async def add_lora(self, lora_request: LoRARequest) -> None:
         """Read and validate an adapter into host memory (off the event loop); LoRAError says what is wrong."""
         await asyncio.get_running_loop().run_in_executor(None, self.add_lora_blocking, lora_request)

@@ -169,6 +169,13 @@ class LLMEngine:
         its host copy and slot are freed. False if the id was not bound."""
         return self.lora_manager is not None and self.lora_manager.remove(lora_int_id)
 
+    def lora_report(self, lora_request: LoRARequest) -> dict:
+        """What the adapter is, as loaded: kinds, ranks, scalings, targets per layer, whole copies, added
+        tokens, long-context factor, bytes, content hash (lora/report.py); loads and binds it if needed."""
+        if self.lora_manager is None:
+            self._acquire(lora_request)  # raises: LoRA is not enabled
+        return self.lora_manager.report(lora_request)
+
     def list_loras(self) -> list[int]:
         return self.lora_manager.host.bound_ids() if self.lora_manager is not None else []
 

@@ -54,6 +54,7 @@ class LoRAModuleWeights:
     lora_b: torch.Tensor  # [out, r] ([experts, out, r]), ALREADY multiplied by the module's scaling
     rank: int
     dora_scale: torch.Tensor | None = None  # [out] float32: DoRA's m / ‖W₀ + scaling·BA‖ per output row
+    magnitude: torch.Tensor | None = None  # [out] DoRA's m as saved (set for every DoRA module)
     bias: torch.Tensor | None = None  # [out] float32 added to the output: scaling · lora_B.bias
 
 
@@ -78,6 +79,7 @@ class LoRAAdapter:
     # the tokenizer saved beside the adapter (its added tokens, its chat template), None: the base model's
     tokenizer: Any = None
     rope_factor: float = 1.0  # linear RoPE factor of a long-context adapter's tokens
+    config: AdapterConfig | None = None  # what adapter_config.json said (for its load report)
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
@@ -93,7 +95,8 @@ def load_adapter(request: LoRARequest, spec: LoRATargetSpec, max_lora_rank: int,
     B comes back multiplied by its module's scaling (computed in float32), every tensor cast to `dtype`;
     raises LoRAError (AdapterNotFoundError for missing files) on anything that could not be served
     exactly as PEFT would apply it. `folder`: the request's path, already resolved; `base`: the base model's
-    weights, needed by DoRA (its norms) and to drop saved copies equal to the base."""
+    weights, which serving needs (DoRA's norms; dropping saved copies equal to the base); without it the
+    adapter is read for inspection or merging only."""
     name = request.lora_name
     folder = folder or resolve_adapter_path(request.lora_path)
     config_bytes = read_config_bytes(folder, name)
@@ -145,7 +148,7 @@ def load_adapter(request: LoRARequest, spec: LoRATargetSpec, max_lora_rank: int,
         name=name, int_id=request.lora_int_id, path=str(folder), modules=modules, max_rank=max_rank,
         base_model_name=config.base_model_name, nbytes=nbytes, content_hash=digest.hexdigest(), saved=saved,
         token_rows=token_rows, added_tokens=max(rows - vocab, 0), tokenizer=adapter_tokenizer(folder, name, rows),
-        rope_factor=rope_factor,
+        rope_factor=rope_factor, config=config,
     )
 
 
@@ -178,16 +181,15 @@ def _module_weights(module: str, held: ModuleTensors, config: AdapterConfig, spe
         raise LoRAError(f"adapter {name!r}: module {module!r} has {why} ({CONFIG_FILE} use_dora={config.use_dora}); "
                         f"the config and the weights do not belong together, re-save the adapter")
     if held.magnitude is not None:
-        weights.dora_scale = _dora_scale(module, weights, held.magnitude, base, name)
+        weights.magnitude = held.magnitude.float()
+        if base is not None:  # without the base (inspecting an adapter) the norms are not taken
+            weights.dora_scale = _dora_scale(module, weights, held.magnitude, base, name)
     return module, weights
 
 
-def _dora_scale(module: str, weights: LoRAModuleWeights, magnitude: torch.Tensor, base: BaseWeights | None,
+def _dora_scale(module: str, weights: LoRAModuleWeights, magnitude: torch.Tensor, base: BaseWeights,
                 name: str) -> torch.Tensor:
     """m / ‖W₀ + s·BA‖ per output row; PEFT treats the norm as a constant, and so does this."""
-    if base is None:
-        raise LoRAError(f"adapter {name!r} is a DoRA adapter, whose norms need the base model's weights; load it "
-                        f"through an engine")
     if magnitude.shape != (weights.lora_b.shape[0],):
         raise LoRAError(f"adapter {name!r}: module {module!r} has a DoRA magnitude of shape {tuple(magnitude.shape)}, "
                         f"expected ({weights.lora_b.shape[0]},); re-save the adapter")

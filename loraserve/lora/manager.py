@@ -14,6 +14,7 @@ import torch
 from loraserve.config import LoRAConfig
 from loraserve.lora.adapter import LoRAAdapter, LoRATargetSpec, load_adapter
 from loraserve.lora.host_cache import HostCache, HostCacheStats
+from loraserve.lora.report import adapter_report
 from loraserve.lora.slots import AdapterSlots, SlotStats
 from loraserve.lora.whole_copies import adapter_tokenizer
 from loraserve.lora_request import LoRARequest
@@ -50,6 +51,11 @@ class LoRAManager:
         request that follows does)."""
         adapter, folder = self.host.peek(request)
         return adapter.tokenizer if adapter is not None else adapter_tokenizer(folder, request.lora_name)
+
+    def report(self, request: LoRARequest) -> dict:
+        """The adapter's load report (lora/report.py), reading and binding it if it is not in memory."""
+        adapter, _ = self.host.peek(request)
+        return adapter_report(adapter if adapter is not None else self.host.add(request), self.spec)
 
     def release(self, adapter: LoRAAdapter) -> None:
         self.host.release(adapter)

@@ -49,7 +49,7 @@ def merge_adapter(model: str | None, adapter_path: str, out_dir: str | Path, deq
                          f"(expert LoRA is served exactly)")
     unmergeable = [f"{kind} ({where})" for kind, where in (
         ("embedding / lm_head LoRA", next((m for m in adapter.modules if m in spec.embeddings or m == spec.head), "")),
-        ("DoRA", next((m for m, w in adapter.modules.items() if w.dora_scale is not None), "")),
+        ("DoRA", next((m for m, w in adapter.modules.items() if w.magnitude is not None), "")),
         ("a lora_B bias", next((m for m, w in adapter.modules.items() if w.bias is not None), "")),
         ("saved modules or biases", next(iter(adapter.saved), "")),
         ("trainable tokens", next(iter(adapter.token_rows), ""))) if where]

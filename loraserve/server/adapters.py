@@ -50,6 +50,7 @@ def parse_lora_module(text: str) -> LoRAModule:
 class _Adapter:
     request: LoRARequest
     parent: str
+    report: dict  # the engine's load report, fixed for the files it was loaded from
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -84,11 +85,11 @@ class AdapterRegistry:
         self._loading.add(name)
         return LoRARequest(name, next(self._ids), module.path, module.base_model_name)
 
-    def finish_load(self, request: LoRARequest) -> LoRARequest | None:
+    def finish_load(self, request: LoRARequest, report: dict) -> LoRARequest | None:
         """Serve the validated adapter under its name; returns the request it replaced, if any."""
         self._loading.discard(request.lora_name)
         old = self._adapters.get(request.lora_name)
-        self._adapters[request.lora_name] = _Adapter(request, request.base_model_name or self.base_names[0])
+        self._adapters[request.lora_name] = _Adapter(request, request.base_model_name or self.base_names[0], report)
         return old.request if old is not None else None
 
     def cancel_load(self, request: LoRARequest) -> None:
@@ -112,12 +113,14 @@ class AdapterRegistry:
         return adapter.request
 
     def cards(self, max_model_len: int) -> list[dict]:
-        """/v1/models entries: the base names, then each adapter with parent and root."""
+        """/v1/models entries: the base names, then each adapter with parent and root, and its load report
+        under "lora" (kinds, ranks, targets, bytes, content hash...)."""
         cards = [{"id": name, "object": "model", "created": self.created, "owned_by": "loraserve",
                   "root": self.base_root, "parent": None, "max_model_len": max_model_len}
                  for name in self.base_names]
         cards += [{"id": name, "object": "model", "created": a.created, "owned_by": "loraserve",
-                   "root": a.request.lora_path, "parent": a.parent, "max_model_len": max_model_len}
+                   "root": a.request.lora_path, "parent": a.parent, "max_model_len": max_model_len,
+                   "lora": a.report}
                   for name, a in self._adapters.items()]
         return cards
 

@@ -137,10 +137,11 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
         lora = adapters.begin_load(module)
         try:
             engine.add_lora_blocking(lora)
+            report = engine.lora_report_blocking(lora)
         except BaseException:
             adapters.cancel_load(lora)
             raise
-        adapters.finish_load(lora)
+        adapters.finish_load(lora, report)
     metrics = ServerMetrics()
     serving = OpenAIServing(engine, adapters, metrics)
     max_model_len = engine.limits.max_model_len
@@ -197,24 +198,28 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
             raise bad_request("LoRA is not enabled on this server; start it with --enable-lora")
 
     @v1.post("/load_lora_adapter")
-    async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> PlainTextResponse:
+    async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> JSONResponse:
         """Read and validate off the event loop, then serve the name; with load_inplace the name switches to
-        the new files at once for new requests, while running ones finish on the weights they started with."""
+        the new files at once for new requests, while running ones finish on the weights they started with.
+        The body: vLLM's success message and the adapter's load report."""
         check_runtime_updating()
         lora = adapters.begin_load(LoRAModule(body.lora_name, body.lora_path), replace=body.load_inplace)
         try:
             await engine.add_lora(lora)
+            report = await engine.lora_report(lora)
         except BaseException as e:
             adapters.cancel_load(lora)
             await engine.remove_lora(lora.lora_int_id)  # nothing of it may stay behind in the engine
             if isinstance(e, LoRAError):
                 raise bad_request(str(e), "lora_path") from e
             raise
-        replaced = adapters.finish_load(lora)
+        replaced = adapters.finish_load(lora, report)
         if replaced is not None:
             await engine.remove_lora(replaced.lora_int_id)
-            return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' reloaded in place.")
-        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+            return JSONResponse({"message": f"Success: LoRA adapter '{body.lora_name}' reloaded in place.",
+                                 "lora": report})
+        return JSONResponse({"message": f"Success: LoRA adapter '{body.lora_name}' added successfully.",
+                             "lora": report})
 
     @v1.post("/unload_lora_adapter")
     async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> PlainTextResponse:
