@@ -55,13 +55,15 @@ class LoRAConfig:
     max_lora_saved_mb: float = _option(1024.0, "MiB of whole copies (modules_to_save, resized vocabulary tables) "
                                                "one adapter may bring; a slot or host copy holds at most that "
                                                "beside its rank factors", float)
+    max_loras_per_mix: int = _option(4, "adapters one weighted mix (LoRAMix, the HTTP 'adapters' field) may "
+                                        "combine; each needs a slot, so also at most max_loras", int)
     long_lora_scaling_factors: str | tuple[float, ...] | None = _option(
         None, "linear RoPE factors of long-context adapters (adapter_config.json context_length above the "
               "model's), comma-separated, e.g. 4,8; the served context may reach the largest factor times the "
               "model's", str)
 
     def __post_init__(self) -> None:
-        for name in ("max_loras", "max_lora_rank"):
+        for name in ("max_loras", "max_lora_rank", "max_loras_per_mix"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_lora_saved_mb <= 0:

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 from loraserve.config import EngineConfig
 from loraserve.engine.engine import LLMEngine
 from loraserve.errors import ParamError
-from loraserve.lora_request import LoRARequest
+from loraserve.lora_request import LoRAMix, LoRARequest
 from loraserve.outputs import RequestOutput
 from loraserve.sampling_params import SamplingParams
 
@@ -42,16 +42,18 @@ class LLM:
 
     def generate(self, prompts: PromptType | Seq[PromptType],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None, use_tqdm: bool = True,
-                 lora_request: LoRARequest | Seq[LoRARequest | None] | None = None) -> list[RequestOutput]:
+                 lora_request: LoRARequest | LoRAMix | Seq[LoRARequest | LoRAMix | None] | None = None,
+                 ) -> list[RequestOutput]:
         """Generate for every prompt (a string or {"prompt_token_ids": [...]}); outputs in input order.
 
-        `sampling_params` and `lora_request` are one for all prompts or a list parallel to them."""
+        `sampling_params` and `lora_request` are one for all prompts or a list parallel to them; an adapter is
+        a LoRARequest (with its lora_scale) or a weighted LoRAMix of several."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
         params = _per_prompt(sampling_params if sampling_params is not None else SamplingParams(), len(prompts),
                              "sampling_params", SamplingParams)
-        loras = _per_prompt(lora_request, len(prompts), "lora_request", LoRARequest)
+        loras = _per_prompt(lora_request, len(prompts), "lora_request", (LoRARequest, LoRAMix))
         requests = []
         try:
             for prompt, param, lora in zip(prompts, params, loras, strict=True):
@@ -85,12 +87,12 @@ class LLM:
 
     def chat(self, messages: Conversation | list[Conversation],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None, use_tqdm: bool = True,
-             lora_request: LoRARequest | Seq[LoRARequest | None] | None = None,
+             lora_request: LoRARequest | LoRAMix | Seq[LoRARequest | LoRAMix | None] | None = None,
              add_generation_prompt: bool = True) -> list[RequestOutput]:
         """Apply the chat template to one conversation or a list of them, then generate (an adapter saved with
         its own tokenizer brings its own template)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        loras = _per_prompt(lora_request, len(conversations), "lora_request", LoRARequest)
+        loras = _per_prompt(lora_request, len(conversations), "lora_request", (LoRARequest, LoRAMix))
         prompts = []
         for conversation, lora in zip(conversations, loras, strict=True):
             tokenizer = self.engine.request_tokenizer(lora)  # an adapter's own template and added tokens
@@ -119,7 +121,7 @@ class LLM:
         return [finished[request_id] for request_id in request_ids]
 
 
-def _per_prompt(value, count: int, name: str, kind: type) -> list:
+def _per_prompt(value, count: int, name: str, kind: type | tuple[type, ...]) -> list:
     if value is None or isinstance(value, kind):
         return [value] * count
     values = list(value)

@@ -205,7 +205,7 @@ def test_unload_while_running_finishes_on_the_old_weights(llm, hf, tmp_path):
     expected = tokens(llm, lora)
     engine, manager = llm.engine, llm.engine.lora_manager
     engine.add_request("running", PROMPT, None, GREEDY, lora)
-    content = engine.requests["running"].adapter.content_hash
+    content = engine.requests["running"].held[0].content_hash
     engine.step()
     engine.step()
     assert content in manager.slots.owner

@@ -259,15 +259,15 @@ def test_truncated_weights(llama, spec, tmp_path):
     expect_error(path, spec, "adapter_model.bin is corrupt or not a PyTorch state dict")
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(use_dora=True), "adapter 'x' is a DoRA adapter, whose norms need the base model's weights; load it through "
-                          "an engine"),
-    (dict(modules_to_save=["gate_proj"]), "adapter 'x' saves 'model.layers.0.mlp.gate_proj.weight' whole "
-                                          "(modules_to_save); loraserve serves whole copies of embedding tables"),
-])
-def test_refused_features(kwargs, message, llama, spec, tmp_path):
-    lora = dict(r=8, target_modules=QV) | kwargs
-    expect_error(make_peft_adapter(llama, tmp_path / "a", **lora), spec, message)
+def test_refused_features_and_dora_read_without_a_base(llama, spec, tmp_path):
+    """modules_to_save of a linear is refused by name; DoRA read without the base (inspecting, merging) keeps
+    its magnitudes and takes no norms (an engine always reads with its base)."""
+    folder = make_peft_adapter(llama, tmp_path / "a", r=8, target_modules=QV, modules_to_save=["gate_proj"])
+    expect_error(folder, spec, "adapter 'x' saves 'model.layers.0.mlp.gate_proj.weight' whole (modules_to_save); "
+                               "loraserve serves whole copies of embedding tables")
+    folder = make_peft_adapter(llama, tmp_path / "b", r=8, target_modules=QV, use_dora=True)
+    adapter = load_adapter(LoRARequest("x", 1, str(folder)), spec, 16, torch.float32)
+    assert all(w.magnitude is not None and w.dora_norms is None for w in adapter.modules.values())
 
 
 def test_new_kinds_read_as_peft_stores_them(llama, spec, tmp_path):

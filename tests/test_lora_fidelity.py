@@ -25,9 +25,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from lora_fixtures import make_peft_adapter
-from loraserve import LLM, LoRARequest, SamplingParams
+from loraserve import LLM, LoRAMix, LoRARequest, SamplingParams
 from loraserve.engine.scheduler import ScheduledSeq
 from loraserve.engine.sequence import Sequence
+from loraserve.lora.applied import AppliedLoRA
 from tiny_models import ARCHITECTURES, make_sharp_tiny_model
 
 STEPS = 24
@@ -157,29 +158,42 @@ def teacher_forced_reference(model, prompt_ids: list[int], tokens: list[int], eo
     return Reference(choices.argmax(dim=-1).tolist(), steps.log_softmax(dim=-1), logits)
 
 
-def engine_logits(llm: LLM, token_ids: dict[str, list[int]], loras: dict[str, LoRARequest]) -> dict[str, torch.Tensor]:
+def engine_logits(llm: LLM, token_ids: dict[str, list[int]],
+                  loras: dict[str, LoRARequest | LoRAMix]) -> dict[str, torch.Tensor]:
     """Logits at every position of each row, the rows in mixed-adapter forwards of the model runner, as many
-    adapters in each as there are slots."""
+    adapters in each as there are slots (a mix counts each of its adapters)."""
     rows, per_forward = list(token_ids), llm.engine.config.lora.max_loras
     logits: dict[str, torch.Tensor] = {}
     while rows:
         group, adapters = [], set()
-        while rows and (rows[0] not in loras or len(adapters | {rows[0]}) <= per_forward):
-            adapters |= {rows[0]} & set(loras)
+        while rows and len(adapters | _adapter_ids(loras.get(rows[0]))) <= per_forward:
+            adapters |= _adapter_ids(loras.get(rows[0]))
             group.append(rows.pop(0))
         logits |= _one_forward(llm, {row: token_ids[row] for row in group},
                                {row: loras[row] for row in group if row in loras})
     return logits
 
 
+def _adapter_ids(lora: LoRARequest | LoRAMix | None) -> set[int]:
+    if lora is None:
+        return set()
+    return {r.lora_int_id for r, _ in lora.adapters} if isinstance(lora, LoRAMix) else {lora.lora_int_id}
+
+
 def _one_forward(llm: LLM, token_ids: dict[str, list[int]],
-                 loras: dict[str, LoRARequest]) -> dict[str, torch.Tensor]:
+                 loras: dict[str, LoRARequest | LoRAMix]) -> dict[str, torch.Tensor]:
     engine = llm.engine
-    adapters = {row: engine.lora_manager.acquire(lora) for row, lora in loras.items()}
-    slots = engine.lora_manager.activate(adapters.values())
+    manager = engine.lora_manager
+    applied = {}
+    for row, lora in loras.items():
+        if isinstance(lora, LoRAMix):
+            applied[row] = AppliedLoRA.mixed([(manager.acquire(r), w, r.lora_scale) for r, w in lora.adapters])
+        else:
+            applied[row] = AppliedLoRA.single(manager.acquire(lora), lora.lora_scale)
+    slots = manager.activate(adapter for a in applied.values() for adapter in a.adapters)
     scheduled = []
     for i, (row, ids) in enumerate(token_ids.items()):
-        seq = Sequence(-1 - i, row, 0, len(ids), list(ids), SamplingParams(), adapter=adapters.get(row))
+        seq = Sequence(-1 - i, row, 0, len(ids), list(ids), SamplingParams(), lora=applied.get(row))
         engine.blocks.allocate(seq, len(ids))
         scheduled.append(ScheduledSeq(seq, len(ids)))
     try:
@@ -189,8 +203,9 @@ def _one_forward(llm: LLM, token_ids: dict[str, list[int]],
     finally:
         for s in scheduled:
             engine.blocks.free(s.seq)
-        for adapter in adapters.values():
-            engine.lora_manager.release(adapter)
+        for a in applied.values():
+            for adapter in a.adapters:
+                manager.release(adapter)
     spans = batch.attention.prefills
     return {s.seq.request_id: logits[span.start:span.end] for s, span in zip(order, spans, strict=True)}
 

@@ -10,7 +10,7 @@ import torch
 import loraserve.layers.lora_ops as ops
 from loraserve.layers.cpu_kernels import lora_module
 from loraserve.layers.forward_batch import LoRABatch
-from loraserve.layers.lora_ops import SlotLayout, SlotPart, add_lora
+from loraserve.layers.lora_ops import DoRANorms, SlotLayout, SlotPart, add_lora
 
 PATHS = ["kernel", "bmm"]
 
@@ -121,7 +121,7 @@ def test_grouping_slices_contiguous_slots_and_gathers_others():
     batch = LoRABatch.build([0, 0, 1, 2, 2, 2], 0, torch.device("cpu"))
     assert batch.segments == [] and batch.grouped.slot_range == 3
     assert batch.grouped.index.tolist() == [[0, 1, 0], [2, 2, 2], [3, 4, 5]]
-    assert batch.kernel_runs.tolist() == [[0, 0, 2], [1, 2, 3], [2, 3, 6]]
+    assert batch.kernel_runs[0].tolist() == [[0, 0, 2], [1, 2, 3], [2, 3, 6]]
     batch = LoRABatch.build([-1, 1, 3, 3], 0, torch.device("cpu"))
     assert batch.grouped.slot_range is None and batch.grouped.slot_list == [1, 3]
 
@@ -131,7 +131,7 @@ def test_kernel_takes_short_prefill_runs_and_leaves_long_ones_to_matmuls():
     slots = [0] * (longest + 1) + [1] * 5 + [2, 1]
     batch = LoRABatch.build(slots, longest + 6, torch.device("cpu"))
     assert [(s.slot, s.start, s.end) for s in batch.long_segments] == [(0, 0, longest + 1)]
-    assert batch.kernel_runs.tolist() == [[1, longest + 1, longest + 6], [2, longest + 6, longest + 7],
+    assert batch.kernel_runs[0].tolist() == [[1, longest + 1, longest + 6], [2, longest + 6, longest + 7],
                                           [1, longest + 7, longest + 8]]
 
 
@@ -179,31 +179,51 @@ def test_bf16_runs_of_every_length_and_rank_at_model_sizes(dim_in, path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_output_maps_scale_and_shift_only_their_slots_tokens(dtype, path):
-    """Slot 0 carries DoRA's per-column scale and shift on part q only, slot 1 a bias shift on part k with no
-    rank factors at all; tokens of other slots and of no slot are left as the rank term leaves them."""
+def test_coefficients_mixes_and_output_maps_per_lane(dtype, path):
+    """Lanes of one adapter at coefficients 1, 0.5, 0 and of mixes, over a layout where slot 0 is DoRA on part
+    q (its map depends on the coefficient: m / ‖W₀ + c·BA‖ and the base bias kept out), slot 1 only a lora_B
+    bias on part k (scaled by c) and no factors, slot 2 factors on q and a trained-bias shift on k (not
+    scaled): against y + Σ c·B(Ax), then each adapter's map at its c, token by token. Tokens of no lane and
+    of coefficient 0 on plain factors are left exactly as they were."""
     torch.manual_seed(2)
     parts = {"q": 6, "k": 4}
     layout = SlotLayout.allocate(parts, 8, num_slots=3, max_rank=4, dtype=dtype, device=torch.device("cpu"))
-    a, b = torch.randn(4, 8, dtype=dtype), torch.randn(6, 4, dtype=dtype)
-    scale, shift, bias = torch.rand(6) + 0.5, torch.randn(6), torch.randn(4)
-    layout.fill(0, {"q": SlotPart(a, b, scale, shift)})
-    layout.fill(1, {"k": SlotPart(shift=bias)})
-    layout.fill(2, {"q": SlotPart(a, b)})
-    token_slots = [0, 0, 1, -1, 2, 0, 1]
-    x, y = torch.randn(7, 8, dtype=dtype), torch.randn(7, 10, dtype=dtype)
+    a, b, a2, b2 = (torch.randn(4, 8), torch.randn(6, 4) * 0.3, torch.randn(3, 8), torch.randn(6, 3) * 0.3)
+    a, b, a2, b2 = (t.to(dtype).float() for t in (a, b, a2, b2))
+    weight, base_bias = torch.randn(6, 8), torch.randn(6)
+    lora = b @ a
+    norms = DoRANorms(torch.linalg.norm(weight + lora, dim=1), weight.pow(2).sum(1), (weight * lora).sum(1),
+                      lora.pow(2).sum(1))
+    magnitude, lora_shift, fixed = torch.rand(6) + 0.5, torch.randn(4), torch.randn(4)
+    layout.fill(0, {"q": SlotPart(a.to(dtype), b.to(dtype), magnitude, norms, base_bias)})
+    layout.fill(1, {"k": SlotPart(lora_shift=lora_shift)})
+    layout.fill(2, {"q": SlotPart(a2.to(dtype), b2.to(dtype)), "k": SlotPart(fixed_shift=fixed)})
+    lanes = [((0, 1.0),), ((0, 0.5),), ((1, 2.0),), ((1, 1.0), (2, 0.5)), ((2, 0.0),), ((0, 2.0),), ((2, 1.0),)]
+    token_lanes = [0, 0, 1, 2, -1, 3, 3, 4, 0, 5, 3, 6, 1, 4]
+    x, y = torch.randn(len(token_lanes), 8, dtype=dtype), torch.randn(len(token_lanes), 10, dtype=dtype)
     expected = y.float().clone()
-    for t, slot in enumerate(token_slots):
-        if slot in (0, 2):
-            expected[t, :6] += x[t].float() @ a.float().T @ b.float().T
-        if slot == 0:
-            expected[t, :6] = expected[t, :6] * scale.to(dtype).float() + shift.to(dtype).float()
-        if slot == 1:
-            expected[t, 6:] += bias.to(dtype).float()
-    add_lora(y, x, layout, LoRABatch.build(token_slots, 2, torch.device("cpu")))
+    factors = {0: (a, b), 2: (a2, b2)}
+    for t, lane in enumerate(token_lanes):
+        for slot, coef in lanes[lane] if lane >= 0 else ():
+            if slot in factors:
+                expected[t, :6] += coef * (x[t].float() @ factors[slot][0].T @ factors[slot][1].T)
+        for slot, coef in lanes[lane] if lane >= 0 else ():
+            if slot == 0:
+                scale = magnitude / norms.at(coef)
+                expected[t, :6] = expected[t, :6] * scale + (1 - scale) * base_bias
+            if slot == 1:
+                expected[t, 6:] += coef * lora_shift
+            if slot == 2:
+                expected[t, 6:] += fixed
+    untouched = [t for t, lane in enumerate(token_lanes) if lane in (-1, 4)]
+    before = y[untouched].clone()
+    add_lora(y, x, layout, LoRABatch.build(token_lanes, 5, torch.device("cpu"), lanes))
     tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.1, rtol=0.02)
     torch.testing.assert_close(y.float(), expected, **tolerance)
-    layout.clear(0)
-    layout.clear(1)
-    assert not layout.scaled and not layout.shifted
+    assert torch.equal(y[[t for t in untouched if token_lanes[t] == -1]], before[[
+        i for i, t in enumerate(untouched) if token_lanes[t] == -1]])
+    assert torch.equal(y[untouched][:, :6], before[:, :6])  # coefficient 0: the q rank term adds exactly nothing
+    for slot in range(3):
+        layout.clear(slot)
+    assert not layout.scaled and not layout.shifted and not layout.weighted
     assert (layout.out_scale == 1).all() and not layout.out_shift.any()

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from lora_fixtures import make_peft_adapter
-from loraserve import LLM, LoRARequest, SamplingParams
+from loraserve import LLM, LoRAMix, LoRARequest, SamplingParams
 from server_utils import (
     ADAPTERS,
     BASE,
@@ -46,7 +46,8 @@ def server(files):
     modules.append(json.dumps({"name": "a3", "path": a["a3"], "base_model_name": "tiny-parent"}))
     options = ENGINE_OPTIONS | LONG_RUN
     proc = ServerProcess([files["model"], *engine_flags(options), "--served-model-name", BASE, "--enable-lora",
-                          "--max-loras", "2", "--lora-modules", *modules, "--allow-runtime-lora-updating",
+                          "--max-loras", "2", "--max-loras-per-mix", "2", "--lora-modules", *modules,
+                          "--allow-runtime-lora-updating",
                           "--api-key", KEY], files["root"] / "server.log")
     yield proc.wait_healthy()
     assert proc.stop() == 0, proc.log()[-3000:]
@@ -83,6 +84,61 @@ def test_completions_and_chat_end_to_end(server, files, offline):
                             use_tqdm=False, lora_request=loras["a1"])[0].outputs[0].text
     assert "".join(c.delta.content or "" for c in chunks) == plain.message.content == expected
     assert [c.finish_reason for c in chunks if c.finish_reason] == [plain.finish_reason] == ["length"]
+
+
+def test_lora_scale_and_weighted_mixes_over_http(server, http, files, offline):
+    """`lora_scale` beside `model` and an `adapters` mix through the openai client (extra_body), streamed and
+    not, equal the offline engine given the same LoRARequest / LoRAMix (which test_lora_scale_mix holds to
+    PEFT); bad values are 400s naming the field, and the server keeps serving."""
+    loras = {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(files["adapters"].items())}
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+    greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    half = LoRARequest("a0", 1, loras["a0"].lora_path, lora_scale=0.5)
+    mix = LoRAMix([(loras["a0"], 0.7), (loras["a1"], 0.3)])
+    cases = [("a0", {"lora_scale": 0.5}, half), (BASE, {"adapters": [{"name": "a0", "weight": 0.7},
+                                                                         {"name": "a1", "weight": 0.3}]}, mix),
+             ("a1", {"adapters": [{"name": "a1", "weight": 0.3}, {"name": "a0", "weight": 0.7}]}, mix)]
+    for model, extra, lora in cases:
+        expected = [o.outputs[0].text for o in offline.generate(PROMPTS, greedy, use_tqdm=False, lora_request=lora)]
+        body = dict(model=model, prompt=PROMPTS, temperature=0, max_tokens=10, extra_body={"ignore_eos": True, **extra})
+        response = client.completions.create(**body)
+        assert [c.text for c in sorted(response.choices, key=lambda c: c.index)] == expected, extra
+        assert response.model == model
+        streamed = {}
+        for chunk in client.completions.create(**body, stream=True):
+            for c in chunk.choices:
+                streamed[c.index] = streamed.get(c.index, "") + c.text
+        assert [streamed[i] for i in range(len(PROMPTS))] == expected
+        messages = [{"role": "user", "content": "hi"}]
+        chat = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=10,
+                                              extra_body={"ignore_eos": True, **extra}, stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in chat if c.choices)
+        assert text == offline.chat(messages, greedy, use_tqdm=False, lora_request=lora)[0].outputs[0].text
+    assert text != offline_texts(offline, loras, BASE, PROMPTS, temperature=0, max_tokens=10, ignore_eos=True)
+    # the mix's and the scale's requests are counted under their identities
+    metrics = http.get("/metrics").text
+    assert metric(metrics, "loraserve_requests_total", model="a0", adapter="a0@0.5", outcome="finished") >= 3
+    assert metric(metrics, "loraserve_requests_total", model=BASE, adapter="a0*0.7+a1*0.3", outcome="finished") >= 3
+
+    def post(body: dict) -> httpx.Response:
+        return http.post("/v1/completions", json={"model": BASE, "prompt": "x", "max_tokens": 2} | body)
+
+    bad = [({"adapters": [{"name": "a0", "weight": -0.5}]}, "adapters", "weights must be finite numbers >= 0"),
+           ({"adapters": [{"name": "nope", "weight": 1}]}, "adapters", "'nope', which is not a served adapter"),
+           ({"adapters": [{"name": "a0", "weight": 1}, {"name": "a1", "weight": 1}, {"name": "a3", "weight": 1}]},
+            "adapters", "exceeds max_loras_per_mix=2; combine fewer, or restart with --max-loras-per-mix 3"),
+           ({"adapters": [{"name": "a0", "weight": 1}, {"name": "a0", "weight": 1}]}, "adapters", "twice"),
+           ({"adapters": []}, "adapters", "at least one"),
+           ({"adapters": [{"name": "a0", "weight": "heavy"}]}, "adapters.0.weight", "valid number"),
+           ({"model": "a3", "adapters": [{"name": "a0", "weight": 1}]}, "model", "which is not in adapters"),
+           ({"lora_scale": -1}, "lora_scale", "finite number >= 0"),
+           ({"lora_scale": 0.5}, "lora_scale", "is the base model; name an adapter"),
+           ({"model": "a0", "lora_scale": 0.5, "adapters": [{"name": "a0", "weight": 1}]}, "lora_scale", "weight")]
+    for body, param, message in bad:
+        error = assert_openai_error(post(body), 400, param)
+        assert message in error["message"], (body, error)
+    assert post({"model": "a0", "lora_scale": 0, "adapters": None}).status_code == 200
+    assert post({"adapters": [{"name": "a1"}]}).status_code == 200  # weight 1 by default
 
 
 class Stream:
@@ -167,7 +223,7 @@ def test_reload_in_place_while_streaming(server, http, files, offline):
 def test_disconnected_stream_frees_kv_blocks(server, http):
     before = http.get("/metrics").text
     total = metric(before, "loraserve_kv_cache_blocks")
-    aborted = metric(before, "loraserve_requests_total", model="a1", outcome="aborted")
+    aborted = metric(before, "loraserve_requests_total", model="a1", adapter="a1", outcome="aborted")
     body = {"model": "a1", "prompt": "abc", "max_tokens": 120, "ignore_eos": True, "stream": True}
     with http.stream("POST", "/v1/completions", json=body) as response:
         assert response.status_code == 200
@@ -175,10 +231,10 @@ def test_disconnected_stream_frees_kv_blocks(server, http):
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         text = http.get("/metrics").text
-        if metric(text, "loraserve_requests_total", model="a1", outcome="aborted") > aborted:
+        if metric(text, "loraserve_requests_total", model="a1", adapter="a1", outcome="aborted") > aborted:
             break
         time.sleep(0.1)
-    assert metric(text, "loraserve_requests_total", model="a1", outcome="aborted") == aborted + 1
+    assert metric(text, "loraserve_requests_total", model="a1", adapter="a1", outcome="aborted") == aborted + 1
     assert metric(text, "loraserve_kv_cache_free_blocks") == total
     assert metric(text, "loraserve_num_requests_running") == 0
 

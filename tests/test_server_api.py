@@ -457,7 +457,8 @@ def test_metrics(http, client, offline):
                         ("loraserve_prompt_tokens_total", response.usage.prompt_tokens),
                         ("loraserve_requests_total", 1), ("loraserve_time_to_first_token_seconds_count", 1),
                         ("loraserve_inter_token_latency_seconds_count", 4)):
-        labels = {"model": "a2", "outcome": "finished"} if name == "loraserve_requests_total" else {"model": "a2"}
+        labels = {"model": "a2"} if "seconds" in name else {"model": "a2", "adapter": "a2"}
+        labels |= {"outcome": "finished"} if name == "loraserve_requests_total" else {}
         assert metric(text, name, **labels) - metric(before, name, **labels) == delta, name
     assert metric(text, "loraserve_lora_slots") == 2
     assert metric(text, "loraserve_lora_slot_cache_events_total", event="load") >= 4  # 4 adapters, 2 slots

@@ -28,8 +28,9 @@ from loraserve.engine.sequence import Sequence
 from loraserve.engine.stats import EngineStats
 from loraserve.errors import LoRAError, ParamError
 from loraserve.lora.adapter import LoRAAdapter
+from loraserve.lora.applied import AppliedLoRA
 from loraserve.lora.manager import LoRAManager
-from loraserve.lora_request import LoRARequest
+from loraserve.lora_request import LoRAMix, LoRARequest
 from loraserve.model.builder import build_model, load_hf_config
 from loraserve.model.loader import DEFAULT_MODEL_NAME, load_tokenizer, resolve_model
 from loraserve.model.quantization import resolve_quantization
@@ -81,24 +82,24 @@ class LLMEngine:
     # ---- making requests: any thread ---------------------------------------------------------------
 
     def make_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int] | None,
-                     params: SamplingParams, lora_request: LoRARequest | None = None) -> Request:
-        """A request ready to `add`, holding its adapter. Raises ParamError for a request that cannot run
-        (naming the parameter), LoRAError for its adapter. Hand it to `add` or to `discard`."""
+                     params: SamplingParams, lora_request: LoRARequest | LoRAMix | None = None) -> Request:
+        """A request ready to `add`, holding its adapters. Raises ParamError for a request that cannot run
+        (naming the parameter), LoRAError for its adapters. Hand it to `add` or to `discard`."""
         if prompt_token_ids is None and prompt is None:
             raise ParamError("prompt", "give a {param} or prompt_token_ids")
         arrival = time.time()
-        adapter = self._acquire(lora_request) if lora_request is not None else None
-        request = Request(request_id, prompt, [], [], lora_request, adapter, RequestMetrics(arrival_time=arrival))
+        request = Request(request_id, prompt, [], [], lora_request, None, RequestMetrics(arrival_time=arrival))
         try:
-            tokenizer = self.tokenizer_of(adapter)
+            applied = request.lora = self._apply(lora_request, request)
+            tokenizer = self.tokenizer_of(applied)
             if prompt_token_ids is None:
                 prompt_token_ids = tokenizer.encode(prompt)
             request.prompt_token_ids = prompt_token_ids = list(prompt_token_ids)
-            self._check(prompt_token_ids, params, adapter)
+            self._check(prompt_token_ids, params, applied)
             request.seqs = [
                 Sequence(next(self._seq_ids), request_id, index, len(prompt_token_ids), list(prompt_token_ids),
                          params, detokenizer=self.output_processor.detokenizer(prompt_token_ids, params, tokenizer),
-                         adapter=adapter, generator=_generator(params.sample_seed(index), self.device))
+                         lora=applied, generator=_generator(params.sample_seed(index), self.device))
                 for index in range(params.n)
             ]
         except BaseException:
@@ -106,36 +107,63 @@ class LLMEngine:
             raise
         return request
 
-    def tokenizer_of(self, adapter: LoRAAdapter | None):
-        """The tokenizer a request tokenizes and detokenizes with: its adapter's own (added tokens, its chat
-        template) where the adapter folder has one, else the base model's."""
-        return adapter.tokenizer if adapter is not None and adapter.tokenizer is not None else self.tokenizer
+    def _apply(self, lora_request: LoRARequest | LoRAMix | None, request: Request) -> AppliedLoRA | None:
+        """The adapters the request applies, each acquired (held by `request.held` as soon as it is, so a
+        failure part-way releases what was taken)."""
+        if lora_request is None:
+            return None
+        if isinstance(lora_request, LoRARequest):
+            request.held.append(self._acquire(lora_request))
+            return AppliedLoRA.single(request.held[0], lora_request.lora_scale)
+        entries = lora_request.adapters
+        cap = self.config.lora.max_loras_per_mix
+        if len(entries) > cap:
+            raise LoRAError(f"a mix of {len(entries)} adapters exceeds max_loras_per_mix={cap}; combine fewer, or "
+                            f"restart with --max-loras-per-mix {len(entries)}")
+        if len(entries) > self.config.lora.max_loras:
+            raise LoRAError(f"a mix of {len(entries)} adapters needs that many slots at once but max_loras="
+                            f"{self.config.lora.max_loras}; combine fewer, or restart with --max-loras "
+                            f"{len(entries)}")
+        terms = []
+        for adapter_request, weight in entries:
+            request.held.append(self._acquire(adapter_request))
+            terms.append((request.held[-1], weight, adapter_request.lora_scale))
+        return AppliedLoRA.mixed(terms)
 
-    def request_tokenizer(self, lora_request: LoRARequest | None):
+    def tokenizer_of(self, applied: AppliedLoRA | None):
+        """The tokenizer a request tokenizes and detokenizes with: its adapter's own (added tokens, its chat
+        template) where the adapter folder has one, else the base model's (always for a mix)."""
+        tokenizer = applied.tokenizer if applied is not None else None
+        return tokenizer if tokenizer is not None else self.tokenizer
+
+    def request_tokenizer(self, lora_request: LoRARequest | LoRAMix | None):
         """The tokenizer a request for `lora_request` will be tokenized with, found before the request is
         made (to render a chat template or count prompt tokens); looking does not count as a use."""
         if lora_request is None:
             return self.tokenizer
         if self.lora_manager is None:
             self._acquire(lora_request)  # raises: LoRA is not enabled
+        if isinstance(lora_request, LoRAMix):
+            return self.tokenizer
         return self.lora_manager.tokenizer(lora_request) or self.tokenizer
 
     def discard(self, request: Request) -> None:
         """Give back what a made request holds, when it will not be added after all."""
-        if request.adapter is not None:
-            self.lora_manager.release(request.adapter)
-            request.adapter = None
+        for adapter in request.held:
+            self.lora_manager.release(adapter)
+        request.held.clear()
+        request.lora = None
 
-    def _check(self, prompt_token_ids: list[int], params: SamplingParams, adapter: LoRAAdapter | None) -> None:
+    def _check(self, prompt_token_ids: list[int], params: SamplingParams, applied: AppliedLoRA | None) -> None:
         """Every limit of this engine a request must fit, checked once, here."""
         if not prompt_token_ids:
             raise ParamError("prompt", "the {param} is empty; give at least one token")
-        vocab = self.model.spec.vocab_size + (adapter.added_tokens if adapter is not None else 0)
+        vocab = self.model.spec.vocab_size + (applied.added_tokens if applied is not None else 0)
         if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in prompt_token_ids):
             raise ParamError("prompt", f"{{param}} token ids must be integers in [0, {vocab})")
         length = len(prompt_token_ids)
         limit = self.max_model_len  # past the model's own context only long-context adapters' requests run
-        if adapter is None or adapter.rope_factor == 1:
+        if applied is None or applied.rope_factor == 1:
             limit = min(limit, self.model.spec.max_position_embeddings)
         room = limit - length
         if room < 1:
@@ -150,7 +178,7 @@ class LLMEngine:
                                   f"per request; lower {{param}}, or start the engine with a larger max_n "
                                   f"(server: --max-n)")
 
-    def _acquire(self, lora_request: LoRARequest) -> LoRAAdapter:
+    def _acquire(self, lora_request: LoRARequest | LoRAMix) -> LoRAAdapter:
         if self.lora_manager is None:
             raise LoRAError(f"adapter {lora_request.lora_name!r} requested but LoRA is not enabled; start the "
                             f"engine with enable_lora=True (server: --enable-lora)")
@@ -215,7 +243,8 @@ class LLMEngine:
             return []
         lora_slots = {}
         if self.lora_manager is not None:
-            lora_slots = self.lora_manager.activate(s.seq.adapter for s in scheduled if s.seq.adapter is not None)
+            lora_slots = self.lora_manager.activate(adapter for s in scheduled if s.seq.lora is not None
+                                                    for adapter in s.seq.lora.adapters)
         started = time.time()
         sampled, result = self.runner.run(scheduled, lora_slots)
         for s in scheduled:

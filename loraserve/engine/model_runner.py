@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from loraserve.engine.scheduler import ScheduledSeq
-from loraserve.layers.forward_batch import AttentionMetadata, ForwardBatch, LoRABatch, PrefillSpan
+from loraserve.layers.forward_batch import AttentionMetadata, ForwardBatch, Lane, LoRABatch, PrefillSpan
 from loraserve.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 from loraserve.model.causal_lm import CausalLM
 
@@ -31,25 +31,29 @@ class ModelRunner:
         sampling = SamplingBatch.build(
             [s.params for s in seqs], [s.generator for s in seqs], [s.token_ids[:s.prompt_len] for s in seqs],
             [s.output_token_ids for s in seqs], self.eos_token_ids, self.device,
-            [s.adapter.eos_token_ids if s.adapter is not None else frozenset() for s in seqs])
+            [s.lora.eos_token_ids if s.lora is not None else frozenset() for s in seqs])
         return sampled, self.sampler(logits, sampling)
 
     def build_batch(self, scheduled: list[ScheduledSeq],
                     lora_slots: dict[str, int]) -> tuple[ForwardBatch, list[ScheduledSeq]]:
-        """Prefill chunks first, then decodes; each group ordered by adapter slot so a slot's tokens form
-        one contiguous run for the LoRA kernels."""
-        def slot_of(s: ScheduledSeq) -> int:
-            return lora_slots[s.seq.lora_key] if s.seq.adapter is not None else -1
+        """Prefill chunks first, then decodes; each group ordered by lane (the (slot, coefficient) pairs a
+        sequence applies) so a lane's tokens form one contiguous run for the LoRA kernels."""
+        lanes: dict[Lane, int] = {}
+
+        def lane_of(s: ScheduledSeq) -> Lane:
+            if s.seq.lora is None:
+                return ()
+            return tuple(sorted((lora_slots[adapter.content_hash], coef) for adapter, coef in s.seq.lora.coefficients))
 
         # A single token with context already cached is attended exactly like a decode.
         is_decode = [s.num_tokens == 1 and s.seq.num_computed_tokens > 0 for s in scheduled]
-        prefills = sorted((s for s, d in zip(scheduled, is_decode, strict=True) if not d), key=slot_of)
-        decodes = sorted((s for s, d in zip(scheduled, is_decode, strict=True) if d), key=slot_of)
+        prefills = sorted((s for s, d in zip(scheduled, is_decode, strict=True) if not d), key=lane_of)
+        decodes = sorted((s for s, d in zip(scheduled, is_decode, strict=True) if d), key=lane_of)
         device = self.device
         input_ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
-        token_slots: list[int] = []
+        token_lanes: list[int] = []
         token_factors: list[int] = []
         spans: list[PrefillSpan] = []
         logits_rows: list[int] = []
@@ -63,8 +67,9 @@ class ModelRunner:
             positions += range(start, end)
             table = seq.block_table
             slot_mapping += [table[p // bs] * bs + p % bs for p in range(start, end)]
-            token_slots += [slot_of(s)] * s.num_tokens
-            token_factors += [self.rope_index[seq.adapter.rope_factor] if seq.adapter else 0] * s.num_tokens
+            lane = lane_of(s)
+            token_lanes += [lanes.setdefault(lane, len(lanes)) if lane else -1] * s.num_tokens
+            token_factors += [self.rope_index[seq.lora.rope_factor] if seq.lora else 0] * s.num_tokens
             if i < len(prefills):
                 blocks = torch.tensor(table[:-(-end // bs)], dtype=torch.long, device=device)
                 spans.append(PrefillSpan(row, row + s.num_tokens, end, blocks))
@@ -91,7 +96,7 @@ class ModelRunner:
             positions=torch.tensor(positions, dtype=torch.long, device=device),
             attention=attention,
             logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=device),
-            lora=LoRABatch.build(token_slots, len(input_ids) - len(decodes), device),
+            lora=LoRABatch.build(token_lanes, len(input_ids) - len(decodes), device, list(lanes)),
             rope_factors=torch.tensor(token_factors, device=device) if any(token_factors) else None,
         )
         return batch, sampled

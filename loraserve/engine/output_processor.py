@@ -59,7 +59,7 @@ class OutputProcessor:
         if may_stop and token in params.stop_token_ids:
             finish = ("stop", token)
         elif may_stop and not params.ignore_eos and (token in self.eos_token_ids or (
-                seq.adapter is not None and token in seq.adapter.eos_token_ids)):
+                seq.lora is not None and token in seq.lora.eos_token_ids)):
             finish = ("stop", None)
         elif (params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens) \
                 or len(seq.token_ids) >= self.max_model_len:

@@ -1,11 +1,12 @@
 """A request inside the engine: one prompt, its n sequences, the adapter they hold, and its timings."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from loraserve.engine.sequence import Sequence
 from loraserve.lora.adapter import LoRAAdapter
-from loraserve.lora_request import LoRARequest
+from loraserve.lora.applied import AppliedLoRA
+from loraserve.lora_request import LoRAMix, LoRARequest
 from loraserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
 
@@ -15,9 +16,10 @@ class Request:
     prompt: str | None
     prompt_token_ids: list[int]
     seqs: list[Sequence]
-    lora_request: LoRARequest | None
-    adapter: LoRAAdapter | None  # pinned in the host cache until the request ends
+    lora_request: LoRARequest | LoRAMix | None
+    lora: AppliedLoRA | None  # what its sequences apply
     metrics: RequestMetrics
+    held: list[LoRAAdapter] = field(default_factory=list)  # pinned in the host cache until the request ends
 
     @property
     def finished(self) -> bool:

@@ -75,12 +75,12 @@ class Scheduler:
         return scheduled
 
     def _admit(self, budget: int, scheduled: list[ScheduledSeq]) -> int:
-        active = {seq.lora_key for seq in self.running if seq.adapter is not None}
+        active = {key for seq in self.running for key in _slot_keys(seq)}  # adapters holding slots
         oldest_blocked = True
         for seq in list(self.waiting):
             if budget == 0 or len(self.running) >= self.max_num_seqs:
                 break
-            if seq.adapter is not None and seq.lora_key not in active and len(active) >= (self.max_loras or 0):
+            if len(active | _slot_keys(seq)) > (self.max_loras or 0):  # it needs slots others hold
                 if oldest_blocked:
                     oldest_blocked = False
                     waited = self._bypassed[seq.seq_id] = self._bypassed.get(seq.seq_id, 0) + 1
@@ -97,8 +97,7 @@ class Scheduler:
             self._bypassed.pop(seq.seq_id, None)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            if seq.adapter is not None:
-                active.add(seq.lora_key)
+            active |= _slot_keys(seq)
             self.blocks.allocate(seq, num_tokens)
             scheduled.append(ScheduledSeq(seq, num_tokens))
             budget -= num_tokens
@@ -111,3 +110,8 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+
+
+def _slot_keys(seq: Sequence) -> set[str]:
+    """The content hashes of the adapters the sequence applies: each takes a slot, whatever its scale."""
+    return set() if seq.lora is None else {adapter.content_hash for adapter in seq.lora.adapters}

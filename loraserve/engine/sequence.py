@@ -7,7 +7,7 @@ from enum import Enum, auto
 import torch
 
 from loraserve.engine.detokenizer import IncrementalDetokenizer
-from loraserve.lora.adapter import LoRAAdapter
+from loraserve.lora.applied import AppliedLoRA
 from loraserve.outputs import Logprob
 from loraserve.sampling_params import SamplingParams
 
@@ -30,7 +30,7 @@ class Sequence:
     token_ids: list[int]
     params: SamplingParams
     detokenizer: IncrementalDetokenizer | None = None  # None only for sequences that are never sampled
-    adapter: LoRAAdapter | None = None  # held in host memory for as long as the request lives
+    lora: AppliedLoRA | None = None  # its adapters, held in host memory for as long as the request lives
     generator: torch.Generator | None = None
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
@@ -57,8 +57,9 @@ class Sequence:
 
     @property
     def lora_key(self) -> str | None:
-        """The adapter's content hash: sequences with equal keys share an adapter slot."""
-        return self.adapter.content_hash if self.adapter is not None else None
+        """The adapter identity (content hashes with scales and weights): sequences with equal keys compute
+        the same thing, so they may share KV prefixes."""
+        return self.lora.key if self.lora is not None else None
 
     @property
     def finished(self) -> bool:

@@ -51,55 +51,73 @@ class AttentionMetadata:
 
 @dataclass(frozen=True)
 class LoRASegment:
+    """Tokens [start, end) add slot `slot`'s LoRA term times `coef` (the request's lora_scale, times its weight
+    in a mix)."""
+
     slot: int
     start: int
     end: int
+    coef: float = 1.0
+
+
+# What a token applies: (slot, coefficient) of each adapter, one pair for a single adapter, several for a mix.
+Lane = tuple[tuple[int, float], ...]
 
 
 @dataclass
 class GroupedTokens:
     """Short runs gathered per slot: row s of `index` lists the tokens of slot `slots[s]`, right-padded
-    with that run's first token; `mask` zeroes the padding's contribution."""
+    with that run's first token; `weights` [S, L, 1] holds each token's coefficient, 0 for the padding."""
 
     slot_list: list[int]
     slots: torch.Tensor  # [S] int64, the same on the device
     index: torch.Tensor  # [S, L] int64 rows of the flat batch
-    mask: torch.Tensor  # [S, L, 1] bool, True for real tokens
+    weights: torch.Tensor  # [S, L, 1] float32
     slot_range: int | None  # k when slots == 0..k-1, so weights can be sliced instead of gathered
 
 
 @dataclass
 class LoRABatch:
-    """Which adapter slot each token of the flat batch uses, as runs: the model runner orders sequences by
-    slot, so each slot's tokens are contiguous. Each path builds its own view of the runs on first use (the
-    CPU kernel `kernel_runs` and `long_segments`, other devices `segments` and `grouped`), so a step pays
-    only for the path it takes."""
+    """Which adapters each token applies, as runs: the model runner orders sequences by lane (the
+    (slot, coefficient) pairs they apply), so each lane's tokens are contiguous. A lane of several adapters
+    (a mix) gives several runs over the same tokens, next to each other. Each path builds its own view of the
+    runs on first use (the CPU kernel `kernel_runs` and `long_segments`, other devices `segments` and
+    `grouped`), so a step pays only for the path it takes."""
 
     segments: list[LoRASegment]  # prefill chunks
     decode_runs: list[LoRASegment]  # runs of decode tokens
     device: torch.device
-    num_tokens: int  # of the flat batch
+    token_lanes: list[int]  # each token's index into `lanes` (-1: no adapter)
+    lanes: list[Lane]
 
     # Past this a run is a real matmul that BLAS does faster than the kernel's register tiles.
     KERNEL_MAX_RUN = 256
 
     @classmethod
-    def build(cls, token_slots: list[int], grouped_from: int, device: torch.device) -> LoRABatch | None:
-        """Runs of equal slot in token order (slot -1, no adapter, makes none). Runs starting at or after
-        token `grouped_from` are decode runs; earlier runs are prefill segments. None if no token has an
-        adapter."""
+    def build(cls, token_lanes: list[int], grouped_from: int, device: torch.device,
+              lanes: list[Lane] | None = None) -> LoRABatch | None:
+        """Runs of equal lane in token order (-1, no adapter, makes none); without `lanes` each lane index is a
+        slot at coefficient 1. Runs starting at or after token `grouped_from` are decode runs; earlier runs are
+        prefill segments. None if no token has an adapter."""
+        if lanes is None:
+            lanes = [((slot, 1.0),) for slot in range(max(token_lanes, default=-1) + 1)]
         segments: list[LoRASegment] = []
         decode_runs: list[LoRASegment] = []
         start = 0
-        for i in range(1, len(token_slots) + 1):
-            if i == len(token_slots) or token_slots[i] != token_slots[start] or i == grouped_from:
-                slot = token_slots[start]
-                if slot >= 0:
-                    (decode_runs if start >= grouped_from else segments).append(LoRASegment(slot, start, i))
+        for i in range(1, len(token_lanes) + 1):
+            if i == len(token_lanes) or token_lanes[i] != token_lanes[start] or i == grouped_from:
+                lane = token_lanes[start]
+                if lane >= 0:
+                    runs = decode_runs if start >= grouped_from else segments
+                    runs += [LoRASegment(slot, start, i, coef) for slot, coef in lanes[lane]]
                 start = i
         if not segments and not decode_runs:
             return None
-        return cls(segments, decode_runs, device, len(token_slots))
+        return cls(segments, decode_runs, device, token_lanes, lanes)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_lanes)
 
     @cached_property
     def slots_present(self) -> list[int]:
@@ -111,31 +129,40 @@ class LoRABatch:
         return self.slots_present[-1] + 1
 
     @cached_property
-    def slot_list(self) -> list[int]:
-        """Each token's slot (-1: no adapter)."""
-        slots = [-1] * self.num_tokens
-        for run in self.segments + self.decode_runs:
-            slots[run.start:run.end] = [run.slot] * (run.end - run.start)
-        return slots
+    def lane_ids(self) -> torch.Tensor:
+        """[num_tokens] int64, each token's lane (-1: no adapter), for layers that regroup tokens (experts)."""
+        return torch.tensor(self.token_lanes, dtype=torch.long, device=self.device)
 
     @cached_property
-    def token_slots(self) -> torch.Tensor:
-        """[num_tokens] int64, each token's slot (-1: no adapter), for layers that regroup tokens (experts) or
-        index per-slot tables."""
-        return torch.tensor(self.slot_list, dtype=torch.long, device=self.device)
+    def unit_slots(self) -> torch.Tensor:
+        """[num_tokens] int64: the slot of each token applying one adapter at coefficient 1, else -1; per-slot
+        tables are gathered with it (row -1 is the identity), the other tokens' runs are `weighted_runs`."""
+        unit = [lane[0][0] if len(lane) == 1 and lane[0][1] == 1.0 else -1 for lane in self.lanes]
+        return torch.tensor([unit[lane] if lane >= 0 else -1 for lane in self.token_lanes], dtype=torch.long,
+                            device=self.device)
+
+    @cached_property
+    def weighted_runs(self) -> list[LoRASegment]:
+        """The runs of tokens that apply an adapter at a coefficient other than 1, or several adapters."""
+        lanes = self.lanes
+        return [run for run in self.segments + self.decode_runs
+                if lanes[self.token_lanes[run.start]] != ((run.slot, 1.0),)]
 
     def select(self, rows: torch.Tensor) -> LoRABatch | None:
         """The runs of a subset of the batch's tokens (`rows`, in order: the rows whose logits are computed),
         one token per sequence, so all of them count as decode runs."""
-        slots = self.slot_list
-        return LoRABatch.build([slots[row] for row in rows.tolist()], 0, self.device)
+        lanes = self.token_lanes
+        return LoRABatch.build([lanes[row] for row in rows.tolist()], 0, self.device, self.lanes)
 
     @cached_property
-    def kernel_runs(self) -> torch.Tensor | None:
-        """[N, 3] int64 (slot, begin, end): every run of at most KERNEL_MAX_RUN tokens, prefill chunks included."""
-        runs = [(r.slot, r.start, r.end) for r in self.segments + self.decode_runs
-                if r.end - r.start <= self.KERNEL_MAX_RUN]
-        return torch.tensor(runs, dtype=torch.long, device=self.device) if runs else None
+    def kernel_runs(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """([N, 3] int64 (slot, begin, end), [N] float32 coefficients): every run of at most KERNEL_MAX_RUN
+        tokens, prefill chunks included."""
+        runs = [r for r in self.segments + self.decode_runs if r.end - r.start <= self.KERNEL_MAX_RUN]
+        if not runs:
+            return None
+        return (torch.tensor([(r.slot, r.start, r.end) for r in runs], dtype=torch.long, device=self.device),
+                torch.tensor([r.coef for r in runs], dtype=torch.float32, device=self.device))
 
     @cached_property
     def long_segments(self) -> list[LoRASegment]:
@@ -147,23 +174,23 @@ class LoRABatch:
         """The decode runs gathered per slot, for the batched-matmul path."""
         if not self.decode_runs:
             return None
-        tokens: dict[int, list[int]] = {}
+        tokens: dict[int, list[tuple[int, float]]] = {}
         for run in self.decode_runs:
-            tokens.setdefault(run.slot, []).extend(range(run.start, run.end))
+            tokens.setdefault(run.slot, []).extend((row, run.coef) for row in range(run.start, run.end))
         return _group(tokens, self.device)
 
 
-def _group(tokens: dict[int, list[int]], device: torch.device) -> GroupedTokens:
+def _group(tokens: dict[int, list[tuple[int, float]]], device: torch.device) -> GroupedTokens:
     slots = sorted(tokens)
     width = max(len(rows) for rows in tokens.values())
-    index = [tokens[s] + [tokens[s][0]] * (width - len(tokens[s])) for s in slots]
-    mask = [[True] * len(tokens[s]) + [False] * (width - len(tokens[s])) for s in slots]
+    index = [[row for row, _ in tokens[s]] + [tokens[s][0][0]] * (width - len(tokens[s])) for s in slots]
+    weights = [[coef for _, coef in tokens[s]] + [0.0] * (width - len(tokens[s])) for s in slots]
     contiguous = slots == list(range(len(slots)))
     return GroupedTokens(
         slot_list=slots,
         slots=torch.tensor(slots, dtype=torch.long, device=device),
         index=torch.tensor(index, dtype=torch.long, device=device),
-        mask=torch.tensor(mask, device=device).unsqueeze(-1),
+        weights=torch.tensor(weights, dtype=torch.float32, device=device).unsqueeze(-1),
         slot_range=len(slots) if contiguous else None,
     )
 

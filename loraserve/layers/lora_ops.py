@@ -8,11 +8,14 @@ work follows the adapter's own rank rather than max_lora_rank. A fused expert st
 blocks per slot: row v = slot·experts + expert of lora_a / lora_b is a "virtual slot", which is what the
 kernel indexes, so dense and expert LoRA are one layout and one kernel call.
 
-Beside the rank term a slot may carry a per-output-column affine map applied after it, y ← y·scale + shift,
-for that slot's tokens only: DoRA's magnitude over the adapted weight's row norm (with the shift that keeps
-the base bias out of the scaling), and the bias deltas of adapters that train biases (`lora_bias`,
-bias="all" / "lora_only"). Row `slots` of those tables is the identity, so a token without an adapter
-(slot -1) indexes it and is left alone; they are allocated when the first adapter needing them arrives.
+Each run carries a coefficient c (the request's lora_scale, times its weight in a mix) multiplying its rank
+term, so one slot serves every scale of its adapter. Beside the rank term a slot may carry a per-output-column
+affine map applied after it, y ← y·scale + shift, for that slot's tokens only: DoRA's magnitude over the
+adapted weight's row norm (with the shift that keeps the base bias out of the scaling), and the bias deltas of
+adapters that train biases (`lora_bias`, bias="all" / "lora_only"). The tables hold the map at c = 1: row
+`slots` is the identity, so a token without an adapter (slot -1) indexes it and is left alone; they are
+allocated when the first adapter needing them arrives. Tokens at another c get the map `OutputTerms` gives
+for it, per run (DoRA's norm ‖W₀ + c·BA‖ and the lora_B bias depend on c; a trained base bias does not).
 
 The model runner orders sequences by slot, so each adapter's tokens form contiguous runs. On CPU one C++
 call per tensor does every run of up to LoRABatch.KERNEL_MAX_RUN tokens, prefill chunks and decode tokens of
@@ -33,15 +36,57 @@ from loraserve.layers.forward_batch import LoRABatch, LoRASegment
 
 
 @dataclass
+class DoRANorms:
+    """DoRA's row norms of W₀ + c·BA (B scaled) at any coefficient c: ‖·‖² = weight_sq + 2c·cross + c²·lora_sq
+    per output row, float32; `at_one` is the norm at c = 1, formed as PEFT forms it where W₀ is at hand."""
+
+    at_one: torch.Tensor
+    weight_sq: torch.Tensor
+    cross: torch.Tensor
+    lora_sq: torch.Tensor
+
+    @classmethod
+    def expanded(cls, weight_sq: torch.Tensor, cross: torch.Tensor, lora_sq: torch.Tensor) -> DoRANorms:
+        """From the three terms alone (no dense W₀ to form the norm at 1 directly)."""
+        return cls(_norm(weight_sq, cross, lora_sq, 1.0), weight_sq, cross, lora_sq)
+
+    def at(self, coef: float) -> torch.Tensor:
+        return self.at_one if coef == 1.0 else _norm(self.weight_sq, self.cross, self.lora_sq, coef)
+
+
+def _norm(weight_sq: torch.Tensor, cross: torch.Tensor, lora_sq: torch.Tensor, coef: float) -> torch.Tensor:
+    return (weight_sq + 2 * coef * cross + coef * coef * lora_sq).clamp(min=0).sqrt()
+
+
+@dataclass
 class SlotPart:
     """What one adapter puts into one part of a tensor. lora_a [r, in] and lora_b [out_part, r] (with an
     expert stack: [experts, r, in] / [experts, out_part, r]), scaling folded into B, or both None when the
-    adapter only changes the part's outputs; scale / shift [out_part]: the affine map on its outputs."""
+    adapter only changes the part's outputs. The output map's pieces, each [out_part] float32: DoRA's
+    `magnitude` with its `norms` and the `base_bias` its scaling leaves out; `lora_shift`, scaled with the
+    coefficient (lora_B's bias); `fixed_shift`, not scaled (a trained base bias minus the base's)."""
 
     lora_a: torch.Tensor | None = None
     lora_b: torch.Tensor | None = None
-    scale: torch.Tensor | None = None
-    shift: torch.Tensor | None = None
+    magnitude: torch.Tensor | None = None
+    norms: DoRANorms | None = None
+    base_bias: torch.Tensor | None = None
+    lora_shift: torch.Tensor | None = None
+    fixed_shift: torch.Tensor | None = None
+
+    def output_map(self, coef: float) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(scale, shift) of y ← y·scale + shift at coefficient `coef`, each None when it is the identity."""
+        scale = None if self.magnitude is None else self.magnitude / self.norms.at(coef)
+        shifts = [coef * self.lora_shift if self.lora_shift is not None else None, self.fixed_shift]
+        if scale is not None and self.base_bias is not None:  # y·g + (1-g)·b = g·(y - b) + b
+            shifts.append((1 - scale) * self.base_bias.float())
+        shifts = [t for t in shifts if t is not None]
+        return scale, (sum(shifts[1:], shifts[0]) if shifts else None)
+
+    @property
+    def weighted(self) -> bool:
+        """Whether the output map depends on the coefficient."""
+        return self.magnitude is not None or self.lora_shift is not None
 
 
 @dataclass
@@ -49,7 +94,8 @@ class SlotLayout:
     """lora_a: [slots·experts, W, in], lora_b: [slots·experts, W, out] with W = parts * max_rank; part_rows
     [slots·experts, parts, 2] and part_cols [parts, 2] (int64) give each part's rank rows and output columns;
     widths [slots·experts] the rows in use; `part_names` are the parts in stacking order (what `fill` is
-    given weights by). out_scale / out_shift: [slots + 1, out] or None (module docstring)."""
+    given weights by). out_scale / out_shift: [slots + 1, out] or None, the output maps at coefficient 1;
+    `weighted`: slot -> its parts (column start, SlotPart) whose map depends on the coefficient."""
 
     lora_a: torch.Tensor
     lora_b: torch.Tensor
@@ -62,6 +108,7 @@ class SlotLayout:
     out_shift: torch.Tensor | None = None
     scaled: set[int] = field(default_factory=set)  # slots whose out_scale row is in use
     shifted: set[int] = field(default_factory=set)
+    weighted: dict[int, list[tuple[int, SlotPart]]] = field(default_factory=dict)
 
     @classmethod
     def allocate(cls, parts: dict[str, int], in_features: int, num_slots: int, max_rank: int,
@@ -123,10 +170,13 @@ class SlotLayout:
             # an adapter's vocabulary may be narrower than a table's slots, sized for added tokens: it fills the
             # leading columns (of B, and of A for an embedding)
             col_start = self.part_cols[index, 0].item()
-            for values, table, identity in ((part.scale, "out_scale", 1.0), (part.shift, "out_shift", 0.0)):
+            for values, table, identity in zip(part.output_map(1.0), ("out_scale", "out_shift"), (1.0, 0.0),
+                                               strict=True):
                 if values is not None:
                     self._output_table(table, identity)[slot, col_start:col_start + values.shape[0]].copy_(values)
                     (self.scaled if table == "out_scale" else self.shifted).add(slot)
+            if part.weighted:
+                self.weighted.setdefault(slot, []).append((col_start, part))
             if part.lora_a is None:
                 continue
             self._materialize()
@@ -142,6 +192,7 @@ class SlotLayout:
     def clear(self, slot: int) -> None:
         """Zero the slot's rows. In B only each part's own block is non-zero (the rest of its rows stays
         zero from allocation on), so only those blocks are zeroed."""
+        self.weighted.pop(slot, None)
         if slot in self.scaled:
             self.out_scale[slot].fill_(1.0)
             self.scaled.discard(slot)
@@ -160,6 +211,25 @@ class SlotLayout:
         self.part_rows[virtual].zero_()
         self.widths[virtual] = [0] * self.experts
 
+    def output_map(self, slot: int, coef: float, columns: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(scale, shift) [columns] of the slot's output map at coefficient `coef`, None where identity."""
+        scale = self.out_scale[slot, :columns] if slot in self.scaled else None
+        shift = self.out_shift[slot, :columns] if slot in self.shifted else None
+        parts = self.weighted.get(slot)
+        if coef == 1.0 or not parts:
+            return scale, shift
+        scale = None if scale is None else scale.float().clone()
+        shift = None if shift is None else shift.float().clone()
+        for col_start, part in parts:
+            if col_start >= columns:
+                continue
+            part_scale, part_shift = part.output_map(coef)
+            for values, table in ((part_scale, scale), (part_shift, shift)):
+                if values is not None:
+                    width = min(values.shape[0], columns - col_start)
+                    table[col_start:col_start + width] = values[:width]
+        return scale, shift
+
     def _output_table(self, name: str, identity: float) -> torch.Tensor:
         table = getattr(self, name)
         if table is None:
@@ -176,11 +246,11 @@ def _kernel(y: torch.Tensor, x: torch.Tensor, layout: SlotLayout):
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, layout: SlotLayout, batch: LoRABatch) -> None:
-    """y += (x · A[slot]ᵀ) · B[slot] per token, then each slot's output map, in place."""
+    """y += c · (x · A[slot]ᵀ) · B[slot] per run, then each slot's output map, in place."""
     kernel = _kernel(y, x, layout)
     if kernel is not None:
         if batch.kernel_runs is not None:
-            kernel.lora_add_runs(y, x.contiguous(), layout.lora_a, layout.lora_b, batch.kernel_runs,
+            kernel.lora_add_runs(y, x.contiguous(), layout.lora_a, layout.lora_b, *batch.kernel_runs,
                                  layout.part_rows, layout.part_cols)
         _add_segments(y, x, layout, batch.long_segments)
     else:
@@ -189,12 +259,11 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, layout: SlotLayout, batch: LoRABa
     apply_output_maps(y, layout, batch)
 
 
-def add_lora_groups(y: torch.Tensor, x: torch.Tensor, layout: SlotLayout,
-                    groups: list[tuple[int, int, int, int]]) -> None:
-    """For an expert stack: y += x · A[slot, expert]ᵀ · B[slot, expert] over rows [start, end) of each
-    (slot, expert, start, end) group, whose rows the caller sorted by expert."""
-    runs = [LoRASegment(slot * layout.experts + expert, start, end) for slot, expert, start, end in groups
-            if layout.widths[slot * layout.experts]]
+def add_lora_groups(y: torch.Tensor, x: torch.Tensor, layout: SlotLayout, groups: list[LoRASegment]) -> None:
+    """For an expert stack: y += c · x · A[v]ᵀ · B[v] over the rows of each group, whose `slot` is the virtual
+    slot v = slot·experts + expert and whose rows the caller sorted by expert (a mix's groups over the same
+    rows adjacent)."""
+    runs = [run for run in groups if layout.widths[run.slot]]
     if not runs:
         return
     kernel = _kernel(y, x, layout)
@@ -202,7 +271,9 @@ def add_lora_groups(y: torch.Tensor, x: torch.Tensor, layout: SlotLayout,
         _add_segments(y, x, layout, runs)
         return
     table = torch.tensor([(r.slot, r.start, r.end) for r in runs], dtype=torch.long, device=y.device)
-    kernel.lora_add_runs(y, x.contiguous(), layout.lora_a, layout.lora_b, table, layout.part_rows, layout.part_cols)
+    coefs = torch.tensor([r.coef for r in runs], dtype=torch.float32, device=y.device)
+    kernel.lora_add_runs(y, x.contiguous(), layout.lora_a, layout.lora_b, table, coefs, layout.part_rows,
+                         layout.part_cols)
 
 
 def add_lora_per_run(y: torch.Tensor, x: torch.Tensor, layout: SlotLayout, batch: LoRABatch) -> None:
@@ -216,23 +287,35 @@ def add_lora_per_run(y: torch.Tensor, x: torch.Tensor, layout: SlotLayout, batch
 
 def add_embedding_lora(y: torch.Tensor, token_ids: torch.Tensor, layout: SlotLayout, batch: LoRABatch) -> None:
     """An embedding table's LoRA (PEFT's lora_embedding_A [r, vocab] / lora_embedding_B): the shrink of a
-    token is column `id` of A, so y += A[slot][:, ids]ᵀ · B[slot] per run, then the output maps. Once per
+    token is column `id` of A, so y += c · A[slot][:, ids]ᵀ · B[slot] per run, then the output maps. Once per
     step, so a matmul per run is cheap."""
     for run in batch.segments + batch.decode_runs:
         width = layout.widths[run.slot]
         if width:
             a, b = layout.lora_a[run.slot, :width], layout.lora_b[run.slot, :width]
-            y[run.start:run.end] += _to(a[:, token_ids[run.start:run.end]].T @ b, y)
+            y[run.start:run.end] += _to(_weighted(a[:, token_ids[run.start:run.end]].T, run.coef) @ b, y)
     apply_output_maps(y, layout, batch)
 
 
 def apply_output_maps(y: torch.Tensor, layout: SlotLayout, batch: LoRABatch) -> None:
-    """y ← y·out_scale[slot] + out_shift[slot] per token, where a slot of the batch has them."""
-    present, columns = batch.slots_present, y.shape[-1]
-    if layout.scaled and not layout.scaled.isdisjoint(present):
-        y.mul_(_to(layout.out_scale[batch.token_slots, :columns], y))
-    if layout.shifted and not layout.shifted.isdisjoint(present):
-        y.add_(_to(layout.out_shift[batch.token_slots, :columns], y))
+    """y ← y·scale + shift per token, where a slot of the batch has an output map: gathered per token for
+    tokens at coefficient 1, per run for the others (their map depends on the coefficient)."""
+    mapped = layout.scaled | layout.shifted
+    if not mapped or mapped.isdisjoint(batch.slots_present):
+        return
+    columns = y.shape[-1]
+    if layout.scaled:
+        y.mul_(_to(layout.out_scale[batch.unit_slots, :columns], y))
+    if layout.shifted:
+        y.add_(_to(layout.out_shift[batch.unit_slots, :columns], y))
+    for run in batch.weighted_runs:
+        if run.slot in mapped:
+            scale, shift = layout.output_map(run.slot, run.coef, columns)
+            rows = y[run.start:run.end]
+            if scale is not None:
+                rows.mul_(_to(scale, y))
+            if shift is not None:
+                rows.add_(_to(shift, y))
 
 
 def _add_grouped(y: torch.Tensor, x: torch.Tensor, layout: SlotLayout, batch: LoRABatch) -> None:
@@ -249,7 +332,7 @@ def _add_grouped(y: torch.Tensor, x: torch.Tensor, layout: SlotLayout, batch: Lo
     else:
         a, b = lora_a[group.slots, :width], lora_b[group.slots, :width]
     xs = _to(x[group.index], lora_a)  # [S, L, in]
-    delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b) * group.mask  # [S, L, out]
+    delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)) * _to(group.weights, lora_a), b)  # [S, L, out]
     y.index_add_(0, group.index.view(-1), _to(delta.view(-1, delta.shape[-1]), y))
 
 
@@ -259,7 +342,12 @@ def _add_segments(y: torch.Tensor, x: torch.Tensor, layout: SlotLayout, segments
         width = layout.widths[seg.slot]
         if width:
             a, b = layout.lora_a[seg.slot, :width], layout.lora_b[seg.slot, :width, :y.shape[-1]]
-            y[seg.start:seg.end] += _to(_to(x[seg.start:seg.end], a) @ a.T @ b, y)
+            y[seg.start:seg.end] += _to(_weighted(_to(x[seg.start:seg.end], a) @ a.T, seg.coef) @ b, y)
+
+
+def _weighted(shrunk: torch.Tensor, coef: float) -> torch.Tensor:
+    """c · (x·Aᵀ): the coefficient scales the shrunk values, the smallest tensor of the pair."""
+    return shrunk if coef == 1.0 else shrunk * coef
 
 
 def _to(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -2,9 +2,9 @@
 the fused [experts, out, in] tensors transformers uses, each optionally with per-adapter LoRA per expert.
 
 Tokens are grouped, not looped over: every (token, chosen expert) pair is sorted by expert (and, within an
-expert, by adapter slot), each expert runs one matmul over its contiguous rows, and each (expert, slot)
-group adds its LoRA term with one pair of small matmuls. The loop is over the experts (and the adapters
-present), never over tokens.
+expert, by lane: the adapters a token applies), each expert runs one matmul over its contiguous rows, and each
+(expert, lane) group adds its LoRA terms in the same kernel call as all the others. The loop is over the experts
+(and the lanes present), never over tokens.
 
 Expert LoRA follows PEFT's `target_parameters` on the fused tensors (lora.ParamWrapper): for expert e the
 weight becomes W[e] + scale · B_e A_e, with A_e = lora_A[e·r:(e+1)·r] and B_e = lora_B[:, e::experts]
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraserve.layers.activation import GatedActivation
-from loraserve.layers.forward_batch import LoRABatch
+from loraserve.layers.forward_batch import LoRABatch, LoRASegment
 from loraserve.layers.lora_ops import SlotLayout, add_lora_groups
 
 # checkpoint spellings of one expert's matrices -> (fused tensor, which half of gate_up or None)
@@ -89,9 +89,9 @@ class FusedExperts(nn.Module):
                                                            for slot in lora.slots_present)
         groups = self.num_experts
         key = experts
-        if use_lora:  # within an expert, rows of one adapter slot together (slot -1: none)
-            groups = self.num_experts * (lora.num_slots + 1)
-            key = experts * (lora.num_slots + 1) + lora.token_slots[token_of] + 1
+        if use_lora:  # within an expert, rows of one lane together (lane -1: none)
+            groups = self.num_experts * (len(lora.lanes) + 1)
+            key = experts * (len(lora.lanes) + 1) + lora.lane_ids[token_of] + 1
         order = torch.argsort(key, stable=True)
         counts = torch.bincount(key, minlength=groups).tolist()
         rows = x[token_of[order]]
@@ -101,7 +101,7 @@ class FusedExperts(nn.Module):
             if end > start:
                 gate_up[start:end] = F.linear(rows[start:end], self.gate_up_proj[expert])
         if use_lora:  # the same (slot, expert, rows) groups serve both tensors
-            lora_groups = self._lora_groups(counts, lora.num_slots + 1)
+            lora_groups = self._lora_groups(counts, lora)
             add_lora_groups(gate_up, rows, self.lora["gate_up_proj"], lora_groups)
         hidden = self.act(gate_up)
         out = torch.empty_like(rows)
@@ -122,14 +122,16 @@ class FusedExperts(nn.Module):
             start = end
         return bounds
 
-    @staticmethod
-    def _lora_groups(counts: list[int], per_expert: int) -> list[tuple[int, int, int, int]]:
-        """(slot, expert, start, end) of every adapter's rows within each expert's rows (slot -1 skipped)."""
-        groups, start = [], 0
+    def _lora_groups(self, counts: list[int], lora: LoRABatch) -> list[LoRASegment]:
+        """The runs of every lane's rows within each expert's rows, one per adapter of the lane, on virtual
+        slots slot·experts + expert (lane -1 skipped)."""
+        groups, start, per_expert = [], 0, len(lora.lanes) + 1
         for group, count in enumerate(counts):
-            slot = group % per_expert - 1
-            if count and slot >= 0:
-                groups.append((slot, group // per_expert, start, start + count))
+            lane = group % per_expert - 1
+            if count and lane >= 0:
+                expert = group // per_expert
+                groups += [LoRASegment(slot * self.num_experts + expert, start, start + count, coef)
+                           for slot, coef in lora.lanes[lane]]
             start += count
         return groups
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from loraserve.errors import AdapterNotFoundError, LoRAError
+from loraserve.layers.lora_ops import DoRANorms
 from loraserve.lora.adapter_files import (
     SAFETENSORS_FILE,
     parse_json,
@@ -53,8 +54,8 @@ class LoRAModuleWeights:
     lora_a: torch.Tensor  # [r, in] ([experts, r, in])
     lora_b: torch.Tensor  # [out, r] ([experts, out, r]), ALREADY multiplied by the module's scaling
     rank: int
-    dora_scale: torch.Tensor | None = None  # [out] float32: DoRA's m / ‖W₀ + scaling·BA‖ per output row
-    magnitude: torch.Tensor | None = None  # [out] DoRA's m as saved (set for every DoRA module)
+    magnitude: torch.Tensor | None = None  # [out] float32, DoRA's m as saved (set for every DoRA module)
+    dora_norms: DoRANorms | None = None  # ‖W₀ + c·scaling·BA‖ per output row, with the base at hand
     bias: torch.Tensor | None = None  # [out] float32 added to the output: scaling · lora_B.bias
 
 
@@ -181,19 +182,14 @@ def _module_weights(module: str, held: ModuleTensors, config: AdapterConfig, spe
         raise LoRAError(f"adapter {name!r}: module {module!r} has {why} ({CONFIG_FILE} use_dora={config.use_dora}); "
                         f"the config and the weights do not belong together, re-save the adapter")
     if held.magnitude is not None:
+        if held.magnitude.shape != (lora_b.shape[0],):
+            raise LoRAError(f"adapter {name!r}: module {module!r} has a DoRA magnitude of shape "
+                            f"{tuple(held.magnitude.shape)}, expected ({lora_b.shape[0]},); re-save the adapter")
         weights.magnitude = held.magnitude.float()
         if base is not None:  # without the base (inspecting an adapter) the norms are not taken
-            weights.dora_scale = _dora_scale(module, weights, held.magnitude, base, name)
+            # DoRA's scale m / ‖W₀ + c·BA‖ per output row; PEFT treats the norm as a constant, and so does this
+            weights.dora_norms = base.dora_norms(module, weights.lora_a, weights.lora_b)
     return module, weights
-
-
-def _dora_scale(module: str, weights: LoRAModuleWeights, magnitude: torch.Tensor, base: BaseWeights,
-                name: str) -> torch.Tensor:
-    """m / ‖W₀ + s·BA‖ per output row; PEFT treats the norm as a constant, and so does this."""
-    if magnitude.shape != (weights.lora_b.shape[0],):
-        raise LoRAError(f"adapter {name!r}: module {module!r} has a DoRA magnitude of shape {tuple(magnitude.shape)}, "
-                        f"expected ({weights.lora_b.shape[0]},); re-save the adapter")
-    return magnitude.float() / base.dora_norms(module, weights.lora_a, weights.lora_b)
 
 
 def _expert_factors(experts: str, lora_a: torch.Tensor, lora_b: torch.Tensor, config: AdapterConfig,

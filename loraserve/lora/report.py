@@ -34,7 +34,7 @@ def adapter_report(adapter: LoRAAdapter, spec: LoRATargetSpec) -> dict[str, Any]
         scalings[leaf].add(round(config.scaling(module), 6) if config is not None else None)
     # what the adapter writes into a slot: its factors, DoRA / bias output maps, whole copies (the rank-factor
     # tables themselves are allocated for max_lora_rank whatever the adapter)
-    vectors = [t for w in adapter.modules.values() for t in (w.dora_scale, w.bias) if t is not None]
+    vectors = [t for w in adapter.modules.values() for t in (w.magnitude, w.bias) if t is not None]
     slot_bytes = adapter.nbytes + sum(t.numel() for t in vectors) * next(
         (w.lora_a.element_size() for w in adapter.modules.values()), 0)
     return {

@@ -88,12 +88,18 @@ class AdapterSlots:
 
     def _fill(self, slot: int, adapter: LoRAAdapter) -> None:
         parts: dict[int, dict[str, SlotPart]] = defaultdict(dict)  # id(layout) -> part name -> what goes there
+        trained_bias = {name.removesuffix(".bias"): tensor.float() for name, tensor in adapter.saved.items()
+                        if name.endswith(".bias") and name.removesuffix(".bias") in self.targets}
         for module, weights in adapter.modules.items():
             target = self.targets[module]
-            shift = weights.bias
-            if weights.dora_scale is not None and target.bias is not None:  # y·g + (1-g)·b = g·(y - b) + b
-                shift = (1 - weights.dora_scale) * target.bias.float() + (0 if shift is None else shift)
-            parts[id(target.layout)][target.part] = SlotPart(weights.lora_a, weights.lora_b, weights.dora_scale, shift)
+            # DoRA scales the layer's output without the bias the served layer added (a trained bias is a shift)
+            base_bias = target.bias.float() if weights.magnitude is not None and target.bias is not None else None
+            parts[id(target.layout)][target.part] = SlotPart(
+                weights.lora_a, weights.lora_b, weights.magnitude, weights.dora_norms, base_bias, weights.bias)
+        for module, bias in trained_bias.items():  # the difference to the base's, whatever the coefficient
+            target = self.targets[module]
+            part = parts[id(target.layout)].setdefault(target.part, SlotPart())
+            part.fixed_shift = bias - target.bias.float()
         tables: dict[str, dict] = defaultdict(dict)
         for name, tensor in adapter.saved.items():
             module, _, param = name.rpartition(".")
@@ -102,12 +108,7 @@ class AdapterSlots:
             elif name in self.norms:
                 norm, param = self.norms[name]
                 norm.slot_params.setdefault(slot, {})[param] = tensor
-            elif param == "bias" and module in self.targets:  # a trained bias: the difference to the base's
-                target = self.targets[module]
-                part = parts[id(target.layout)].setdefault(target.part, SlotPart())
-                delta = tensor.float() - target.bias.float()
-                part.shift = delta if part.shift is None else part.shift + delta
-            else:
+            elif module not in trained_bias:
                 raise RuntimeError(f"adapter {adapter.name!r}: no slot holds {name!r}; the adapter reader should "
                                    f"have refused it")
         for name, rows in adapter.token_rows.items():

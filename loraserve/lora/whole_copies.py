@@ -11,6 +11,7 @@ from typing import Any, Protocol
 import torch
 
 from loraserve.errors import LoRAError
+from loraserve.layers.lora_ops import DoRANorms
 from loraserve.lora.peft_config import CONFIG_FILE, AdapterConfig, LoRATargetSpec
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # a tokenizer saved beside the adapter
@@ -19,9 +20,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # a tokenizer sav
 class BaseWeights(Protocol):
     """What reading an adapter needs from the base model's weights (the CausalLM provides it)."""
 
-    def dora_norms(self, module: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
-        """‖W₀ + B·A‖ per output row in float32 for the module's served weight W₀ [out, in] (B scaled); for an
-        embedding table E [vocab, dim] W₀ is Eᵀ, as PEFT's DoRA takes it."""
+    def dora_norms(self, module: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> DoRANorms:
+        """‖W₀ + c·B·A‖ per output row in float32 for the module's served weight W₀ [out, in] (B scaled), at any
+        coefficient c; for an embedding table E [vocab, dim] W₀ is Eᵀ, as PEFT's DoRA takes it."""
 
     def checkpoint_tensor(self, name: str) -> torch.Tensor | None:
         """The base's tensor `name` (a key of LoRATargetSpec.tensors) in float32, None if not at hand."""

@@ -13,7 +13,7 @@ from torch import nn
 
 from loraserve.layers.forward_batch import ForwardBatch
 from loraserve.layers.linear import Linear
-from loraserve.layers.lora_ops import SlotLayout, SlotTables, add_embedding_lora, add_lora_per_run
+from loraserve.layers.lora_ops import DoRANorms, SlotLayout, SlotTables, add_embedding_lora, add_lora_per_run
 from loraserve.layers.matmul import MatmulWeight
 from loraserve.layers.moe import EXPERT_PARTS, FusedExperts
 from loraserve.layers.quantized import QuantizedMatmul, QuantizedTensor
@@ -142,15 +142,17 @@ class CausalLM(nn.Module):
             total += head.nbytes - (head.dense.numel() * head.dense.element_size() if shared else 0)
         return total
 
-    def dora_norms(self, module: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
-        """‖W₀ + B·A‖ per output row in float32 (B scaled), DoRA's norm (lora.adapter.BaseWeights), on the weights
-        as served (de-quantized where quantized); for the embedding table E, W₀ is Eᵀ as PEFT's DoRA takes it.
-        Where a dense W₀ is at hand (float32 weights, the embedding table) it is formed as PEFT forms it; a
-        weight prepacked for oneDNN (bf16) or quantized is not unpacked: ‖W₀ + BA‖² = ‖W₀‖² + 2·Σₖ Bᵢₖ(A W₀ᵀ)ₖᵢ +
-        ‖Bᵢ A‖², with A·W₀ᵀ from the layer's own matmul."""
+    def dora_norms(self, module: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> DoRANorms:
+        """‖W₀ + c·B·A‖ per output row in float32 (B scaled), DoRA's norm at any coefficient c (lora.adapter.
+        BaseWeights), on the weights as served (de-quantized where quantized); for the embedding table E, W₀ is Eᵀ
+        as PEFT's DoRA takes it. ‖W₀ + c·BA‖² = ‖W₀‖² + 2c·Σₖ Bᵢₖ(A W₀ᵀ)ₖᵢ + c²‖Bᵢ A‖². Where a dense W₀ is at
+        hand (float32 weights, the embedding table) the norm at c = 1 is formed as PEFT forms it; a weight
+        prepacked for oneDNN (bf16) or quantized is not unpacked: A·W₀ᵀ comes from the layer's own matmul."""
         dense = self._dense_weight(module)
         if dense is not None:
-            return torch.linalg.norm(dense + lora_b @ lora_a[:, :dense.shape[1]], dim=1)
+            lora = lora_b @ lora_a[:, :dense.shape[1]]
+            return DoRANorms(torch.linalg.norm(dense + lora, dim=1), dense.pow(2).sum(dim=1),
+                             (dense * lora).sum(dim=1), lora.pow(2).sum(dim=1))
         dtype = self.embed_tokens.weight.dtype
         if module == HEAD_MODULE:
             a_w, row_norms = self.lm_head_matmul(lora_a.to(dtype)).float(), self.head_row_norms_sq
@@ -160,7 +162,7 @@ class CausalLM(nn.Module):
             a_w, row_norms = linear.matmul(lora_a.to(dtype))[:, cols].float(), linear.row_norms_sq[cols]
         cross = (lora_b * a_w.T).sum(dim=1)
         lora_norms = ((lora_b @ (lora_a @ lora_a.T)) * lora_b).sum(dim=1)
-        return (row_norms + 2 * cross + lora_norms).clamp(min=0).sqrt()
+        return DoRANorms.expanded(row_norms, cross, lora_norms)
 
     def _dense_weight(self, module: str) -> torch.Tensor | None:
         """W₀ [out, in] in float32 when the served form keeps it (or it is the embedding table, which a tied

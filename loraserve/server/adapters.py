@@ -2,13 +2,14 @@
 with an id of its own for the engine's caches."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import time
 from dataclasses import dataclass, field
 
-from loraserve.lora_request import LoRARequest
-from loraserve.server.protocol import APIError, bad_request
+from loraserve.lora_request import LoRAMix, LoRARequest
+from loraserve.server.protocol import APIError, MixEntry, bad_request
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,30 @@ class AdapterRegistry:
         if adapter is None:
             raise model_not_found(model)
         return adapter.request
+
+    def resolve_request(self, model: str, lora_scale: float | None,
+                        mix: list[MixEntry] | None) -> LoRARequest | LoRAMix | None:
+        """What a generation request applies: the adapter `model` names (at `lora_scale`), the base model, or
+        the weighted mix of served adapters `mix`, where `model` names the base model or one of the mix."""
+        lora = self.resolve(model)
+        if mix is None:
+            if lora_scale is None:
+                return lora
+            if lora is None:
+                raise bad_request(f"lora_scale applies to an adapter but model {model!r} is the base model; name an "
+                                  f"adapter in model (or mix adapters with 'adapters')", "lora_scale")
+            return dataclasses.replace(lora, lora_scale=lora_scale)
+        entries = []
+        for index, entry in enumerate(mix):
+            adapter = self._adapters.get(entry.name)
+            if adapter is None:
+                raise bad_request(f"adapters[{index}] names {entry.name!r}, which is not a served adapter; GET "
+                                  f"/v1/models lists them", "adapters")
+            entries.append((adapter.request, entry.weight))
+        if lora is not None and lora.lora_name not in {entry.name for entry in mix}:
+            raise bad_request(f"model names the adapter {model!r}, which is not in adapters; with adapters, name the "
+                              f"base model or one of the mix in model", "model")
+        return LoRAMix(entries)
 
     def cards(self, max_model_len: int) -> list[dict]:
         """/v1/models entries: the base names, then each adapter with parent and root, and its load report

@@ -63,11 +63,14 @@ class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("loraserve_requests", "Generation requests (one per prompt) by served model and "
-                                "outcome: finished, aborted (client gone, shutdown) or failed.",
-                                ["model", "outcome"], registry=r)
-        self.prompt_tokens = Counter("loraserve_prompt_tokens", "Prompt tokens processed.", ["model"], registry=r)
-        self.generation_tokens = Counter("loraserve_generation_tokens", "Tokens generated.", ["model"], registry=r)
+        # "adapter": what the request applied, '' (the base), a name, name@scale or a mix's name*weight+...
+        self.requests = Counter("loraserve_requests", "Generation requests (one per prompt) by served model, "
+                                "adapter identity and outcome: finished, aborted (client gone, shutdown) or failed.",
+                                ["model", "adapter", "outcome"], registry=r)
+        self.prompt_tokens = Counter("loraserve_prompt_tokens", "Prompt tokens processed.", ["model", "adapter"],
+                                     registry=r)
+        self.generation_tokens = Counter("loraserve_generation_tokens", "Tokens generated.", ["model", "adapter"],
+                                         registry=r)
         self.ttft = Histogram("loraserve_time_to_first_token_seconds", "From request arrival to its first token.",
                               ["model"], buckets=TTFT_BUCKETS, registry=r)
         self.itl = Histogram("loraserve_inter_token_latency_seconds", "Between consecutive tokens of a request.",

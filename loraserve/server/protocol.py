@@ -6,6 +6,7 @@ Value ranges (temperature >= 0, 0 < top_p <= 1, ...) are checked once, by Sampli
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -62,10 +63,21 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class MixEntry(_Strict):
+    """One adapter of a weighted mix: a served adapter name and its weight."""
+
+    name: str = Field(min_length=1)
+    weight: float = 1.0
+
+
 class _GenerationRequest(_Strict):
-    """Fields shared by /v1/completions and /v1/chat/completions, including vLLM's sampling extras."""
+    """Fields shared by /v1/completions and /v1/chat/completions, including vLLM's sampling extras and
+    loraserve's adapter extras: `lora_scale` (how strongly the adapter named by `model` applies) and
+    `adapters` (a weighted mix of served adapters; `model` then names the base model or one of them)."""
 
     model: str
+    lora_scale: float | None = None
+    adapters: list[MixEntry] | None = None
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -101,6 +113,28 @@ class _GenerationRequest(_Strict):
             raise invalid("stream_options", "stream_options is only allowed together with stream=true")
         return self
 
+    @model_validator(mode="after")
+    def _check_adapter_fields(self) -> _GenerationRequest:
+        if self.lora_scale is not None and not _coefficient(self.lora_scale):
+            raise invalid("lora_scale", f"lora_scale must be a finite number >= 0, got {self.lora_scale}")
+        if self.adapters is None:
+            return self
+        if self.lora_scale is not None:
+            raise invalid("lora_scale", "lora_scale applies to the one adapter named by model; in a mix give each "
+                                        "adapter's strength as its weight in adapters")
+        if not self.adapters:
+            raise invalid("adapters", "adapters must list at least one {name, weight}; leave it out to use model "
+                                      "alone")
+        names = [entry.name for entry in self.adapters]
+        for index, entry in enumerate(self.adapters):
+            if not _coefficient(entry.weight):
+                raise invalid("adapters", f"adapters[{index}] ({entry.name!r}) has weight {entry.weight}; weights "
+                                          f"must be finite numbers >= 0")
+            if names.count(entry.name) > 1:
+                raise invalid("adapters", f"adapters names {entry.name!r} twice; give each adapter once with its "
+                                          f"summed weight")
+        return self
+
     def _sampling_params(self, max_tokens: int | None, max_tokens_param: str, logprobs: int | None,
                          logprobs_param: str) -> SamplingParams:
         """SamplingParams validates every range; its errors name the field, renamed to the request's."""
@@ -115,6 +149,10 @@ class _GenerationRequest(_Strict):
                 skip_special_tokens=self.skip_special_tokens)
         except ParamError as e:
             raise param_error(e, {"max_tokens": max_tokens_param, "logprobs": logprobs_param}) from e
+
+
+def _coefficient(value: float) -> bool:
+    return math.isfinite(value) and value >= 0
 
 
 class CompletionRequest(_GenerationRequest):

@@ -12,7 +12,7 @@ import jinja2
 
 from loraserve.engine.async_engine import AsyncLLMEngine
 from loraserve.errors import AdapterRemovedError, EngineDeadError, LoRAError, ParamError
-from loraserve.lora_request import LoRARequest
+from loraserve.lora_request import LoRAMix, LoRARequest
 from loraserve.outputs import Logprob, RequestOutput
 from loraserve.sampling_params import SamplingParams
 from loraserve.server.adapters import AdapterRegistry, model_not_found
@@ -45,7 +45,7 @@ class _Job:
 
     kind: str  # "completion" | "chat"
     request: CompletionRequest | ChatCompletionRequest
-    lora: LoRARequest | None
+    lora: LoRARequest | LoRAMix | None
     prompts: list[Prompt]
     params: list[SamplingParams]
     arrival: float
@@ -59,6 +59,22 @@ class _Job:
             return {"prompt": "messages", "max_tokens": self.request.max_tokens_param, "logprobs": "top_logprobs"}
         return {}
 
+    @property
+    def lora_param(self) -> str:
+        """The field an adapter error names: the mix's, or model's."""
+        return "adapters" if isinstance(self.lora, LoRAMix) else "model"
+
+    @property
+    def adapter_label(self) -> str:
+        """The adapter identity as metrics label it: '' for the base model, the adapter's name (with @scale
+        when not 1), or the mix's 'name*weight+...'."""
+        lora = self.lora
+        if lora is None:
+            return ""
+        if isinstance(lora, LoRAMix):
+            return lora.lora_name
+        return lora.lora_name if lora.lora_scale == 1 else f"{lora.lora_name}@{lora.lora_scale:g}"
+
 
 class OpenAIServing:
     def __init__(self, engine: AsyncLLMEngine, adapters: AdapterRegistry, metrics: ServerMetrics) -> None:
@@ -71,7 +87,7 @@ class OpenAIServing:
 
     async def completions(self, request: CompletionRequest) -> dict | AsyncIterator[str]:
         arrival = time.monotonic()
-        lora = self.adapters.resolve(request.model)
+        lora = self.adapters.resolve_request(request.model, request.lora_scale, request.adapters)
         tokenizer = await self._tokenizer(lora)
         prompts = [self._completion_prompt(p, tokenizer) for p in request.prompts()]
         explicit = "max_tokens" in request.model_fields_set
@@ -80,21 +96,21 @@ class OpenAIServing:
 
     async def chat(self, request: ChatCompletionRequest) -> dict | AsyncIterator[str]:
         arrival = time.monotonic()
-        lora = self.adapters.resolve(request.model)
+        lora = self.adapters.resolve_request(request.model, request.lora_scale, request.adapters)
         prompt = self._chat_prompt(request, await self._tokenizer(lora))
         params = request.sampling_params(request.requested_max_tokens)
         return await self._run(_Job("chat", request, lora, [prompt], [params], arrival))
 
     # ---- prompts ----------------------------------------------------------------------------------
 
-    async def _tokenizer(self, lora: LoRARequest | None):
+    async def _tokenizer(self, lora: LoRARequest | LoRAMix | None):
         """The request's tokenizer: its adapter's own (added tokens, chat template) or the model's."""
         try:
             return await self.engine.tokenizer_for(lora)
         except AdapterRemovedError as e:  # unloaded between name lookup and the engine
             raise model_not_found(lora.lora_name) from e
         except LoRAError as e:
-            raise bad_request(str(e), "model") from e
+            raise bad_request(str(e), "adapters" if isinstance(lora, LoRAMix) else "model") from e
 
     @staticmethod
     def _completion_prompt(prompt: str | list[int], tokenizer) -> Prompt:
@@ -149,7 +165,7 @@ class OpenAIServing:
         try:
             async for index, output in merge(streams):
                 timing = timings[index]
-                self._observe(model, timing, output)
+                self._observe(model, job.adapter_label, timing, output)
                 if output.finished:
                     aborted = any(c.finish_reason == "abort" for c in output.outputs)
                     timing.outcome = "aborted" if aborted else "finished"
@@ -162,23 +178,23 @@ class OpenAIServing:
             if isinstance(e, AdapterRemovedError):  # unloaded between name lookup and the engine
                 raise model_not_found(model) from e
             if isinstance(e, LoRAError):
-                raise bad_request(str(e), "model") from e
+                raise bad_request(str(e), job.lora_param) from e
             raise
         finally:
             for timing in timings:
-                self.metrics.requests.labels(model, timing.outcome).inc()
+                self.metrics.requests.labels(model, job.adapter_label, timing.outcome).inc()
 
-    def _observe(self, model: str, timing: _Timing, output: RequestOutput) -> None:
+    def _observe(self, model: str, adapter: str, timing: _Timing, output: RequestOutput) -> None:
         tokens = sum(len(c.token_ids) for c in output.outputs)
         if tokens == timing.tokens:
             return
         now = time.monotonic()
         if timing.tokens == 0:
-            self.metrics.prompt_tokens.labels(model).inc(len(output.prompt_token_ids))
+            self.metrics.prompt_tokens.labels(model, adapter).inc(len(output.prompt_token_ids))
             self.metrics.ttft.labels(model).observe(now - timing.last)
         else:
             self.metrics.itl.labels(model).observe(now - timing.last)
-        self.metrics.generation_tokens.labels(model).inc(tokens - timing.tokens)
+        self.metrics.generation_tokens.labels(model, adapter).inc(tokens - timing.tokens)
         timing.tokens, timing.last = tokens, now
 
     # ---- response shapes ------------------------------------------------------------------------
