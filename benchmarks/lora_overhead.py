@@ -3,6 +3,7 @@ serving adapters, each LoRA case beside its bound measured in the same run.
 
     python benchmarks/lora_overhead.py [--dtype auto] [--num-prompts 64] [--output-len 128] [--repeats 3]
     python benchmarks/lora_overhead.py --kinds-only [--rounds 5]
+    python benchmarks/lora_overhead.py --scales-mixes-only [--rounds 5]
 
 Settings: the base model; LoRA enabled with no adapter used; one r16 adapter for every request; 8 distinct
 r16 adapters mixed; 64 distinct r16 adapters mixed (max_loras 64); one r64 adapter; 4 r8 and 4 r64
@@ -14,6 +15,13 @@ Adapter kinds (issue 17): one r16 adapter of each kind for all requests -- plain
 embedding and lm_head (with q/v), modules_to_save lm_head (with q/v LoRA) -- and the base, all engines loaded
 at once and measured in paired rounds (every case once per round, its ratio to the base of that round, the
 median over the rounds), so the machine's drift falls on every row alike.
+
+Scales and mixes (issue 18), paired rounds the same way, every LoRA row on one engine (max_loras 8, max rank
+64): one r16 adapter at scale 1; the same adapter at 8 distinct lora_scales (must cost what one adapter
+costs); 8 distinct r16 adapters; 8 distinct 2-adapter mixes (LoRAMix); and the slot design of a mix measured
+both ways on 8 distinct 4-adapter mixes: LoRAMix (each token runs its 4 adapters' own slots, summed in the
+kernel) against the same mixes stacked into one r64 slot each (PEFT's add_weighted_adapter "cat", written as
+adapters and served as plain ones: what "one stacked slot per distinct mix" computes).
 
 The bound of a case (benchmarks/bounds.py) is base step time / (base step time + the bytes of the distinct
 adapters one step reads / measured bandwidth + the step's LoRA FLOPs / the measured matmul rate), with the
@@ -36,7 +44,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from bounds import decode_shapes, lora_bound, matmul_rate, memory_bandwidth
-from loraserve import LLM, LoRARequest, SamplingParams
+from loraserve import LLM, LoRAMix, LoRARequest, SamplingParams
 from loraserve.lora.merge import merge_adapter
 from loraserve.model.loader import load_tokenizer, resolve_model
 from throughput import llm_dtype, make_prompts, workload_parser
@@ -80,10 +88,12 @@ class Machine:
     itemsize: int
     tokens_per_step: int
 
-    def bound(self, adapters: list[Path]) -> float:
-        """`adapters`: the adapter of each request (requests cycle over them, all in flight together)."""
-        distinct = sorted(set(adapters))
-        per_token = statistics.mean(adapter_numel(p) for p in adapters)
+    def bound(self, adapters: list[Path] | list[tuple[Path, ...]]) -> float:
+        """`adapters`: the adapter of each request, or the adapters of its mix (requests cycle over them, all
+        in flight together)."""
+        adapters = [a if isinstance(a, tuple) else (a,) for a in adapters]
+        distinct = sorted({p for mix in adapters for p in mix})
+        per_token = statistics.mean(sum(adapter_numel(p) for p in mix) for mix in adapters)
         nbytes = sum(adapter_numel(p) for p in distinct) * self.itemsize
         flops = 2 * per_token * self.tokens_per_step
         return lora_bound(self.base_step_seconds, nbytes, flops, self.bandwidth, self.rate)
@@ -140,6 +150,30 @@ KINDS = {
 }
 
 
+def paired_rounds(cases: dict[str, tuple[LLM, object]], prompts: list[list[int]], args, title: str,
+                  bounds: dict[str, float] | None = None) -> None:
+    """Every case once per round, its ratio to the base ("base" case) of that round; prints the medians."""
+    for llm, lora in cases.values():  # warm: adapters read and in slots, kernels built
+        run_engine(llm, prompts[:8], 4, lora, 1)
+    ratios: dict[str, list[float]] = {kind: [] for kind in cases}
+    speeds: dict[str, list[float]] = {kind: [] for kind in cases}
+    for _ in range(args.rounds):
+        measured = {kind: run_engine(llm, prompts, args.output_len, lora, 1)[0] for kind, (llm, lora) in cases.items()}
+        for kind, speed in measured.items():
+            speeds[kind].append(speed)
+            ratios[kind].append(speed / measured["base"])
+    print(f"{title}, {len(prompts)} in flight x {args.output_len} tokens, {args.rounds} paired rounds "
+          f"(median ratio to the base of the same round):", flush=True)
+    reference = statistics.median(ratios[list(cases)[1]])
+    for kind in cases:
+        ratio = statistics.median(ratios[kind])
+        line = (f"{kind:48s} {statistics.median(speeds[kind]):8.1f} out tok/s  {ratio:.3f}x base  "
+                f"{ratio / reference:.3f}x {list(cases)[1]}")
+        if bounds and kind in bounds:
+            line += f"  | bound {bounds[kind]:.3f}x, of bound {ratio / bounds[kind]:.2f}"
+        print(f"{line}  rounds: {', '.join(f'{r:.3f}' for r in ratios[kind])}", flush=True)
+
+
 def kinds_rows(args, folder: Path, prompts: list[list[int]], tmp: Path) -> None:
     """Each kind's cost at num_prompts in flight, beside plain LoRA and the base, in paired rounds."""
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -160,22 +194,67 @@ def kinds_rows(args, folder: Path, prompts: list[list[int]], tmp: Path) -> None:
     cases = {"base": (engines["base"], None)} | {
         kind: (engines["lora"], LoRARequest(f"kind{i}", 1000 + i, str(path))) for i, (kind, path) in
         enumerate(paths.items())}
-    for llm, lora in cases.values():  # warm: adapters read and in slots, kernels built
-        run_engine(llm, prompts[:8], 4, lora, 1)
-    ratios: dict[str, list[float]] = {kind: [] for kind in cases}
-    speeds: dict[str, list[float]] = {kind: [] for kind in cases}
-    for _ in range(args.rounds):
-        measured = {kind: run_engine(llm, prompts, args.output_len, lora, 1)[0] for kind, (llm, lora) in cases.items()}
-        for kind, speed in measured.items():
-            speeds[kind].append(speed)
-            ratios[kind].append(speed / measured["base"])
-    print(f"adapter kinds, {len(prompts)} in flight x {args.output_len} tokens, {args.rounds} paired rounds "
-          f"(median ratio to the base of the same round):", flush=True)
-    plain = statistics.median(ratios["plain r16 (all-linear)"])
-    for kind in cases:
-        ratio = statistics.median(ratios[kind])
-        print(f"{kind:40s} {statistics.median(speeds[kind]):8.1f} out tok/s  {ratio:.3f}x base  "
-              f"{ratio / plain:.3f}x plain r16  rounds: {', '.join(f'{r:.3f}' for r in ratios[kind])}", flush=True)
+    paired_rounds(cases, prompts, args, "adapter kinds")
+
+
+def stacked_mixes(folder: Path, adapters: list[Path], mixes: list[list[tuple[int, float]]], out: Path) -> list[Path]:
+    """Each mix written as one adapter by PEFT's add_weighted_adapter(combination_type="cat"): the
+    constituents' A (times weight x scaling) and B stacked, rank = the sum of theirs, scaling 1."""
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), adapters[0],
+                                      adapter_name="a0")
+    for i, path in enumerate(adapters[1:], start=1):
+        model.load_adapter(path, adapter_name=f"a{i}")
+    paths = []
+    for m, mix in enumerate(mixes):
+        name = f"mix{m}"
+        model.add_weighted_adapter([f"a{i}" for i, _ in mix], [w for _, w in mix], name, combination_type="cat")
+        model.save_pretrained(out / "stacked", selected_adapters=[name])
+        paths.append(out / "stacked" / name)
+    return paths
+
+
+def scale_mix_rows(args, folder: Path, prompts: list[list[int]], tmp: Path) -> None:
+    """Per-request scales and weighted mixes at num_prompts in flight, in paired rounds, with their bounds."""
+    r16 = make_adapters(folder, tmp, 16, 8, seed=300)
+    pairs = [[(i, 0.5), ((i + 1) % 8, 0.5)] for i in range(8)]
+    fours = [[((i + k) % 8, w) for k, w in enumerate((0.4, 0.3, 0.2, 0.1))] for i in range(8)]
+    stacked = stacked_mixes(folder, r16, fours, tmp)
+    n = args.num_prompts
+    ids = {path: 2000 + i for i, path in enumerate(r16 + stacked)}
+
+    def request(path: Path, scale: float = 1.0) -> LoRARequest:
+        return LoRARequest(path.name, ids[path], str(path), lora_scale=scale)
+
+    def mixes(chosen: list[list[tuple[int, float]]]) -> list[LoRAMix]:
+        return [LoRAMix([(request(r16[a]), w) for a, w in chosen[i % len(chosen)]]) for i in range(n)]
+
+    common = dict(dtype=args.dtype, max_num_seqs=n)
+    base = LLM(args.model, **common)
+    lora = LLM(args.model, enable_lora=True, max_loras=8, max_lora_rank=64, max_loras_per_mix=4, **common)
+    cases = {
+        "base": (base, None),
+        "one r16 adapter for all": (lora, request(r16[0])),
+        "one r16 adapter at 8 distinct lora_scales": (lora, [request(r16[0], 0.25 * (1 + i % 8)) for i in range(n)]),
+        "8 distinct r16 adapters": (lora, [request(r16[i % 8]) for i in range(n)]),
+        "8 distinct 2-adapter mixes (LoRAMix)": (lora, mixes(pairs)),
+        "8 distinct 4-adapter mixes (LoRAMix, own slots)": (lora, mixes(fours)),
+        "8 distinct 4-adapter mixes (stacked r64 slots)": (lora, [request(stacked[i % 8]) for i in range(n)]),
+    }
+    # bounds: the distinct adapters' bytes once per step, every token's own LoRA FLOPs
+    shapes, dtype = decode_shapes(base.engine.model), base.engine.dtype
+    run_engine(base, prompts, args.output_len, None, 1)
+    step = n / run_engine(base, prompts, args.output_len, None, 1)[0]
+    machine = Machine(base_step_seconds=step, bandwidth=memory_bandwidth(), rate=matmul_rate(shapes, n, dtype),
+                      itemsize=dtype.itemsize, tokens_per_step=n)
+    per_request = {"one r16 adapter for all": [(r16[0],)] * n,
+                   "one r16 adapter at 8 distinct lora_scales": [(r16[0],)] * n,
+                   "8 distinct r16 adapters": [(r16[i % 8],) for i in range(n)],
+                   "8 distinct 2-adapter mixes (LoRAMix)": [tuple(r16[a] for a, _ in pairs[i % 8]) for i in range(n)],
+                   "8 distinct 4-adapter mixes (LoRAMix, own slots)": [tuple(r16[a] for a, _ in fours[i % 8])
+                                                                       for i in range(n)],
+                   "8 distinct 4-adapter mixes (stacked r64 slots)": [(stacked[i % 8],) for i in range(n)]}
+    bounds = {kind: machine.bound(adapters) for kind, adapters in per_request.items()}
+    paired_rounds(cases, prompts, args, "per-request scales and weighted mixes", bounds)
 
 
 def main() -> None:
@@ -184,6 +263,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="paired rounds of the adapter-kinds rows")
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--kinds-only", action="store_true", help="only the adapter-kinds rows")
+    parser.add_argument("--scales-mixes-only", action="store_true", help="only the scale and mix rows")
     args = parser.parse_args()
 
     folder = resolve_model(args.model)
@@ -192,6 +272,9 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="lora-overhead-"))
     if args.kinds_only:
         kinds_rows(args, folder, prompts, tmp)
+        return
+    if args.scales_mixes_only:
+        scale_mix_rows(args, folder, prompts, tmp)
         return
     r16 = make_adapters(folder, tmp, 16, 64, seed=0)
     r64 = make_adapters(folder, tmp, 64, 4, seed=100)
@@ -249,6 +332,7 @@ def main() -> None:
         print(f"{'transformers+peft, 8-adapter mix':34s} {peft:8.1f} out tok/s  "
               f"(engine mix is {results['8 distinct r16 adapters mixed'] / peft:.1f}x)")
     kinds_rows(args, folder, prompts, tmp)
+    scale_mix_rows(args, folder, prompts, tmp)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,21 @@ def test_every_kernel_builds():
     assert all(build_all().values()), build_all()
 
 
+def test_a_killed_build_does_not_block_later_starts():
+    """A build killed mid-way leaves torch's lock file behind; the next start must not wait on it forever."""
+    import subprocess
+    import sys
+
+    from loraserve.layers.cpu_kernels import _CSRC, _build_dir
+
+    assert build_all()["LoRA runs"]
+    lock = _build_dir(_CSRC / "lora_segments.cpp") / "lock"
+    lock.touch()
+    code = "from loraserve.layers.cpu_kernels import lora_module; assert lora_module() is not None"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    assert not lock.exists()
+
+
 def test_float32_stays_on_the_reference_path():
     x = torch.randn(4, 8)
     assert cpu_kernel(fused_ops_module, x) is None and cpu_kernel(fused_ops_module, x.bfloat16()) is not None

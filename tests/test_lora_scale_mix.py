@@ -4,9 +4,9 @@
 - a two- and a three-adapter mix against the weighted deltas merged into a copy of the base weights
   (W₀ + Σ wᵢ·sᵢ·BᵢAᵢ, PEFT's merge of each adapter at its coefficient, one after the other), one of the mixed
   adapters itself at a lora_scale;
-all in one batch with the base, plain and scaled requests and one adapter more than there are slots, on a
-dense (Llama), a packed (Phi-3: a mix's adapters target different parts of qkv) and a routed-expert
-(Mixtral) model. Checks as test_lora_fidelity: greedy tokens for 24 steps, step logprobs and full logits
+DoRA, embedding / lm_head LoRA and lora_B biases beside trained base biases at scales too; all in one batch
+with the base, plain and scaled requests and more adapters than slots, on a dense (Llama), a packed (Phi-3: a
+mix's adapters target different parts of qkv) and a routed-expert (Mixtral) model. Checks as test_lora_fidelity: greedy tokens for 24 steps, step logprobs and full logits
 within 1e-4."""
 from __future__ import annotations
 
@@ -42,8 +42,13 @@ ADAPTERS = {  # different ranks, alphas and (on Phi-3's packed qkv) parts, one w
     "b": Case(dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])),
     "c": Case(dict(r=8, lora_alpha=16, target_modules=["k_proj", "o_proj", "up_proj"])),
     "d": Case(dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])),
+    # the other kinds under a scale: DoRA's norm at the scale, embedding / lm_head LoRA, lora_B biases scaled
+    # beside trained base biases (bias="all") that are not
+    "dora": Case(dict(r=8, lora_alpha=16, use_dora=True, target_modules=ATTENTION)),
+    "vocab": Case(dict(r=8, lora_alpha=16, target_modules=["embed_tokens", "lm_head", "q_proj"])),
+    "bias": Case(dict(r=8, lora_alpha=16, target_modules=ATTENTION, bias="all", lora_bias=True)),
 }
-SLOTS = 3  # four adapters take turns; the three-adapter mix needs all three slots in its steps
+SLOTS = 3  # seven adapters take turns; the three-adapter mix needs all three slots in its steps
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,10 @@ ROWS = {
     "d": Row((("d", 1.0, 1.0),)),
     "mix2": Row((("a", 0.7, 1.0), ("b", 0.3, 1.0)), mix=True),
     "mix3": Row((("b", 1.0, 0.5), ("a", 0.5, 1.0), ("c", 0.25, 1.0)), mix=True),
+    "dora@0.5": Row((("dora", 1.0, 0.5),)),
+    "dora@2": Row((("dora", 1.0, 2.0),)),
+    "vocab@2": Row((("vocab", 1.0, 2.0),)),
+    "bias@0.5": Row((("bias", 1.0, 0.5),)),
 }
 FAMILIES = ["llama", "phi3", "mixtral"]
 
@@ -140,7 +149,7 @@ def test_scale_zero_is_the_base_exactly_and_scales_share_one_slot(scale_mix_serv
     assert served.engine_tokens["a@0"] == served.engine_tokens[BASE]
     for ours, base in zip(served.engine_step_logprobs["a@0"], served.engine_step_logprobs[BASE], strict=True):
         assert {t: p.logprob for t, p in ours.items()} == {t: p.logprob for t, p in base.items()}
-    # five requests of "a" at four scales and in two mixes: one host copy (4 adapters were read, not 9)
+    # requests of "a" at four scales and in two mixes: one host copy (each adapter read once)
     assert extra["stats"].lora.host.loads == len(ADAPTERS)
 
 
@@ -160,7 +169,7 @@ def test_mix_refusals_name_what_is_wrong(scale_mix_served, tmp_path) -> None:
         mix = LoRAMix([(requests["a"], 0.5), (LoRARequest(name, lora_id, str(folder)), 0.5)])
         with pytest.raises(LoRAError, match=rf"adapter '{name}' cannot be part of a mix: it {why}"):
             llm.generate("x", params, lora_request=mix, use_tqdm=False)
-    four = LoRAMix([(requests[name], 0.25) for name in ADAPTERS])
+    four = LoRAMix([(requests[name], 0.25) for name in "abcd"])
     with pytest.raises(LoRAError, match=r"a mix of 4 adapters needs that many slots at once but max_loras=3"):
         llm.generate("x", params, lora_request=four, use_tqdm=False)
     with pytest.raises(ValueError, match=r"weight of adapter 'a' must be a finite number >= 0, got -1"):
@@ -171,3 +180,30 @@ def test_mix_refusals_name_what_is_wrong(scale_mix_served, tmp_path) -> None:
         LoRARequest("a", 1, requests["a"].lora_path, lora_scale=float("nan"))
     ok = llm.generate("x", params, lora_request=LoRAMix([(requests["a"], 1.0)]), use_tqdm=False)[0]
     assert len(ok.outputs[0].token_ids) == 2
+
+
+def test_prefix_cache_is_shared_only_within_one_identity(scale_mix_served) -> None:
+    """KV prefixes are keyed by the adapter identity: a repeat at the same scale or the same mix (in any order
+    of its adapters) hits the cache; another scale of the same adapter, a mix of it alone, another weighting
+    of the same adapters, or the base never reuse its KV (the hit counter stays put)."""
+    extra = scale_mix_served[1]
+    llm, requests = extra["llm"], extra["requests"]
+    prompt = {"prompt_token_ids": llm.get_tokenizer().encode("Prefix caching keys KV by adapter identity " * 3)}
+
+    def hits(lora) -> int:
+        before = llm.engine.stats().prefix_hit_tokens
+        llm.generate(prompt, SamplingParams(max_tokens=1), lora_request=lora, use_tqdm=False)
+        return llm.engine.stats().prefix_hit_tokens - before
+
+    def at(name: str, scale: float) -> LoRARequest:
+        return LoRARequest(name, requests[name].lora_int_id, requests[name].lora_path, lora_scale=scale)
+
+    ab = LoRAMix([(requests["a"], 0.7), (requests["b"], 0.3)])
+    assert hits(at("a", 1.0)) == 0
+    full = hits(at("a", 1.0))  # the prompt's full blocks
+    assert full >= len(prompt["prompt_token_ids"]) - 8
+    assert [hits(at("a", 0.5)), hits(at("a", 0.5))] == [0, full]
+    assert hits(LoRAMix([(requests["a"], 0.5)])) == 0  # the same product, another identity
+    assert hits(None) == 0
+    assert [hits(ab), hits(LoRAMix([(requests["b"], 0.3), (requests["a"], 0.7)]))] == [0, full]
+    assert hits(LoRAMix([(requests["a"], 0.3), (requests["b"], 0.7)])) == 0

@@ -3,10 +3,11 @@
 path, which gives the same results more slowly. `loraserve prepare` builds them ahead of time."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
-import time
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
@@ -20,8 +21,6 @@ _CSRC = Path(__file__).parent / "csrc"
 # -ffast-math lets the compiler reassociate the dot products into vector trees and vectorise exp (1.4x
 # faster decode attention); it is compile-only, so the process's floating-point mode (denormals) is untouched.
 _CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
-# torch's build lock is a file; one left behind by a killed build would make every later start wait.
-_STALE_LOCK_SECONDS = 600
 
 
 def _build_dir(source: Path) -> Path:
@@ -30,10 +29,26 @@ def _build_dir(source: Path) -> Path:
                          + torch.__version__.encode()).hexdigest()[:16]
     path = cache_dir() / "kernels" / f"{source.stem}-{key}"
     path.mkdir(parents=True, exist_ok=True)
-    lock = path / "lock"
-    if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_SECONDS:
-        lock.unlink(missing_ok=True)
     return path
+
+
+@contextlib.contextmanager
+def _building(path: Path) -> Iterator[None]:
+    """One build of a kernel at a time across processes, under an OS file lock, which dies with its holder.
+    torch's own build lock is a file that a killed build leaves behind, and every later start would wait on it
+    forever: holding our lock, nobody else is building, so such a file is stale and goes."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's lock alone
+        yield
+        return
+    with open(path / "build.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        (path / "lock").unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @cache
@@ -45,8 +60,10 @@ def _module(stem: str):
     try:
         from torch.utils.cpp_extension import load
 
-        return load(name=f"loraserve_{stem}", sources=[str(source)], build_directory=str(_build_dir(source)),
-                    extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
+        build = _build_dir(source)
+        with _building(build):
+            return load(name=f"loraserve_{stem}", sources=[str(source)], build_directory=str(build),
+                        extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # noqa: BLE001 - any build problem means: use the PyTorch path
         logger.warning("C++ kernel %s unavailable (%s); using the PyTorch path", stem, exc)
         return None
