@@ -94,3 +94,12 @@ def peft_lora_layers(model: nn.Module, adapter_dir: str | Path) -> dict[str, Lor
     peft_model = PeftModel.from_pretrained(copy.deepcopy(model), str(adapter_dir))
     inner = peft_model.base_model.model
     return {name: module for name, module in inner.named_modules() if isinstance(module, LoraLayer)}
+
+
+def scale_lora_layers(model: nn.Module, coef: float) -> nn.Module:
+    """Every PEFT LoRA layer's scaling multiplied by `coef` (what a request's lora_scale means), in place."""
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for name in module.scaling:
+                module.scaling[name] *= coef
+    return model

@@ -115,7 +115,7 @@ def metric(text: str, name: str, **labels) -> float:
     """One sample's value from Prometheus text (0 when absent)."""
     import re
 
-    label = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    label = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))  # Prometheus writes them sorted
     pattern = rf"^{re.escape(name)}{re.escape('{' + label + '}') if label else ''} (\S+)$"
     match = re.search(pattern, text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0

@@ -17,8 +17,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from lora_fixtures import make_peft_adapter
-from loraserve import LLM, LoRARequest, SamplingParams
+from lora_fixtures import make_peft_adapter, scale_lora_layers
+from loraserve import LLM, LoRAMix, LoRARequest, SamplingParams
 from loraserve.layers import cpu_kernels
 
 PROMPTS = ["The capital of France is", "Water boils at a temperature of", "A haiku about the sea:"]
@@ -45,7 +45,7 @@ def adapter(hf, tmp_path_factory) -> LoRARequest:
 @pytest.fixture(scope="module")
 def llm(default_model_path):
     return LLM(str(default_model_path), dtype="bfloat16", max_model_len=128, num_kv_blocks=48, enable_lora=True,
-               max_loras=1, max_lora_rank=16)
+               max_loras=2, max_lora_rank=16)
 
 
 def drift(llm: LLM, reference, lora: LoRARequest | None) -> list[float]:
@@ -99,6 +99,36 @@ def test_every_kind_drifts_in_bf16_no_more_than_transformers_bf16(llm, hf, kind,
     lora = LoRARequest(kind, 10 + list(KINDS).index(kind), str(path))
     reference = PeftModel.from_pretrained(copy.deepcopy(hf), str(path)).eval()
     reference_bf16 = PeftModel.from_pretrained(copy.deepcopy(hf).to(torch.bfloat16), str(path)).eval()
+    assert_drift_no_more_than_peft(llm, lora, reference, reference_bf16, kind)
+
+
+def test_scales_and_mixes_drift_in_bf16_no_more_than_transformers_bf16(llm, hf, tmp_path):
+    """DoRA at lora_scale 2 (bf16 weights are prepacked, so its norm comes from the expanded terms at that
+    scale) and a two-adapter mix, against PEFT with the scaling doubled / PEFT's "cat" combination, in fp32
+    and in bf16."""
+    dora = make_peft_adapter(hf, tmp_path / "dora", seed=5, noise=0.25, **KINDS["dora"])
+    plain = [make_peft_adapter(hf, tmp_path / f"p{i}", seed=6 + i, r=8, lora_alpha=4, target_modules="all-linear")
+             for i in range(2)]
+
+    def dora_reference(model):
+        return scale_lora_layers(PeftModel.from_pretrained(model, str(dora)), 2.0).eval()
+
+    def mix_reference(model):
+        model = PeftModel.from_pretrained(model, str(plain[0]), adapter_name="p0")
+        model.load_adapter(str(plain[1]), adapter_name="p1")
+        model.add_weighted_adapter(["p0", "p1"], [0.6, 0.4], "mix", combination_type="cat")
+        model.set_adapter("mix")
+        return model.eval()
+
+    mix = LoRAMix([(LoRARequest("p0", 30, str(plain[0])), 0.6), (LoRARequest("p1", 31, str(plain[1])), 0.4)])
+    cases = {"dora@2": (LoRARequest("dora", 20, str(dora), lora_scale=2.0), dora_reference),
+             "mix 0.6/0.4": (mix, mix_reference)}
+    for label, (lora, reference) in cases.items():
+        assert_drift_no_more_than_peft(llm, lora, reference(copy.deepcopy(hf)),
+                                       reference(copy.deepcopy(hf).to(torch.bfloat16)), label)
+
+
+def assert_drift_no_more_than_peft(llm: LLM, lora, reference, reference_bf16, label: str) -> None:
     ours, theirs = [], []
     for out in llm.generate(PROMPTS, PARAMS, use_tqdm=False, lora_request=lora):
         tokens = torch.tensor([out.prompt_token_ids + out.outputs[0].token_ids])
@@ -112,7 +142,7 @@ def test_every_kind_drifts_in_bf16_no_more_than_transformers_bf16(llm, hf, kind,
                 theirs.append(abs(bf16[position, token].item() - expected[position, token].item()))
     ours, theirs = sorted(ours), sorted(theirs)
     p90 = int(len(ours) * 0.9)
-    print(f"bf16 drift from fp32, {kind} (mean / p90 nats): loraserve {statistics.mean(ours):.3f} / {ours[p90]:.3f}; "
-          f"transformers+PEFT {statistics.mean(theirs):.3f} / {theirs[p90]:.3f}")
+    print(f"bf16 drift from fp32, {label} (mean / p90 nats): loraserve {statistics.mean(ours):.3f} / "
+          f"{ours[p90]:.3f}; transformers+PEFT {statistics.mean(theirs):.3f} / {theirs[p90]:.3f}")
     assert statistics.mean(ours) <= 1.25 * statistics.mean(theirs) + 0.01
     assert ours[p90] <= 1.25 * theirs[p90] + 0.02

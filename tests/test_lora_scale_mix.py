@@ -4,10 +4,10 @@
 - a two- and a three-adapter mix against the weighted deltas merged into a copy of the base weights
   (W₀ + Σ wᵢ·sᵢ·BᵢAᵢ, PEFT's merge of each adapter at its coefficient, one after the other), one of the mixed
   adapters itself at a lora_scale;
-DoRA, embedding / lm_head LoRA and lora_B biases beside trained base biases at scales too; all in one batch
-with the base, plain and scaled requests and more adapters than slots, on a dense (Llama), a packed (Phi-3: a
-mix's adapters target different parts of qkv) and a routed-expert (Mixtral) model. Checks as test_lora_fidelity: greedy tokens for 24 steps, step logprobs and full logits
-within 1e-4."""
+- DoRA, embedding / lm_head LoRA and lora_B biases beside trained base biases at scales too;
+all in one batch with the base, plain and scaled requests and more adapters than slots, on a dense (Llama), a
+packed (Phi-3: a mix's adapters target different parts of qkv) and a routed-expert (Mixtral) model. Checks as
+test_lora_fidelity: greedy tokens for 24 steps, step logprobs and full logits within 1e-4."""
 from __future__ import annotations
 
 import copy
@@ -16,10 +16,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 from peft import PeftModel
-from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM
 
-from lora_fixtures import make_peft_adapter
+from lora_fixtures import make_peft_adapter, scale_lora_layers
 from loraserve import LLM, LoRAMix, LoRARequest, SamplingParams
 from loraserve.errors import LoRAError
 from test_lora_fidelity import (
@@ -75,24 +74,15 @@ ROWS = {
 FAMILIES = ["llama", "phi3", "mixtral"]
 
 
-def _scaled(model, coef: float):
-    """Every LoRA layer's scaling of the active adapter multiplied by `coef` (what lora_scale means)."""
-    for module in model.modules():
-        if isinstance(module, LoraLayer):
-            for name in module.scaling:
-                module.scaling[name] *= coef
-    return model
-
-
 def _reference_model(hf, folders: dict[str, str], row: Row):
     """PEFT unmerged at the row's scale for one adapter; for a mix each adapter merged into the base copy at
     weight × scale, so the model computes W₀ + Σ wᵢ·sᵢ·BᵢAᵢ."""
     if not row.mix:
         name, _, scale = row.terms[0]
-        return _scaled(PeftModel.from_pretrained(copy.deepcopy(hf), folders[name]), scale).eval()
+        return scale_lora_layers(PeftModel.from_pretrained(copy.deepcopy(hf), folders[name]), scale).eval()
     model = copy.deepcopy(hf)
     for name, weight, scale in row.terms:
-        model = _scaled(PeftModel.from_pretrained(model, folders[name]), weight * scale).merge_and_unload()
+        model = scale_lora_layers(PeftModel.from_pretrained(model, folders[name]), weight * scale).merge_and_unload()
     return model.eval()
 
 
@@ -188,7 +178,7 @@ def test_prefix_cache_is_shared_only_within_one_identity(scale_mix_served) -> No
     of the same adapters, or the base never reuse its KV (the hit counter stays put)."""
     extra = scale_mix_served[1]
     llm, requests = extra["llm"], extra["requests"]
-    prompt = {"prompt_token_ids": llm.get_tokenizer().encode("Prefix caching keys KV by adapter identity " * 3)}
+    prompt = {"prompt_token_ids": llm.get_tokenizer().encode("Prefix caching keys KV by adapter identity, " * 2)}
 
     def hits(lora) -> int:
         before = llm.engine.stats().prefix_hit_tokens
