@@ -150,20 +150,22 @@ KINDS = {
 }
 
 
-def paired_rounds(cases: dict[str, tuple[LLM, object]], prompts: list[list[int]], args, title: str,
-                  bounds: dict[str, float] | None = None) -> None:
-    """Every case once per round, its ratio to the base ("base" case) of that round; prints the medians."""
+def paired_rounds(cases: dict[str, tuple[LLM, object]], prompts: list[list[int]], rounds: int, output_len: int,
+                  title: str, bounds: dict[str, float] | None = None) -> dict:
+    """Every case once per round, its ratio to the first case (the base) of that round; prints the medians
+    and returns them (with the bounds and every round's ratio)."""
     for llm, lora in cases.values():  # warm: adapters read and in slots, kernels built
         run_engine(llm, prompts, 4, lora, 1)
+    base = next(iter(cases))
     ratios: dict[str, list[float]] = {kind: [] for kind in cases}
     speeds: dict[str, list[float]] = {kind: [] for kind in cases}
-    for _ in range(args.rounds):
-        measured = {kind: run_engine(llm, prompts, args.output_len, lora, 1)[0] for kind, (llm, lora) in cases.items()}
+    for _ in range(rounds):
+        measured = {kind: run_engine(llm, prompts, output_len, lora, 1)[0] for kind, (llm, lora) in cases.items()}
         for kind, speed in measured.items():
             speeds[kind].append(speed)
-            ratios[kind].append(speed / measured["base"])
-    print(f"{title}, {len(prompts)} in flight x {args.output_len} tokens, {args.rounds} paired rounds "
-          f"(median ratio to the base of the same round):", flush=True)
+            ratios[kind].append(speed / measured[base])
+    print(f"{title}, {len(prompts)} in flight x {output_len} tokens, {rounds} paired rounds "
+          f"(median ratio to the {base} of the same round):", flush=True)
     reference = statistics.median(ratios[list(cases)[1]])
     for kind in cases:
         ratio = statistics.median(ratios[kind])
@@ -172,6 +174,8 @@ def paired_rounds(cases: dict[str, tuple[LLM, object]], prompts: list[list[int]]
         if bounds and kind in bounds:
             line += f"  | bound {bounds[kind]:.3f}x, of bound {ratio / bounds[kind]:.2f}"
         print(f"{line}  rounds: {', '.join(f'{r:.3f}' for r in ratios[kind])}", flush=True)
+    return {"ratios": {kind: statistics.median(r) for kind, r in ratios.items()}, "bounds": bounds or {},
+            "speeds": {kind: statistics.median(v) for kind, v in speeds.items()}, "rounds": ratios}
 
 
 def kinds_rows(args, folder: Path, prompts: list[list[int]], tmp: Path) -> None:
@@ -194,7 +198,7 @@ def kinds_rows(args, folder: Path, prompts: list[list[int]], tmp: Path) -> None:
     cases = {"base": (engines["base"], None)} | {
         kind: (engines["lora"], LoRARequest(f"kind{i}", 1000 + i, str(path))) for i, (kind, path) in
         enumerate(paths.items())}
-    paired_rounds(cases, prompts, args, "adapter kinds")
+    paired_rounds(cases, prompts, args.rounds, args.output_len, "adapter kinds")
 
 
 def stacked_mixes(folder: Path, adapters: list[Path], mixes: list[list[tuple[int, float]]], out: Path) -> list[Path]:
@@ -254,7 +258,7 @@ def scale_mix_rows(args, folder: Path, prompts: list[list[int]], tmp: Path) -> N
                                                                        for i in range(n)],
                    "8 distinct 4-adapter mixes (stacked r64 slots)": [(stacked[i % 8],) for i in range(n)]}
     bounds = {kind: machine.bound(adapters) for kind, adapters in per_request.items()}
-    paired_rounds(cases, prompts, args, "per-request scales and weighted mixes", bounds)
+    paired_rounds(cases, prompts, args.rounds, args.output_len, "per-request scales and weighted mixes", bounds)
 
 
 def main() -> None:

@@ -1,11 +1,12 @@
 """Where a decode step's time goes: torch.profiler over decode steps of N sequences, grouped.
 
     python benchmarks/profile_step.py [--model M] [--dtype auto] [--seqs 64] [--steps 20] [--lora RANK]
+                                      [--adapters 8]
 
 Prints milliseconds per step of: matmuls, decode attention, the LoRA kernel, the other ATen ops (norms,
 rotary, activations, KV writes, sampling; the largest are listed), and what is left of the wall time
-(Python: scheduling, batch building, output processing). `--lora RANK` serves every sequence with one of 8
-random all-linear adapters of that rank.
+(Python: scheduling, batch building, output processing). `--lora RANK` serves every sequence with one of
+`--adapters` (default 8) random all-linear adapters of that rank.
 """
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--seqs", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--lora", type=int, default=0, help="rank of 8 mixed adapters (0: none)")
+    parser.add_argument("--lora", type=int, default=0, help="rank of the mixed adapters (0: none)")
+    parser.add_argument("--adapters", type=int, default=8, help="distinct adapters the sequences cycle over")
     args = parser.parse_args()
 
     folder = resolve_model(args.model)
@@ -67,10 +69,11 @@ def main() -> None:
     options = dict(dtype=args.dtype, max_num_seqs=args.seqs)
     loras: list = [None] * args.seqs
     if args.lora:
-        options |= dict(enable_lora=True, max_loras=8, max_lora_rank=args.lora)
+        count = args.adapters
+        options |= dict(enable_lora=True, max_loras=count, max_lora_rank=args.lora)
         tmp = Path(tempfile.mkdtemp(prefix="profile-"))
-        paths = make_adapters(folder, tmp, args.lora, 8, seed=0)
-        loras = [LoRARequest(f"a{i % 8}", i % 8 + 1, str(paths[i % 8])) for i in range(args.seqs)]
+        paths = make_adapters(folder, tmp, args.lora, count, seed=0)
+        loras = [LoRARequest(f"a{i % count}", i % count + 1, str(paths[i % count])) for i in range(args.seqs)]
     label_kernels()
     llm = LLM(args.model, **options)
     engine = llm.engine
@@ -96,7 +99,8 @@ def main() -> None:
         totals[group] += ms
         if group == "other ops":
             others[event.key] += ms
-    print(f"{args.seqs} sequences decoding, {'LoRA r' + str(args.lora) if args.lora else 'no LoRA'}: "
+    lora = f"{args.adapters} LoRA r{args.lora} adapters" if args.lora else "no LoRA"
+    print(f"{args.seqs} sequences decoding, {lora}: "
           f"{wall:.1f} ms per step (under the profiler)")
     for group in ("matmul", "attention", "lora", "fused ops", "other ops"):
         print(f"  {group:10s} {totals[group]:6.2f} ms")

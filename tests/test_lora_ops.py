@@ -154,7 +154,7 @@ def test_lora_dtype_differs_from_activations():
 @pytest.mark.parametrize("dim_in", [583, 64])
 def test_bf16_runs_of_every_length_and_rank_at_model_sizes(dim_in, path):
     """The kernel's register tiles (4 rows x 4 tokens, 16 x 1, 8 x 2; 64-column expand tiles with masked
-    edges) at the sizes a model gives them, runs of 1 to 17 tokens, ranks 8 / 16 / 64 side by side, and a
+    edges) at the sizes a model gives them, runs of 1 to 70 tokens, ranks 8 / 16 / 64 side by side, and a
     prefill chunk longer than the kernel takes, against float math on the same bf16 weights."""
     torch.manual_seed(1)
     parts = {"q": 100, "k": 70}
@@ -166,7 +166,7 @@ def test_bf16_runs_of_every_length_and_rank_at_model_sizes(dim_in, path):
                                           torch.randn(out, rank, dtype=torch.bfloat16) * 0.1)
                            for name, out in parts.items() if slot != 1 or name == "k"})
     longest = LoRABatch.KERNEL_MAX_RUN
-    prefill = [2] * (longest + 3) + [0] * 17
+    prefill = [2] * (longest + 3) + [0] * 17 + [1] * 70  # 70: the kernel splits a run into 32-token shrinks
     decode = [0] * 1 + [1] * 2 + [2] * 3 + [0, 0, 0, 0] + [-1] + [1] * 5 + [2] * 8
     token_slots = prefill + decode
     x = torch.randn(len(token_slots), dim_in, dtype=torch.bfloat16)

@@ -5,7 +5,7 @@
 //
 // Decode gives each adapter a handful of tokens, so the BLAS route costs two tiny matmuls per adapter per
 // layer, each paying ~15 us of fixed overhead whatever its size. Here the whole step is two parallel passes:
-//   shrink: s[t, :width] = x[t] · A[slot]ᵀ for every token (work items: a run x 16 rank rows);
+//   shrink: s[t, :width] = x[t] · A[slot]ᵀ for every token (work items: 32 tokens of a run x 16 rank rows);
 //   expand: y[t, cols]  += s[t, rows] · B[slot, rows, cols] (work items: a run, or a mix's runs, x one part's 64 columns).
 // Each item reads its A rows or B columns once and applies them to every token of the run (tiles of tokens
 // loop inside, so the weights stay in L1 while the run's activations stream past): an adapter's weights are
@@ -28,6 +28,8 @@ using loraserve_simd::prefetch_range;
 using loraserve_simd::prefetch_rows;
 
 constexpr int64_t kShrinkRows = 16;   // A rows per shrink item
+constexpr int64_t kShrinkTokens = 32; // tokens per shrink item: a long run (one adapter for the batch) still
+                                      // gives every thread work
 constexpr int64_t kExpandCols = 64;   // B columns per expand item
 constexpr int64_t kTileTokens = 8;    // tokens per tile of the portable expand
 
@@ -43,7 +45,7 @@ struct Run {
 };
 
 struct ShrinkItem {
-  int64_t run, row0, row1;
+  int64_t run, row0, row1, token0, token1;  // tokens counted from the run's first
 };
 
 // Runs [first, last) cover the same rows (one run, or a mix's adapters).
@@ -170,8 +172,10 @@ void add_runs(T* y, const T* x, const T* lora_a, const T* lora_b, const std::vec
   for (int64_t r = 0; r < num_runs; ++r) {
     offsets.push_back(total);
     total += runs[r].end - runs[r].begin;
-    const int64_t width = width_of(runs[r].slot);
-    for (int64_t w = 0; w < width; w += kShrinkRows) shrinks.push_back({r, w, std::min(width, w + kShrinkRows)});
+    const int64_t width = width_of(runs[r].slot), tokens = runs[r].end - runs[r].begin;
+    for (int64_t t = 0; t < tokens; t += kShrinkTokens)
+      for (int64_t w = 0; w < width; w += kShrinkRows)
+        shrinks.push_back({r, w, std::min(width, w + kShrinkRows), t, std::min(tokens, t + kShrinkTokens)});
   }
   for (int64_t first = 0, last = 0; first < num_runs; first = last) {
     for (last = first + 1; last < num_runs && runs[last].begin == runs[first].begin &&
@@ -201,10 +205,10 @@ void add_runs(T* y, const T* x, const T* lora_a, const T* lora_b, const std::vec
         prefetch_range(lora_a + (runs[next.run].slot * L.max_width + next.row0) * L.in,
                        (next.row1 - next.row0) * L.in);
       }
-      float* s = shrunk.data() + offsets[item.run] * lds + item.row0;
-      const int64_t tokens = run.end - run.begin, rows = item.row1 - item.row0;
-      shrink_block<T>(x + run.begin * L.in, lora_a + (run.slot * L.max_width + item.row0) * L.in, L.in, tokens, rows,
-                      s, lds);
+      float* s = shrunk.data() + (offsets[item.run] + item.token0) * lds + item.row0;
+      const int64_t tokens = item.token1 - item.token0, rows = item.row1 - item.row0;
+      shrink_block<T>(x + (run.begin + item.token0) * L.in, lora_a + (run.slot * L.max_width + item.row0) * L.in,
+                      L.in, tokens, rows, s, lds);
       if (run.coef != 1.f)  // c · B(Ax) = B(c · Ax): the coefficient scales the few shrunk values
         for (int64_t t = 0; t < tokens; ++t)
           for (int64_t w = 0; w < rows; ++w) s[t * lds + w] *= run.coef;
