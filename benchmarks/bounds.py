@@ -1,7 +1,9 @@
 """Physical bounds measured on this machine, in the same run as the engine they bound:
 
 - the matmul ceiling: every matmul of one decode step (each linear layer's weight and the LM head, with the
-  model's own weights) timed alone with torch's F.linear, no attention, no norms, nothing else;
+  model's own shapes) timed alone with the fastest matmul this machine offers for them -- torch's F.linear or
+  the prepacked form the engine uses (oneDNN for bf16, MKL for fp32), whichever is faster in this run -- no
+  attention, no norms, nothing else;
 - memory bandwidth: reading a buffer far larger than the caches;
 - the single-stream bound: the weight bytes one decode token must read, over that bandwidth;
 - LoRA's bound: base step time / (base step time + adapter bytes read per step / bandwidth + LoRA FLOPs /
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from loraserve.layers.linear import Linear
+from loraserve.layers.matmul import MatmulWeight
 
 
 def decode_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:
@@ -25,18 +28,25 @@ def decode_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:
 
 
 def matmul_step_seconds(shapes: list[tuple[int, int]], tokens: int, dtype: torch.dtype, repeats: int = 7) -> float:
-    """Median time of F.linear over weights of every shape once (weights as large as the model's, so they
-    stream from memory as the model's do) on `tokens` rows, in model order."""
+    """Median time of every shape's matmul once (weights as large as the model's, so they stream from memory as
+    the model's do) on `tokens` rows, in model order: the faster of F.linear and the engine's prepacked
+    matmul (layers/matmul.MatmulWeight)."""
     weights = [torch.randn(out, inp, dtype=dtype) * 0.02 for out, inp in shapes]
     inputs = {inp: torch.randn(tokens, inp, dtype=dtype) for _, inp in shapes}
+    candidates = {"F.linear": [lambda x, w=w: F.linear(x, w) for w in weights],
+                  "prepacked": [MatmulWeight(w) for w in weights]}
+    return min(_median_step(calls, shapes, inputs, repeats) for calls in candidates.values())
+
+
+def _median_step(calls, shapes: list[tuple[int, int]], inputs: dict[int, torch.Tensor], repeats: int) -> float:
     with torch.inference_mode():
-        for w in weights:  # warm-up
-            F.linear(inputs[w.shape[1]], w)
+        for call, (_, inp) in zip(calls, shapes, strict=True):  # warm-up
+            call(inputs[inp])
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            for w in weights:
-                F.linear(inputs[w.shape[1]], w)
+            for call, (_, inp) in zip(calls, shapes, strict=True):
+                call(inputs[inp])
             times.append(time.perf_counter() - start)
     return statistics.median(times)
 

@@ -3,6 +3,7 @@ bound, measured in paired rounds (every case once per round, its ratio to the Lo
 requests of that round, the median over the rounds), so the machine's drift falls on every row alike.
 
     python benchmarks/seed_table.py [--rounds 5] [--workloads 32x512 64x128] [--plot docs/img/seed_table.png]
+    python benchmarks/seed_table.py --from-json benchmarks/results/seed_table.json   # redraw the plot only
 
 Cases (the seed: Llama-3.1-8B on an A100, batch 32, 512 output tokens, one r16 3 %, r64 7 %, merged 0 %):
 base requests on an engine without LoRA; base requests on a LoRA-enabled engine (the denominator); an r16
@@ -87,7 +88,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--workloads", nargs="+", default=["32x512", "64x128"])
     parser.add_argument("--plot", default=str(ROOT / "docs" / "img" / "seed_table.png"))
+    parser.add_argument("--from-json", help="draw the plot from a results file of an earlier run")
     args = parser.parse_args()
+    if args.from_json:
+        plot(json.loads(Path(args.from_json).read_text()), Path(args.plot))
+        return
     folder = resolve_model(args.model)
     tokenizer = load_tokenizer(folder)
     tmp = Path(tempfile.mkdtemp(prefix="seed-table-"))

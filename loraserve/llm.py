@@ -107,7 +107,7 @@ class LLM:
         bar = tqdm(total=len(request_ids), desc="generate", disable=not use_tqdm or len(request_ids) < 2)
         try:
             while pending:
-                for output in self.engine.step():
+                for output in self.engine.step(finished_only=True):
                     if output.finished and output.request_id in pending:
                         finished[output.request_id] = output
                         pending.discard(output.request_id)

@@ -80,7 +80,13 @@ class LoRAMix:
         return "+".join(f"{request.lora_name}*{weight:g}" for request, weight in self.adapters)
 
 
+# Above this a scale or weight only blows activations up (float32 overflows to inf far earlier in the layers
+# than the number itself suggests): a typo, refused rather than served as NaN.
+MAX_COEFFICIENT = 1000.0
+
+
 def _coefficient(value: object, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{what} must be a finite number >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+            or not 0 <= value <= MAX_COEFFICIENT:
+        raise ValueError(f"{what} must be a finite number in [0, {MAX_COEFFICIENT:g}], got {value!r}")
     return float(value)

@@ -227,3 +227,30 @@ def test_coefficients_mixes_and_output_maps_per_lane(dtype, path):
         layout.clear(slot)
     assert not layout.scaled and not layout.shifted and not layout.weighted
     assert (layout.out_scale == 1).all() and not layout.out_shift.any()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_runs_from_sequence_spans_equal_runs_from_tokens(seed):
+    """The model runner hands each sequence's (lane, tokens) span; the runs are those of the per-token lanes,
+    adjacent spans of one lane joined, split where the decode tokens begin."""
+    rng = random.Random(seed)
+    lanes = [((0, 1.0),), ((1, 0.5),), ((0, 1.0), (2, 0.25))]
+    spans = [(rng.choice([-1, 0, 1, 2]), rng.randint(1, 9)) for _ in range(rng.randint(1, 8))]
+    tokens = [lane for lane, count in spans for _ in range(count)]
+    grouped_from = rng.randint(0, len(tokens))
+    by_spans = LoRABatch.from_spans(spans, grouped_from, torch.device("cpu"), lanes)
+    by_tokens = LoRABatch.build(tokens, grouped_from, torch.device("cpu"), lanes)
+    if by_tokens is None:
+        assert by_spans is None
+        return
+    assert (by_spans.segments, by_spans.decode_runs, by_spans.token_lanes) == \
+        (by_tokens.segments, by_tokens.decode_runs, tokens)
+    expected = []  # the per-token reference: every maximal stretch of one lane, cut at grouped_from
+    for t, lane in enumerate(tokens):
+        if lane >= 0 and (t == 0 or tokens[t - 1] != lane or t == grouped_from):
+            end = t + 1
+            while end < len(tokens) and tokens[end] == lane and end != grouped_from:
+                end += 1
+            expected += [(slot, t, end, coef) for slot, coef in lanes[lane]]
+    got = [(r.slot, r.start, r.end, r.coef) for r in by_spans.segments + by_spans.decode_runs]
+    assert got == expected

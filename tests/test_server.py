@@ -123,7 +123,7 @@ def test_lora_scale_and_weighted_mixes_over_http(server, http, files, offline):
     def post(body: dict) -> httpx.Response:
         return http.post("/v1/completions", json={"model": BASE, "prompt": "x", "max_tokens": 2} | body)
 
-    bad = [({"adapters": [{"name": "a0", "weight": -0.5}]}, "adapters", "weights must be finite numbers >= 0"),
+    bad = [({"adapters": [{"name": "a0", "weight": -0.5}]}, "adapters", "weights must be finite numbers in [0, 1000]"),
            ({"adapters": [{"name": "nope", "weight": 1}]}, "adapters", "'nope', which is not a served adapter"),
            ({"adapters": [{"name": "a0", "weight": 1}, {"name": "a1", "weight": 1}, {"name": "a3", "weight": 1}]},
             "adapters", "exceeds max_loras_per_mix=2; combine fewer, or restart with --max-loras-per-mix 3"),
@@ -131,7 +131,9 @@ def test_lora_scale_and_weighted_mixes_over_http(server, http, files, offline):
            ({"adapters": []}, "adapters", "at least one"),
            ({"adapters": [{"name": "a0", "weight": "heavy"}]}, "adapters.0.weight", "valid number"),
            ({"model": "a3", "adapters": [{"name": "a0", "weight": 1}]}, "model", "which is not in adapters"),
-           ({"lora_scale": -1}, "lora_scale", "finite number >= 0"),
+           ({"lora_scale": -1}, "lora_scale", "finite number in [0, 1000]"),
+           ({"lora_scale": 1e39}, "lora_scale", "finite number in [0, 1000]"),
+           ({"adapters": [{"name": "a0", "weight": 0.1}] * 65}, "adapters", "at most 64"),
            ({"lora_scale": 0.5}, "lora_scale", "is the base model; name an adapter"),
            ({"model": "a0", "lora_scale": 0.5, "adapters": [{"name": "a0", "weight": 1}]}, "lora_scale", "weight")]
     for body, param, message in bad:

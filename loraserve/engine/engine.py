@@ -236,8 +236,9 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
-    def step(self) -> list[RequestOutput]:
-        """Run one batch; return the outputs of every request that changed."""
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """Run one batch; return the outputs of every request that changed (`finished_only`: of those that
+        finished, for a caller that reads only final outputs and need not pay for the others' copies)."""
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
@@ -267,7 +268,10 @@ class LLMEngine:
         for request in touched.values():
             request.metrics.first_token_time = request.metrics.first_token_time or now
             request.metrics.last_token_time = now
-            outputs.append(self._end(request) if request.finished else request.output())
+            if request.finished:
+                outputs.append(self._end(request))
+            elif not finished_only:
+                outputs.append(request.output())
         return outputs
 
     def _end(self, request: Request) -> RequestOutput:

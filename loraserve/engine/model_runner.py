@@ -28,10 +28,13 @@ class ModelRunner:
         if not sampled:
             return [], None
         seqs = [s.seq for s in sampled]
+        history = any(s.params.needs_penalties for s in seqs)  # else no step copies the sequences' tokens
         sampling = SamplingBatch.build(
-            [s.params for s in seqs], [s.generator for s in seqs], [s.token_ids[:s.prompt_len] for s in seqs],
-            [s.output_token_ids for s in seqs], self.eos_token_ids, self.device,
-            [s.lora.eos_token_ids if s.lora is not None else frozenset() for s in seqs])
+            [s.params for s in seqs], [s.generator for s in seqs],
+            [s.token_ids[:s.prompt_len] for s in seqs] if history else None,
+            [s.output_token_ids for s in seqs] if history else None, self.eos_token_ids, self.device,
+            [s.lora.eos_token_ids if s.lora is not None else frozenset() for s in seqs],
+            [s.num_output_tokens for s in seqs])
         return sampled, self.sampler(logits, sampling)
 
     def build_batch(self, scheduled: list[ScheduledSeq],
@@ -53,7 +56,7 @@ class ModelRunner:
         input_ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
-        token_lanes: list[int] = []
+        lane_spans: list[tuple[int, int]] = []
         token_factors: list[int] = []
         spans: list[PrefillSpan] = []
         logits_rows: list[int] = []
@@ -66,9 +69,11 @@ class ModelRunner:
             input_ids += seq.token_ids[start:end]
             positions += range(start, end)
             table = seq.block_table
-            slot_mapping += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            for block in range(start // bs, (end - 1) // bs + 1):  # the KV slots, a block at a time
+                offset = table[block] * bs - block * bs
+                slot_mapping += range(offset + max(start, block * bs), offset + min(end, (block + 1) * bs))
             lane = lane_of(s)
-            token_lanes += [lanes.setdefault(lane, len(lanes)) if lane else -1] * s.num_tokens
+            lane_spans.append((lanes.setdefault(lane, len(lanes)) if lane else -1, s.num_tokens))
             token_factors += [self.rope_index[seq.lora.rope_factor] if seq.lora else 0] * s.num_tokens
             if i < len(prefills):
                 blocks = torch.tensor(table[:-(-end // bs)], dtype=torch.long, device=device)
@@ -96,7 +101,7 @@ class ModelRunner:
             positions=torch.tensor(positions, dtype=torch.long, device=device),
             attention=attention,
             logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=device),
-            lora=LoRABatch.build(token_lanes, len(input_ids) - len(decodes), device, list(lanes)),
+            lora=LoRABatch.from_spans(lane_spans, len(input_ids) - len(decodes), device, list(lanes)),
             rope_factors=torch.tensor(token_factors, device=device) if any(token_factors) else None,
         )
         return batch, sampled

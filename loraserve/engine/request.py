@@ -29,7 +29,7 @@ class Request:
         """The cumulative RequestOutput of everything generated so far."""
         completions = [
             CompletionOutput(
-                index=seq.index, text=seq.output_text, token_ids=list(seq.output_token_ids),
+                index=seq.index, text=seq.output_text, token_ids=seq.output_token_ids,  # a fresh slice
                 cumulative_logprob=seq.cumulative_logprob if seq.params.logprobs is not None else None,
                 logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,

@@ -2,6 +2,7 @@
 flat tokens, where their K/V go and come from, and which adapter slot each token uses."""
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -99,18 +100,29 @@ class LoRABatch:
         """Runs of equal lane in token order (-1, no adapter, makes none); without `lanes` each lane index is a
         slot at coefficient 1. Runs starting at or after token `grouped_from` are decode runs; earlier runs are
         prefill segments. None if no token has an adapter."""
+        spans = [(lane, len(list(group))) for lane, group in itertools.groupby(token_lanes)]
+        return cls.from_spans(spans, grouped_from, device, lanes)
+
+    @classmethod
+    def from_spans(cls, spans: list[tuple[int, int]], grouped_from: int, device: torch.device,
+                   lanes: list[Lane] | None = None) -> LoRABatch | None:
+        """`build` from (lane, tokens) spans in token order (one per sequence, as the model runner has them):
+        the work follows the sequences, not their tokens."""
         if lanes is None:
-            lanes = [((slot, 1.0),) for slot in range(max(token_lanes, default=-1) + 1)]
+            lanes = [((slot, 1.0),) for slot in range(max((lane for lane, _ in spans), default=-1) + 1)]
         segments: list[LoRASegment] = []
         decode_runs: list[LoRASegment] = []
+        token_lanes: list[int] = []
         start = 0
-        for i in range(1, len(token_lanes) + 1):
-            if i == len(token_lanes) or token_lanes[i] != token_lanes[start] or i == grouped_from:
-                lane = token_lanes[start]
-                if lane >= 0:
-                    runs = decode_runs if start >= grouped_from else segments
-                    runs += [LoRASegment(slot, start, i, coef) for slot, coef in lanes[lane]]
-                start = i
+        for lane, count in _merged(spans):
+            end = start + count
+            if lane >= 0:
+                for lo, hi in ((start, min(end, grouped_from)), (max(start, grouped_from), end)):
+                    if hi > lo:
+                        runs = decode_runs if lo >= grouped_from else segments
+                        runs += [LoRASegment(slot, lo, hi, coef) for slot, coef in lanes[lane]]
+            token_lanes += [lane] * count
+            start = end
         if not segments and not decode_runs:
             return None
         return cls(segments, decode_runs, device, token_lanes, lanes)
@@ -178,6 +190,17 @@ class LoRABatch:
         for run in self.decode_runs:
             tokens.setdefault(run.slot, []).extend((row, run.coef) for row in range(run.start, run.end))
         return _group(tokens, self.device)
+
+
+def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Adjacent spans of one lane joined."""
+    merged: list[tuple[int, int]] = []
+    for lane, count in spans:
+        if merged and merged[-1][0] == lane:
+            merged[-1] = (lane, merged[-1][1] + count)
+        elif count:
+            merged.append((lane, count))
+    return merged
 
 
 def _group(tokens: dict[int, list[tuple[int, float]]], device: torch.device) -> GroupedTokens:

@@ -54,14 +54,20 @@ class SamplingBatch:
 
     @classmethod
     def build(cls, params: list[SamplingParams], generators: list[torch.Generator | None],
-              prompt_token_ids: list[list[int]], output_token_ids: list[list[int]],
+              prompt_token_ids: list[list[int]] | None, output_token_ids: list[list[int]] | None,
               eos_token_ids: list[int], device: torch.device,
-              row_eos_token_ids: list[frozenset[int]] | None = None) -> SamplingBatch:
+              row_eos_token_ids: list[frozenset[int]] | None = None,
+              output_lengths: list[int] | None = None) -> SamplingBatch:
         """Gather the rows' settings into tensors on `device`; every list has one entry per row
-        (`row_eos_token_ids`: end ids a row has beside the model's, from its adapter's tokenizer)."""
+        (`row_eos_token_ids`: end ids a row has beside the model's, from its adapter's tokenizer). The token
+        histories are read only for penalties: without penalties they may be None, with `output_lengths`
+        (for min_tokens) given instead, so a step does not copy every sequence's history."""
         n = len(params)
-        lengths = {"generators": len(generators), "prompt_token_ids": len(prompt_token_ids),
-                   "output_token_ids": len(output_token_ids)}
+        if output_lengths is None and output_token_ids is None:
+            raise ValueError("give output_token_ids or output_lengths (min_tokens reads how many each row has)")
+        rows = {"generators": generators, "prompt_token_ids": prompt_token_ids, "output_token_ids": output_token_ids,
+                "output_lengths": output_lengths}
+        lengths = {name: len(values) for name, values in rows.items() if values is not None}
         for name, length in lengths.items():
             if length != n:
                 raise ValueError(f"{name} has {length} rows but params has {n}; pass one entry per row")
@@ -84,6 +90,8 @@ class SamplingBatch:
 
         penalties = None
         if any(p.needs_penalties for p in params):
+            if prompt_token_ids is None or output_token_ids is None:
+                raise ValueError("penalties need the rows' prompt_token_ids and output_token_ids")
             use_prompt = any(p.repetition_penalty != 1 for p in params)
             penalties = PenaltyTensors(
                 presence=floats([p.presence_penalty for p in params]),
@@ -95,8 +103,10 @@ class SamplingBatch:
 
         banned_rows: list[int] = []
         banned_ids: list[int] = []
-        for row, (p, out) in enumerate(zip(params, output_token_ids, strict=True)):
-            if len(out) < p.min_tokens:
+        if output_lengths is None:
+            output_lengths = [len(out) for out in output_token_ids]
+        for row, (p, length) in enumerate(zip(params, output_lengths, strict=True)):
+            if length < p.min_tokens:
                 ids = set(eos_token_ids) | set(p.stop_token_ids)
                 if row_eos_token_ids:
                     ids |= row_eos_token_ids[row]

@@ -108,7 +108,7 @@ class AdapterSlots:
             elif name in self.norms:
                 norm, param = self.norms[name]
                 norm.slot_params.setdefault(slot, {})[param] = tensor
-            elif module not in trained_bias:
+            elif not (param == "bias" and module in trained_bias):
                 raise RuntimeError(f"adapter {adapter.name!r}: no slot holds {name!r}; the adapter reader should "
                                    f"have refused it")
         for name, rows in adapter.token_rows.items():

@@ -13,6 +13,7 @@ from prometheus_client.registry import Collector
 
 from loraserve.engine.async_engine import EngineStats
 
+MAX_ADAPTER_LABELS = 256
 TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
 ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 
@@ -77,6 +78,17 @@ class ServerMetrics:
                              ["model"], buckets=ITL_BUCKETS, registry=r)
         self._engine = _EngineCollector()
         r.register(self._engine)
+        self._adapter_labels: set[str] = set()
+
+    def adapter(self, identity: str) -> str:
+        """The `adapter` label for an identity: itself for the first MAX_ADAPTER_LABELS identities seen, then
+        "other" (clients choose scales and weights freely; the series must not grow without bound)."""
+        if identity in self._adapter_labels:
+            return identity
+        if len(self._adapter_labels) < MAX_ADAPTER_LABELS:
+            self._adapter_labels.add(identity)
+            return identity
+        return "other"
 
     def render(self, stats: EngineStats) -> bytes:
         """Prometheus text format, with the engine's state as of `stats`."""

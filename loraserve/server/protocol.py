@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from loraserve.errors import ParamError
+from loraserve.lora_request import MAX_COEFFICIENT
 from loraserve.sampling_params import SamplingParams
 
 # Fields of the OpenAI API that loraserve does not implement; each is accepted only at a neutral value
@@ -21,6 +22,11 @@ _UNSUPPORTED = ("echo", "suffix", "best_of", "logit_bias", "tools", "tool_choice
                 "parallel_tool_calls", "response_format", "prediction", "audio", "modalities")
 _NEUTRAL: dict[str, tuple] = {"best_of": (None, 1), "response_format": (None, {"type": "text"}),
                               "tool_choice": (None, "none")}
+
+
+# Longer `adapters` lists are refused before anything looks at them (the engine's cap, --max-loras-per-mix, is
+# far below; this only keeps a huge body from costing the event loop).
+MAX_MIX_ENTRIES = 64
 
 
 def invalid(param: str, message: str) -> PydanticCustomError:
@@ -77,7 +83,7 @@ class _GenerationRequest(_Strict):
 
     model: str
     lora_scale: float | None = None
-    adapters: list[MixEntry] | None = None
+    adapters: list[MixEntry] | None = Field(default=None, max_length=MAX_MIX_ENTRIES)
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -116,7 +122,8 @@ class _GenerationRequest(_Strict):
     @model_validator(mode="after")
     def _check_adapter_fields(self) -> _GenerationRequest:
         if self.lora_scale is not None and not _coefficient(self.lora_scale):
-            raise invalid("lora_scale", f"lora_scale must be a finite number >= 0, got {self.lora_scale}")
+            raise invalid("lora_scale", f"lora_scale must be a finite number in [0, {MAX_COEFFICIENT:g}], got "
+                                        f"{self.lora_scale}")
         if self.adapters is None:
             return self
         if self.lora_scale is not None:
@@ -125,14 +132,15 @@ class _GenerationRequest(_Strict):
         if not self.adapters:
             raise invalid("adapters", "adapters must list at least one {name, weight}; leave it out to use model "
                                       "alone")
-        names = [entry.name for entry in self.adapters]
+        seen: set[str] = set()
         for index, entry in enumerate(self.adapters):
             if not _coefficient(entry.weight):
                 raise invalid("adapters", f"adapters[{index}] ({entry.name!r}) has weight {entry.weight}; weights "
-                                          f"must be finite numbers >= 0")
-            if names.count(entry.name) > 1:
+                                          f"must be finite numbers in [0, {MAX_COEFFICIENT:g}]")
+            if entry.name in seen:
                 raise invalid("adapters", f"adapters names {entry.name!r} twice; give each adapter once with its "
                                           f"summed weight")
+            seen.add(entry.name)
         return self
 
     def _sampling_params(self, max_tokens: int | None, max_tokens_param: str, logprobs: int | None,
@@ -152,7 +160,7 @@ class _GenerationRequest(_Strict):
 
 
 def _coefficient(value: float) -> bool:
-    return math.isfinite(value) and value >= 0
+    return math.isfinite(value) and 0 <= value <= MAX_COEFFICIENT
 
 
 class CompletionRequest(_GenerationRequest):

@@ -158,14 +158,14 @@ class OpenAIServing:
         """Merged outputs of the job's engine requests, recorded in the metrics as they come. What the
         engine refuses becomes the client's 4xx here: a parameter (named as this endpoint names it) or the
         adapter."""
-        model = job.request.model
+        model, adapter = job.request.model, self.metrics.adapter(job.adapter_label)
         streams = [self.engine.generate(f"{job.request_id}-{i}", p.text, p.token_ids, params, job.lora)
                    for i, (p, params) in enumerate(zip(job.prompts, job.params, strict=True))]
         timings = [_Timing(last=job.arrival) for _ in streams]
         try:
             async for index, output in merge(streams):
                 timing = timings[index]
-                self._observe(model, job.adapter_label, timing, output)
+                self._observe(model, adapter, timing, output)
                 if output.finished:
                     aborted = any(c.finish_reason == "abort" for c in output.outputs)
                     timing.outcome = "aborted" if aborted else "finished"
@@ -182,7 +182,7 @@ class OpenAIServing:
             raise
         finally:
             for timing in timings:
-                self.metrics.requests.labels(model, job.adapter_label, timing.outcome).inc()
+                self.metrics.requests.labels(model, adapter, timing.outcome).inc()
 
     def _observe(self, model: str, adapter: str, timing: _Timing, output: RequestOutput) -> None:
         tokens = sum(len(c.token_ids) for c in output.outputs)
