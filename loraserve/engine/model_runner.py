@@ -43,10 +43,15 @@ class ModelRunner:
         sequence applies) so a lane's tokens form one contiguous run for the LoRA kernels."""
         lanes: dict[Lane, int] = {}
 
-        def lane_of(s: ScheduledSeq) -> Lane:
+        def lane(s: ScheduledSeq) -> Lane:
             if s.seq.lora is None:
                 return ()
             return tuple(sorted((lora_slots[adapter.content_hash], coef) for adapter, coef in s.seq.lora.coefficients))
+
+        lane_by_seq = {id(s): lane(s) for s in scheduled}  # once per sequence: the sort and the spans read it
+
+        def lane_of(s: ScheduledSeq) -> Lane:
+            return lane_by_seq[id(s)]
 
         # A single token with context already cached is attended exactly like a decode.
         is_decode = [s.num_tokens == 1 and s.seq.num_computed_tokens > 0 for s in scheduled]

@@ -300,8 +300,10 @@ def add_embedding_lora(y: torch.Tensor, token_ids: torch.Tensor, layout: SlotLay
 def apply_output_maps(y: torch.Tensor, layout: SlotLayout, batch: LoRABatch) -> None:
     """y ← y·scale + shift per token, where a slot of the batch has an output map: gathered per token for
     tokens at coefficient 1, per run for the others (their map depends on the coefficient)."""
+    if not (layout.scaled or layout.shifted):  # most layers of most batches: nothing to map, no set built
+        return
     mapped = layout.scaled | layout.shifted
-    if not mapped or mapped.isdisjoint(batch.slots_present):
+    if mapped.isdisjoint(batch.slots_present):
         return
     columns = y.shape[-1]
     if layout.scaled:
