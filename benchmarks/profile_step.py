@@ -1,7 +1,7 @@
 """Where a decode step's time goes: torch.profiler over decode steps of N sequences, grouped.
 
     python benchmarks/profile_step.py [--model M] [--dtype auto] [--seqs 64] [--steps 20] [--lora RANK]
-                                      [--adapters 8]
+                                      [--adapters 8] [--quantization gguf]
 
 Prints milliseconds per step of: matmuls, decode attention, the LoRA kernel, the other ATen ops (norms,
 rotary, activations, KV writes, sampling; the largest are listed), and what is left of the wall time
@@ -25,7 +25,7 @@ from throughput import make_prompts
 
 GROUPS = {
     "matmul": ("aten::linear", "aten::addmm", "aten::mm", "aten::matmul", "mkldnn", "mkl::", "aten::bmm",
-               "loraserve::gemv"),
+               "loraserve::gemv", "loraserve::quant_matmul"),
     "attention": ("paged_decode_attention", "scaled_dot_product"),
     "lora": ("lora_add_runs",),
     "fused ops": ("loraserve::rms_norm", "loraserve::rotary_kv_write", "loraserve::gated_activation",
@@ -37,7 +37,8 @@ def label_kernels() -> None:
     """Make the C++ kernels (pybind functions, which the profiler does not see) show up by name."""
     from loraserve.layers import cpu_kernels
 
-    for module in (cpu_kernels.paged_attention_module(), cpu_kernels.lora_module(), cpu_kernels.fused_ops_module()):
+    for module in (cpu_kernels.paged_attention_module(), cpu_kernels.lora_module(), cpu_kernels.fused_ops_module(),
+                   cpu_kernels.quant_module()):
         for name in [n for n in dir(module) if not n.startswith("_")]:
             fn = getattr(module, name)
 
@@ -62,11 +63,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--lora", type=int, default=0, help="rank of the mixed adapters (0: none)")
     parser.add_argument("--adapters", type=int, default=8, help="distinct adapters the sequences cycle over")
+    parser.add_argument("--quantization", default=None, help="e.g. gguf: the default model's Q4_1 file as it is")
     args = parser.parse_args()
 
     folder = resolve_model(args.model)
     prompts = make_prompts(load_tokenizer(folder), args.seqs, seed=0)
-    options = dict(dtype=args.dtype, max_num_seqs=args.seqs)
+    options = dict(dtype=args.dtype, max_num_seqs=args.seqs, quantization=args.quantization)
     loras: list = [None] * args.seqs
     if args.lora:
         count = args.adapters
