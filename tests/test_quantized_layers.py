@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from loraserve.config import QUANTIZATION_METHODS
 from loraserve.layers.cpu_kernels import quant_module
-from loraserve.layers.quantized import QuantizedMatmul, QuantizedTensor, quantize_int4, quantize_int8
+from loraserve.layers.quantized import QuantizedMatmul, QuantizedTensor, _kernel_for, quantize_int4, quantize_int8
 from loraserve.model.quantization import METHODS
 from loraserve.model.quantization.gguf import UNPACKERS
 
@@ -50,15 +50,22 @@ CASES = [(4, 32, True, True), (4, 128, True, False), (4, 64, False, True), (8, 1
 def test_kernel_matches_dequantized_linear(bits, group, offsets, half, tokens):
     weight = _random_weight(200, 256, bits, group, offsets, half, seed=tokens + bits)
     assert weight.bits == bits and weight.scales.dtype == (torch.float16 if half else torch.float32)
-    x = torch.randn(tokens, 256).bfloat16()
-    bias = torch.randn(200).bfloat16()
-    got = QuantizedMatmul([weight])(x, bias)
+    x = torch.randn(tokens, 256)
+    bias = torch.randn(200)
     exact = weight.dequantize(torch.float32)
-    want = F.linear(x.float(), exact, bias.float())
-    # few tokens: float weights, float sums; more: the weights rounded once to bf16 (as a bf16 copy of the
-    # de-quantized weight holds them, at most 2^-9 relative each), float sums; the output rounded to bf16
-    bound = 2 ** -9 * (x.float().abs() @ exact.abs().T) + 2 ** -8 * want.abs() + 1e-3
-    assert bool(((got.float() - want).abs() <= bound).all()), ((got.float() - want).abs() / bound).max()
+    scale = x.abs() @ exact.abs().T
+    for dtype in (torch.bfloat16, torch.float32):
+        assert _kernel_for(x.to(dtype), weight) is not None  # the kernel serves both here, never F.linear
+        got = QuantizedMatmul([weight])(x.to(dtype), bias.to(dtype))
+        assert got.dtype == dtype
+        want = F.linear(x.to(dtype).float(), exact, bias.to(dtype).float())
+        if dtype == torch.bfloat16:
+            # few tokens: float weights, float sums; more: the weights rounded once to bf16 (as a bf16 copy of
+            # the de-quantized weight holds them, at most 2^-9 relative each), float sums; output rounded to bf16
+            bound = 2 ** -9 * scale + 2 ** -8 * want.abs() + 1e-3
+        else:  # float sums in another order (and offsets through sums of x): float32 rounding, a few ulps of |x||w|
+            bound = 2 ** -19 * scale + 1e-6
+        assert bool(((got.float() - want).abs() <= bound).all()), (dtype, ((got.float() - want).abs() / bound).max())
 
 
 def test_act_order_permutation_and_unstackable_parts():

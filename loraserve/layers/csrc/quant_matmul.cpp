@@ -1,5 +1,6 @@
 // y = x · Wᵀ (+ bias) with W held quantized: int4 or int8 values, a scale per group of `group` input features
-// and optionally an offset, w[n, k] = q[n, k] · scale[n, k / group] + offset[n, k / group] (CPU, bf16).
+// and optionally an offset, w[n, k] = q[n, k] · scale[n, k / group] + offset[n, k / group] (CPU; x, bias and y
+// all bf16, or all float32).
 //
 // Torch's own int4/int8 weight-only kernels are GEMV-shaped: fast for one token, 2-3x slower than this one at
 // 64 (docs/benchmarks.md). Two paths, both reading only the quantized bytes:
@@ -8,12 +9,16 @@
 //   bf16 copy of the de-quantized weight would hold: the float value rounded once), interleaves them into
 //   feature pairs and runs blocks of kTokens tokens against them with vdpbf16ps, so the de-quantizing is paid
 //   once per weight per call and the arithmetic is the bf16 matmul's.
+// float32 activations take the same two paths with float arithmetic throughout (tiles hold the de-quantized
+// floats unrounded, one FMA per feature instead of one vdpbf16ps per pair): a float32 model on a quantized base
+// runs at float32 matmul speed instead of de-quantizing whole weights every call.
 //
 // Layouts (layers/quantized.py packs them): int4 holds two values per byte, in chunks of 32 features where
 // byte i of a chunk holds feature i (low nibble) and feature i + 16 (high nibble), unsigned 0..15 (GGUF's
 // Q4_0/Q4_1 order); int8 holds one signed value per byte. Scales and offsets are float or half, [N, K / group].
 #include "simd.h"
 
+#include <type_traits>
 #include <vector>
 
 #ifdef LORASERVE_BF16_SIMD
@@ -57,17 +62,42 @@ inline __m512 load16_masked(const at::Half* p, __mmask16 mask) {
   return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p));
 }
 
-// Row `row` of W into `out` as bf16, group by group (no division in the loop: group sizes need not be powers
-// of two).
-template <typename S, bool kOffset>
-void dequantize_row(const Weight& w, const S* scales, const S* offsets, int64_t row, at::BFloat16* out) {
+// Activations, bias and output are bf16 or float (X): loads widen to float, stores round to X.
+inline __m512 load_x_masked(const float* p, __mmask16 mask) {
+  return _mm512_maskz_loadu_ps(mask, p);
+}
+
+inline __m512 load_x_masked(const at::BFloat16* p, __mmask16 mask) {
+  return load_bf16_masked(p, mask);
+}
+
+inline void store_x(float* p, __m512 v) {
+  _mm512_storeu_ps(p, v);
+}
+
+inline void store_x(at::BFloat16* p, __m512 v) {
+  store_bf16(p, v);
+}
+
+inline void store_x_masked(float* p, __mmask16 mask, __m512 v) {
+  _mm512_mask_storeu_ps(p, mask, v);
+}
+
+inline void store_x_masked(at::BFloat16* p, __mmask16 mask, __m512 v) {
+  _mm256_mask_storeu_epi16(p, mask, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+// Row `row` of W into `out` as X (bf16: the float value rounded once), group by group (no division in the
+// loop: group sizes need not be powers of two).
+template <typename S, bool kOffset, typename X>
+void dequantize_row(const Weight& w, const S* scales, const S* offsets, int64_t row, X* out) {
   const int64_t groups = w.k / w.group;
   for (int64_t g = 0; g < groups; ++g) {
     const __m512 s = _mm512_set1_ps(scalar(scales[row * groups + g]));
     const __m512 o = kOffset ? _mm512_set1_ps(scalar(offsets[row * groups + g])) : _mm512_setzero_ps();
     for (int64_t f = g * w.group; f < (g + 1) * w.group; f += 16) {
       const __m512 v = kOffset ? _mm512_fmadd_ps(load16(w, row, f), s, o) : _mm512_mul_ps(load16(w, row, f), s);
-      store_bf16(out + f, v);
+      store_x(out + f, v);
     }
   }
 }
@@ -102,49 +132,55 @@ inline void transpose16(const uint32_t* in, int64_t stride, uint32_t* out, int64
   }
 }
 
-// y[t, 0:32] for T tokens against a tile in pair-interleaved (VNNI) form, b[p * 32 + n] holding features
-// 2p, 2p + 1 of row n: every dpbf16 multiplies a broadcast pair of x by 16 rows, 2 x T accumulators.
-template <int T>
-inline void tile_tokens(const uint32_t* x, int64_t ldx, const uint32_t* b, int64_t pairs, int64_t rows,
-                        const at::BFloat16* bias, at::BFloat16* y, int64_t ldy) {
+// y[t, 0:32] for T tokens against a tile of 32 rows in word-interleaved form, b[p * 32 + n] holding word p of
+// row n. bf16: a word is a feature pair, every vdpbf16ps multiplies a broadcast pair of x by 16 rows; float: a
+// word is one feature, one FMA per broadcast feature and 16 rows. 2 x T accumulators either way.
+template <int T, typename X>
+inline void tile_tokens(const uint32_t* x, int64_t ldx, const uint32_t* b, int64_t words, int64_t rows,
+                        const X* bias, X* y, int64_t ldy) {
   __m512 acc[T][2];
   for (int t = 0; t < T; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < pairs; ++p) {
-    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + p * 32), b1 = (__m512bh)_mm512_loadu_si512(b + p * 32 + 16);
+  for (int64_t p = 0; p < words; ++p) {
+    const __m512i b0 = _mm512_loadu_si512(b + p * 32), b1 = _mm512_loadu_si512(b + p * 32 + 16);
     _Pragma("GCC unroll 12") for (int t = 0; t < T; ++t) {
-      const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[t * ldx + p]));
-      acc[t][0] = _mm512_dpbf16_ps(acc[t][0], xv, b0);
-      acc[t][1] = _mm512_dpbf16_ps(acc[t][1], xv, b1);
+      const __m512i xv = _mm512_set1_epi32(static_cast<int>(x[t * ldx + p]));
+      if constexpr (std::is_same_v<X, float>) {
+        acc[t][0] = _mm512_fmadd_ps(_mm512_castsi512_ps(xv), _mm512_castsi512_ps(b0), acc[t][0]);
+        acc[t][1] = _mm512_fmadd_ps(_mm512_castsi512_ps(xv), _mm512_castsi512_ps(b1), acc[t][1]);
+      } else {
+        acc[t][0] = _mm512_dpbf16_ps(acc[t][0], (__m512bh)xv, (__m512bh)b0);
+        acc[t][1] = _mm512_dpbf16_ps(acc[t][1], (__m512bh)xv, (__m512bh)b1);
+      }
     }
   }
   const __mmask16 m0 = static_cast<__mmask16>((1u << std::min<int64_t>(rows, 16)) - 1);
   const __mmask16 m1 = static_cast<__mmask16>((1u << std::clamp<int64_t>(rows - 16, 0, 16)) - 1);
   __m512 bias0 = _mm512_setzero_ps(), bias1 = _mm512_setzero_ps();
-  if (bias != nullptr) bias0 = load_bf16_masked(bias, m0), bias1 = load_bf16_masked(bias + 16, m1);
+  if (bias != nullptr) bias0 = load_x_masked(bias, m0), bias1 = load_x_masked(bias + 16, m1);
   for (int t = 0; t < T; ++t) {
-    _mm256_mask_storeu_epi16(y + t * ldy, m0, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[t][0], bias0)));
-    _mm256_mask_storeu_epi16(y + t * ldy + 16, m1, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[t][1], bias1)));
+    store_x_masked(y + t * ldy, m0, _mm512_add_ps(acc[t][0], bias0));
+    store_x_masked(y + t * ldy + 16, m1, _mm512_add_ps(acc[t][1], bias1));
   }
 }
 
 constexpr int kTokens = 12;  // tokens per register block: 24 accumulators, 2 tile vectors, 1 broadcast
 
-template <int T = kTokens>
-inline void tile_tail(int tokens, const uint32_t* x, int64_t ldx, const uint32_t* b, int64_t pairs, int64_t rows,
-                      const at::BFloat16* bias, at::BFloat16* y, int64_t ldy) {
+template <typename X, int T = kTokens>
+inline void tile_tail(int tokens, const uint32_t* x, int64_t ldx, const uint32_t* b, int64_t words, int64_t rows,
+                      const X* bias, X* y, int64_t ldy) {
   if constexpr (T > 0) {
-    if (tokens == T) return tile_tokens<T>(x, ldx, b, pairs, rows, bias, y, ldy);
-    return tile_tail<T - 1>(tokens, x, ldx, b, pairs, rows, bias, y, ldy);
+    if (tokens == T) return tile_tokens<T>(x, ldx, b, words, rows, bias, y, ldy);
+    return tile_tail<X, T - 1>(tokens, x, ldx, b, words, rows, bias, y, ldy);
   }
 }
 
 // Few tokens (decode of a handful of sequences): no tile. Each row's integers meet x directly (int4: looked up
 // as their exact bf16 and dotted with x's bf16 pairs by vdpbf16ps; int8: widened to float, FMA'd into float
 // copies of x), the group's scale applied once to its partial sum and the offsets through per-group sums of x
-// (w = q·s + o, so x·w = s·Σ q·x + o·Σ x); 16 rows at a time end in one transpose-add.
-template <typename S, bool kOffset, int T>
-void matmul_rows(const at::BFloat16* x, const Weight& w, const S* scales, const S* offsets,
-                 const at::BFloat16* bias, at::BFloat16* y) {
+// (w = q·s + o, so x·w = s·Σ q·x + o·Σ x); 16 rows at a time end in one transpose-add. float32 x takes the
+// int8 way for int4 too (float FMAs: x keeps every bit).
+template <typename S, bool kOffset, int T, typename X>
+void matmul_rows(const X* x, const Weight& w, const S* scales, const S* offsets, const X* bias, X* y) {
   const int64_t groups = w.k / w.group, blocks = (w.n + 15) / 16;
   std::vector<float> xf(T * w.k), xsum(T * groups, 0.f);
   for (int t = 0; t < T; ++t)
@@ -152,7 +188,7 @@ void matmul_rows(const at::BFloat16* x, const Weight& w, const S* scales, const 
       xf[t * w.k + i] = static_cast<float>(x[t * w.k + i]);
       xsum[t * groups + i / w.group] += xf[t * w.k + i];
     }
-  const bool nibble_pairs = w.bits == 4 && w.group % 32 == 0;
+  const bool nibble_pairs = std::is_same_v<X, at::BFloat16> && w.bits == 4 && w.group % 32 == 0;
   alignas(64) uint16_t lut[32] = {};
   for (int i = 0; i < 16; ++i) lut[i] = at::BFloat16(static_cast<float>(i)).x;  // 0..15 are exact in bf16
   const __m512i table = _mm512_load_si512(lut);
@@ -187,8 +223,9 @@ void matmul_rows(const at::BFloat16* x, const Weight& w, const S* scales, const 
             const __m512i index = _mm512_inserti64x4(
                 _mm512_castsi256_si512(_mm256_and_si256(v, _mm256_set1_epi16(0xF))), _mm256_srli_epi16(v, 4), 1);
             const __m512bh q = (__m512bh)_mm512_permutexvar_epi16(index, table);
+            const auto* xb = reinterpret_cast<const at::BFloat16*>(x);  // nibble_pairs: X is bf16
             for (int t = 0; t < T; ++t)
-              part[t] = _mm512_dpbf16_ps(part[t], q, (__m512bh)_mm512_loadu_si512(x + t * w.k + f));
+              part[t] = _mm512_dpbf16_ps(part[t], q, (__m512bh)_mm512_loadu_si512(xb + t * w.k + f));
           }
         } else {
           for (int64_t f = g * w.group; f < (g + 1) * w.group; f += 16) {
@@ -203,36 +240,33 @@ void matmul_rows(const at::BFloat16* x, const Weight& w, const S* scales, const 
     }
     const int64_t rows = std::min<int64_t>(16, w.n - blk * 16);
     const __mmask16 mask = static_cast<__mmask16>((1u << rows) - 1);
-    const __m512 bias_v = bias != nullptr ? load_bf16_masked(bias + blk * 16, mask) : _mm512_setzero_ps();
-    for (int t = 0; t < T; ++t) {
-      const __m512 out = _mm512_add_ps(reduce16(totals[t]), bias_v);
-      _mm256_mask_storeu_epi16(y + t * w.n + blk * 16, mask, (__m256i)_mm512_cvtneps_pbh(out));
-    }
+    const __m512 bias_v = bias != nullptr ? load_x_masked(bias + blk * 16, mask) : _mm512_setzero_ps();
+    for (int t = 0; t < T; ++t)
+      store_x_masked(y + t * w.n + blk * 16, mask, _mm512_add_ps(reduce16(totals[t]), bias_v));
   }
   }
 }
 
 constexpr int kFewTokens = 4;  // up to this many tokens take matmul_rows
 
-template <typename S, bool kOffset, int T = kFewTokens>
-void matmul_few(int64_t m, const at::BFloat16* x, const Weight& w, const S* scales, const S* offsets,
-                const at::BFloat16* bias, at::BFloat16* y) {
+template <typename S, bool kOffset, typename X, int T = kFewTokens>
+void matmul_few(int64_t m, const X* x, const Weight& w, const S* scales, const S* offsets, const X* bias, X* y) {
   if constexpr (T > 0) {
     if (m == T) return matmul_rows<S, kOffset, T>(x, w, scales, offsets, bias, y);
-    return matmul_few<S, kOffset, T - 1>(m, x, w, scales, offsets, bias, y);
+    return matmul_few<S, kOffset, X, T - 1>(m, x, w, scales, offsets, bias, y);
   }
 }
 
-template <typename S, bool kOffset>
-void matmul_tiles(const at::BFloat16* x, int64_t m, const Weight& w, const S* scales, const S* offsets,
-                  const at::BFloat16* bias, at::BFloat16* y) {
+template <typename S, bool kOffset, typename X>
+void matmul_tiles(const X* x, int64_t m, const Weight& w, const S* scales, const S* offsets, const X* bias, X* y) {
   if (m <= kFewTokens) return matmul_few<S, kOffset>(m, x, w, scales, offsets, bias, y);
-  const int64_t tiles = (w.n + kTileRows - 1) / kTileRows, pairs = w.k / 2;
+  // a row is `words` 32-bit words: bf16 feature pairs, or single float features
+  const int64_t tiles = (w.n + kTileRows - 1) / kTileRows, words = w.k * sizeof(X) / 4;
   const auto* x32 = reinterpret_cast<const uint32_t*>(x);
 #pragma omp parallel
   {
-    std::vector<at::BFloat16> rows_buf(kTileRows * w.k);
-    std::vector<uint32_t> tile(pairs * kTileRows);
+    std::vector<X> rows_buf(kTileRows * w.k);
+    std::vector<uint32_t> tile(words * kTileRows);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t row0 = t * kTileRows, rows = std::min(kTileRows, w.n - row0);
@@ -244,12 +278,12 @@ void matmul_tiles(const at::BFloat16* x, int64_t m, const Weight& w, const S* sc
         dequantize_row<S, kOffset>(w, scales, offsets, row0 + std::min(r, rows - 1), rows_buf.data() + r * w.k);
       const auto* rows32 = reinterpret_cast<const uint32_t*>(rows_buf.data());
       for (int64_t half = 0; half < kTileRows; half += 16)
-        for (int64_t p = 0; p < pairs; p += 16)
-          transpose16(rows32 + half * pairs + p, pairs, tile.data() + p * kTileRows + half, kTileRows);
-      const at::BFloat16* tile_bias = bias != nullptr ? bias + row0 : nullptr;
+        for (int64_t p = 0; p < words; p += 16)
+          transpose16(rows32 + half * words + p, words, tile.data() + p * kTileRows + half, kTileRows);
+      const X* tile_bias = bias != nullptr ? bias + row0 : nullptr;
       for (int64_t t0 = 0; t0 < m; t0 += kTokens) {
         const int tokens = static_cast<int>(std::min<int64_t>(kTokens, m - t0));
-        tile_tail(tokens, x32 + t0 * pairs, pairs, tile.data(), pairs, rows, tile_bias, y + t0 * w.n + row0, w.n);
+        tile_tail(tokens, x32 + t0 * words, words, tile.data(), words, rows, tile_bias, y + t0 * w.n + row0, w.n);
       }
     }
   }
@@ -258,12 +292,14 @@ void matmul_tiles(const at::BFloat16* x, int64_t m, const Weight& w, const S* sc
 }  // namespace
 #endif
 
-// x [M, K] bf16; data uint8 [N, K / 2] (bits 4) or int8 [N, K] (bits 8); scales [N, K / group] float or half;
-// offsets like scales or None; bias [N] bf16 or None. K must be a multiple of 32 and of group.
+// x [M, K] bf16 or float; data uint8 [N, K / 2] (bits 4) or int8 [N, K] (bits 8); scales [N, K / group] float
+// or half; offsets like scales or None; bias [N] like x or None; y like x. K must be a multiple of 32 and group.
 torch::Tensor quant_matmul(torch::Tensor x, torch::Tensor data, int64_t bits, int64_t group, torch::Tensor scales,
                            c10::optional<torch::Tensor> offsets, c10::optional<torch::Tensor> bias) {
 #ifdef LORASERVE_BF16_SIMD
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2, "quant_matmul takes a 2-D bfloat16 x");
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK((dtype == at::kBFloat16 || dtype == at::kFloat) && x.dim() == 2,
+              "quant_matmul takes a 2-D bfloat16 or float32 x");
   TORCH_CHECK(bits == 4 || bits == 8, "quant_matmul: bits must be 4 or 8");
   x = x.contiguous();
   const int64_t m = x.size(0), k = x.size(1), n = data.size(0);
@@ -274,26 +310,33 @@ torch::Tensor quant_matmul(torch::Tensor x, torch::Tensor data, int64_t bits, in
   if (has_offsets) TORCH_CHECK(offsets->is_contiguous() && offsets->sizes() == scales.sizes() &&
                                offsets->scalar_type() == scales.scalar_type(), "quant_matmul: offsets like scales");
   const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->numel() == n, "quant_matmul: bias");
+  if (has_bias) TORCH_CHECK(bias->scalar_type() == dtype && bias->numel() == n, "quant_matmul: bias like x");
   auto y = torch::empty({m, n}, x.options());
   const Weight w{reinterpret_cast<const uint8_t*>(data.data_ptr()), n, k, group, bits};
-  const auto* xp = x.data_ptr<at::BFloat16>();
   const torch::Tensor bias_c = has_bias ? bias->contiguous() : torch::Tensor();  // kept alive for the call
-  const auto* bp = has_bias ? bias_c.data_ptr<at::BFloat16>() : nullptr;
-  auto* yp = y.data_ptr<at::BFloat16>();
-  auto run = [&](auto* s, auto* o) {
+  auto run = [&](auto* xp, auto* s, auto* o) {
+    using X = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
     using S = std::remove_const_t<std::remove_pointer_t<decltype(s)>>;
+    const X* bp = has_bias ? bias_c.data_ptr<X>() : nullptr;
+    X* yp = y.data_ptr<X>();
     if (o != nullptr) {
       matmul_tiles<S, true>(xp, m, w, s, o, bp, yp);
     } else {
       matmul_tiles<S, false>(xp, m, w, s, static_cast<const S*>(nullptr), bp, yp);
     }
   };
-  if (scales.scalar_type() == at::kFloat) {
-    run(scales.data_ptr<float>(), has_offsets ? offsets->data_ptr<float>() : nullptr);
+  auto with_scales = [&](auto* xp) {
+    if (scales.scalar_type() == at::kFloat) {
+      run(xp, scales.data_ptr<float>(), has_offsets ? offsets->data_ptr<float>() : nullptr);
+    } else {
+      TORCH_CHECK(scales.scalar_type() == at::kHalf, "quant_matmul: scales must be float or half");
+      run(xp, scales.data_ptr<at::Half>(), has_offsets ? offsets->data_ptr<at::Half>() : nullptr);
+    }
+  };
+  if (dtype == at::kFloat) {
+    with_scales(x.data_ptr<float>());
   } else {
-    TORCH_CHECK(scales.scalar_type() == at::kHalf, "quant_matmul: scales must be float or half");
-    run(scales.data_ptr<at::Half>(), has_offsets ? offsets->data_ptr<at::Half>() : nullptr);
+    with_scales(x.data_ptr<at::BFloat16>());
   }
   return y;
 #else
@@ -302,7 +345,7 @@ torch::Tensor quant_matmul(torch::Tensor x, torch::Tensor data, int64_t bits, in
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("quant_matmul", &quant_matmul, "x W^T with W int4/int8 group-quantized (CPU, bf16)");
+  m.def("quant_matmul", &quant_matmul, "x W^T with W int4/int8 group-quantized (CPU, bf16 or float32)");
 #ifdef LORASERVE_BF16_SIMD
   m.attr("available") = true;
 #else
