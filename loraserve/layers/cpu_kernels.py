@@ -98,8 +98,9 @@ def cpu_kernel(module, *tensors: torch.Tensor, any_dtype: bool = False):
     path; float32 is the accuracy path and stays on PyTorch's own ops, the reference every parity test is held
     to (fused, float32's sums would be reordered: harmless, but enough to move logits by 1e-4 over 30 layers)."""
     dtype = tensors[0].dtype
-    if any(t.device.type != "cpu" or t.dtype != dtype for t in tensors):
-        return None
+    for t in tensors:  # a plain loop on is_cpu: this runs for every layer of every step
+        if not t.is_cpu or t.dtype != dtype:
+            return None
     if not any_dtype and dtype != torch.bfloat16:
         return None
     return module()

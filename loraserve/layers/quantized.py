@@ -181,11 +181,11 @@ def _matmul(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None) -> t
     kernel = _kernel_for(x, w)
     if kernel is None:
         return F.linear(x, w.dequantize(x.dtype), bias)
-    flat = x.reshape(-1, w.cols)
+    flat = x if x.dim() == 2 else x.reshape(-1, w.cols)  # the engine's activations are 2-D already
     if w.input_perm is not None:
         flat = flat.index_select(1, w.input_perm)
     y = kernel.quant_matmul(flat, w.data, w.bits, w.group_size, w.scales, w.offsets, bias)
-    return y.view(*x.shape[:-1], w.rows)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], w.rows)
 
 
 def _kernel_for(x: torch.Tensor, w: QuantizedTensor):

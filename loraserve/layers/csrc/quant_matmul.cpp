@@ -18,6 +18,7 @@
 // Q4_0/Q4_1 order); int8 holds one signed value per byte. Scales and offsets are float or half, [N, K / group].
 #include "simd.h"
 
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -174,27 +175,48 @@ inline void tile_tail(int tokens, const uint32_t* x, int64_t ldx, const uint32_t
   }
 }
 
-// Few tokens (decode of a handful of sequences): no tile. Each row's integers meet x directly (int4: looked up
-// as their exact bf16 and dotted with x's bf16 pairs by vdpbf16ps; int8: widened to float, FMA'd into float
-// copies of x), the group's scale applied once to its partial sum and the offsets through per-group sums of x
-// (w = q·s + o, so x·w = s·Σ q·x + o·Σ x); 16 rows at a time end in one transpose-add. float32 x takes the
-// int8 way for int4 too (float FMAs: x keeps every bit).
+// Few tokens (decode of a handful of sequences): no tile. Each row's integers meet x directly, the scales applied
+// once per partial sum and the offsets through per-group sums of x (w = q·s + o, so x·w = s·Σ q·x + o·Σ x);
+// 16 rows at a time end in one transpose-add.
+//   int4 (bf16 x, groups of whole chunks): 64 bytes (4 chunks, 128 values) per load; each nibble, and-ed out
+//   and interleaved with the byte 0x43, is the bf16 word 0x43nn, exactly 128 + q, so one and / shift and one
+//   unpack per 32 values give vdpbf16ps its operand (the 128 · Σ x this adds is taken off with the offsets).
+//   The unpacks interleave within 128-bit lanes, so x is permuted once per call into the order they produce,
+//   and lane group L of each partial sum holds chunk L alone: one vector of 4 chunk scales scales all four.
+//   Otherwise (int8, odd groups): values widened to float and FMA'd into float copies of x.
+//   float32 x: no factoring (its cancellation would cost float32 bits): each weight is de-quantized exactly,
+//   q·s + o, and FMA'd into x, the de-quantize-then-matmul reference in another summation order.
 template <typename S, bool kOffset, int T, typename X>
 void matmul_rows(const X* x, const Weight& w, const S* scales, const S* offsets, const X* bias, X* y) {
   const int64_t groups = w.k / w.group, blocks = (w.n + 15) / 16;
-  std::vector<float> xf(T * w.k), xsum(T * groups, 0.f);
-  for (int t = 0; t < T; ++t)
-    for (int64_t i = 0; i < w.k; ++i) {
-      xf[t * w.k + i] = static_cast<float>(x[t * w.k + i]);
-      xsum[t * groups + i / w.group] += xf[t * w.k + i];
+  constexpr bool exact = std::is_same_v<X, float>;
+  const bool nibbles = !exact && w.bits == 4 && w.group % 32 == 0;
+  const int64_t chunks = w.k / 32, quads = (chunks + 3) / 4;  // int4: 128-value loads, the last one masked
+  std::vector<float> xf(nibbles ? 0 : T * w.k), xsum(T * groups, 0.f);
+  std::vector<at::BFloat16> xp(nibbles ? T * quads * 128 : 0, at::BFloat16(0.f));
+  for (int t = 0; t < T; ++t) {  // vectors throughout: a scalar pass costs as much as a small matmul
+    const X* xt = x + t * w.k;
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t i = g * w.group; i < (g + 1) * w.group; i += 16) {
+        const __m512 v = load_x_masked(xt + i, __mmask16(0xFFFF));
+        sum = _mm512_add_ps(sum, v);
+        if (!nibbles) _mm512_storeu_ps(&xf[t * w.k + i], v);
+      }
+      xsum[t * groups + g] = _mm512_reduce_add_ps(sum);
     }
-  const bool nibble_pairs = std::is_same_v<X, at::BFloat16> && w.bits == 4 && w.group % 32 == 0;
-  alignas(64) uint16_t lut[32] = {};
-  for (int i = 0; i < 16; ++i) lut[i] = at::BFloat16(static_cast<float>(i)).x;  // 0..15 are exact in bf16
-  const __m512i table = _mm512_load_si512(lut);
+    if (nibbles)  // features 32L + 8u .. + 8 of a quad go to words 32u + 8L .. + 8 (u: which unpack, L: lane)
+      for (int64_t c = 0; c < chunks; ++c)
+        for (int u = 0; u < 4; ++u)
+          std::memcpy(&xp[t * quads * 128 + (c / 4) * 128 + u * 32 + (c % 4) * 8], xt + c * 32 + u * 8, 16);
+  }
+  const __m512i nibble = _mm512_set1_epi8(0x0F), bf16_128 = _mm512_set1_epi8(0x43);
+  const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
 #pragma omp parallel
   {
-  std::vector<float> row_scales(groups);  // one per thread, refilled per row
+  // one per thread, refilled per row: the row's group scales, and (int4) its chunk scales in quads
+  // (both padded to whole quads: the last quad's scale load reads 4)
+  std::vector<float> row_scales(std::max(groups, quads * 4), 0.f), chunk_scales(nibbles ? quads * 4 : 0, 0.f);
 #pragma omp for schedule(static)
   for (int64_t blk = 0; blk < blocks; ++blk) {
     __m512 totals[T][16];
@@ -202,39 +224,66 @@ void matmul_rows(const X* x, const Weight& w, const S* scales, const S* offsets,
       const int64_t row = std::min(blk * 16 + r, w.n - 1);
       __m512 total[T];
       for (int t = 0; t < T; ++t) total[t] = _mm512_setzero_ps();
-      // the row's scales widened 16 at a time; its offsets meet the per-group sums of x the same way, in lanes
-      // that the final transpose-add sums with the rest
+      // the row's scales widened 16 at a time; its offsets (less 128 · scale for int4's 128 + q) meet the
+      // per-group sums of x the same way, in lanes that the final transpose-add sums with the rest
       for (int64_t g = 0; g < groups; g += 16) {
         const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, groups - g)) - 1);
-        _mm512_mask_storeu_ps(row_scales.data() + g, mask, load16_masked(scales + row * groups + g, mask));
-        if (kOffset) {
-          const __m512 o = load16_masked(offsets + row * groups + g, mask);
+        const __m512 s = load16_masked(scales + row * groups + g, mask);
+        _mm512_mask_storeu_ps(row_scales.data() + g, mask, s);
+        __m512 o = kOffset ? load16_masked(offsets + row * groups + g, mask) : _mm512_setzero_ps();
+        if (nibbles) o = _mm512_fnmadd_ps(s, _mm512_set1_ps(128.f), o);
+        if ((kOffset || nibbles) && !exact)
           for (int t = 0; t < T; ++t)
             total[t] = _mm512_fmadd_ps(o, _mm512_maskz_loadu_ps(mask, &xsum[t * groups + g]), total[t]);
-        }
       }
-      for (int64_t g = 0; g < groups; ++g) {
-        __m512 part[T];
-        for (int t = 0; t < T; ++t) part[t] = _mm512_setzero_ps();
-        if (nibble_pairs) {  // 32 int4 values -> their exact bf16 by table lookup, dotted with x's bf16 pairs
-          for (int64_t f = g * w.group; f < (g + 1) * w.group; f += 32) {
-            const __m256i v = _mm256_cvtepu8_epi16(
-                _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.data + (row * w.k + f) / 2)));
-            const __m512i index = _mm512_inserti64x4(
-                _mm512_castsi256_si512(_mm256_and_si256(v, _mm256_set1_epi16(0xF))), _mm256_srli_epi16(v, 4), 1);
-            const __m512bh q = (__m512bh)_mm512_permutexvar_epi16(index, table);
-            const auto* xb = reinterpret_cast<const at::BFloat16*>(x);  // nibble_pairs: X is bf16
-            for (int t = 0; t < T; ++t)
-              part[t] = _mm512_dpbf16_ps(part[t], q, (__m512bh)_mm512_loadu_si512(xb + t * w.k + f));
+      if (nibbles) {
+        const float* row_chunk_scales = row_scales.data();  // groups of 32 (GGUF's): a chunk is a group
+        if (w.group != 32) {
+          for (int64_t g = 0, c = 0; g < groups; ++g)
+            for (const int64_t end = c + w.group / 32; c < end; ++c) chunk_scales[c] = row_scales[g];
+          row_chunk_scales = chunk_scales.data();
+        }
+        const uint8_t* data = w.data + row * w.k / 2;
+        for (int64_t q = 0; q < quads; ++q) {
+          const int64_t left = std::min<int64_t>(4, chunks - q * 4);
+          const __m512i bytes = _mm512_maskz_loadu_epi8(left == 4 ? ~__mmask64(0) : (__mmask64(1) << (16 * left)) - 1,
+                                                        data + q * 64);
+          const __m512i low = _mm512_and_si512(bytes, nibble);
+          const __m512i high = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble);
+          const __m512bh v[4] = {(__m512bh)_mm512_unpacklo_epi8(low, bf16_128),
+                                 (__m512bh)_mm512_unpackhi_epi8(low, bf16_128),
+                                 (__m512bh)_mm512_unpacklo_epi8(high, bf16_128),
+                                 (__m512bh)_mm512_unpackhi_epi8(high, bf16_128)};
+          const __m512 scale = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_loadu_ps(row_chunk_scales + q * 4)));
+          for (int t = 0; t < T; ++t) {
+            const at::BFloat16* xq = xp.data() + t * quads * 128 + q * 128;
+            __m512 part = _mm512_dpbf16_ps(_mm512_setzero_ps(), v[0], (__m512bh)_mm512_loadu_si512(xq));
+            part = _mm512_dpbf16_ps(part, v[1], (__m512bh)_mm512_loadu_si512(xq + 32));
+            part = _mm512_dpbf16_ps(part, v[2], (__m512bh)_mm512_loadu_si512(xq + 64));
+            part = _mm512_dpbf16_ps(part, v[3], (__m512bh)_mm512_loadu_si512(xq + 96));
+            total[t] = _mm512_fmadd_ps(part, scale, total[t]);
           }
-        } else {
+        }
+      } else if (exact) {  // float32: each weight de-quantized as q·s + o (exact in float), then dotted with x
+        for (int64_t g = 0; g < groups; ++g) {
+          const __m512 scale = _mm512_set1_ps(row_scales[g]);
+          const __m512 offset = kOffset ? _mm512_set1_ps(scalar(offsets[row * groups + g])) : _mm512_setzero_ps();
+          for (int64_t f = g * w.group; f < (g + 1) * w.group; f += 16) {
+            const __m512 wv = _mm512_fmadd_ps(load16(w, row, f), scale, offset);
+            for (int t = 0; t < T; ++t) total[t] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(&xf[t * w.k + f]), total[t]);
+          }
+        }
+      } else {
+        for (int64_t g = 0; g < groups; ++g) {
+          __m512 part[T];
+          for (int t = 0; t < T; ++t) part[t] = _mm512_setzero_ps();
           for (int64_t f = g * w.group; f < (g + 1) * w.group; f += 16) {
             const __m512 q = load16(w, row, f);
             for (int t = 0; t < T; ++t) part[t] = _mm512_fmadd_ps(q, _mm512_loadu_ps(&xf[t * w.k + f]), part[t]);
           }
+          const __m512 scale = _mm512_set1_ps(row_scales[g]);
+          for (int t = 0; t < T; ++t) total[t] = _mm512_fmadd_ps(part[t], scale, total[t]);
         }
-        const __m512 scale = _mm512_set1_ps(row_scales[g]);
-        for (int t = 0; t < T; ++t) total[t] = _mm512_fmadd_ps(part[t], scale, total[t]);
       }
       for (int t = 0; t < T; ++t) totals[t][r] = total[t];
     }
