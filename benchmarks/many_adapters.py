@@ -7,8 +7,10 @@
    the ratio of the two.
 2. Cold load of an r16 all-linear adapter, in its two halves: disk -> host copy (runs beside the step
    thread, never inside a step) and host copy -> slot (inside the step that first needs it).
-3. Stalls: inter-token latency p50 / p99 of requests on resident adapters, streaming through the async
-   engine, alone and while requests for cold r16 adapters keep arriving.
+3. Stalls: inter-token latency p50 / p99 of 32 requests on 8 resident adapters, streaming through the async
+   engine, alone and while a request for an adapter drawn uniformly from the 1,000 (cold: each drawn once)
+   arrives every 100 ms; paired rounds (`--rounds`, both cases once per round, the p99 ratio taken within the
+   round, the median printed).
 """
 from __future__ import annotations
 
@@ -86,18 +88,22 @@ def percentile(values: list[float], q: float) -> float:
 def main() -> None:
     parser = workload_parser(__doc__)
     parser.add_argument("--adapters", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=5, help="paired rounds of the stall phase")
+    parser.add_argument("--stalls-only", action="store_true", help="only the stall phase")
     args = parser.parse_args()
     folder = resolve_model(args.model)
     prompts = make_prompts(load_tokenizer(folder), args.num_prompts, seed=0)
     tmp = Path(tempfile.mkdtemp(prefix="many-adapters-"))
     start = time.perf_counter()
     small = make_adapters(folder, tmp, 8, args.adapters, seed=0, target_modules=["q_proj", "v_proj"])
-    big = make_adapters(folder, tmp, 16, 24, seed=5000)
-    print(f"made {len(small)} r8 q/v and {len(big)} r16 all-linear adapters in {time.perf_counter() - start:.0f} s",
-          flush=True)
+    print(f"made {len(small)} r8 q/v adapters in {time.perf_counter() - start:.0f} s", flush=True)
     requests = [LoRARequest(p.name, i + 1, str(p)) for i, p in enumerate(small)]
-    cold = [LoRARequest(p.name, 100_000 + i, str(p)) for i, p in enumerate(big)]
+    if not args.stalls_only:
+        throughput_and_cold_loads(args, prompts, requests, make_adapters(folder, tmp, 16, 12, seed=5000))
+    stalls(args, prompts, requests)
 
+
+def throughput_and_cold_loads(args, prompts: list[list[int]], requests: list[LoRARequest], big: list[Path]) -> None:
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.num_prompts, **LORA)
     throughput(llm, prompts[:8], 4, requests[:8])  # warm-up
     eight = throughput(llm, prompts, args.output_len, [requests[i % 8] for i in range(len(prompts))])
@@ -114,20 +120,30 @@ def main() -> None:
           f"{statistics.median(to_host):.1f} / {max(to_host):.1f} ms (beside the step thread), host -> slot "
           f"{statistics.median(to_slot):.1f} / {max(to_slot):.1f} ms (inside a step); total "
           f"{statistics.median(total):.1f} / {max(total):.1f} ms", flush=True)
-    del llm
 
+
+def stalls(args, prompts: list[list[int]], requests: list[LoRARequest]) -> None:
     engine = AsyncLLMEngine.from_config(EngineConfig.from_options(
         model=args.model, dtype=args.dtype, max_num_seqs=args.num_prompts, **LORA))
+    resident, streams, per_round = requests[:8], prompts[:32], 12
+    newcomers = random.Random(1).sample(requests[8:], per_round * args.rounds)  # uniform, each cold once
+    rows: dict[str, list[float]] = {"p50 alone": [], "p99 alone": [], "p50 cold": [], "p99 cold": [], "ratio": []}
     try:
-        resident = requests[:8]
-        streams = prompts[:32]
-        quiet = asyncio.run(itl_under_cold_loads(engine, streams, args.output_len, resident, []))
-        busy = asyncio.run(itl_under_cold_loads(engine, streams, args.output_len, resident, cold[12:]))
+        asyncio.run(itl_under_cold_loads(engine, streams[:8], 8, resident, []))  # warm: resident adapters in slots
+        for r in range(args.rounds):
+            quiet = asyncio.run(itl_under_cold_loads(engine, streams, args.output_len, resident, []))
+            cold = newcomers[r * per_round:(r + 1) * per_round]
+            busy = asyncio.run(itl_under_cold_loads(engine, streams, args.output_len, resident, cold))
+            for label, gaps in (("alone", quiet), ("cold", busy)):
+                rows[f"p50 {label}"].append(percentile(gaps, 50))
+                rows[f"p99 {label}"].append(percentile(gaps, 99))
+            rows["ratio"].append(rows["p99 cold"][-1] / rows["p99 alone"][-1])
+            print(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rows.items()), flush=True)
     finally:
         engine.shutdown()
-    for label, gaps in (("alone", quiet), (f"with {len(cold) - 12} cold loads", busy)):
-        print(f"resident-adapter ITL {label:20s} p50 {percentile(gaps, 50):6.1f} ms  "
-              f"p99 {percentile(gaps, 99):6.1f} ms")
+    print(f"resident-adapter ITL (32 streams on 8 adapters; {per_round} requests for cold r8 q/v adapters 100 ms "
+          f"apart; median of {args.rounds} rounds): " + ", ".join(f"{k} {statistics.median(v):.2f}"
+                                                                    for k, v in rows.items()))
 
 
 if __name__ == "__main__":

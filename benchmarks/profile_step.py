@@ -1,12 +1,14 @@
 """Where a decode step's time goes: torch.profiler over decode steps of N sequences, grouped.
 
     python benchmarks/profile_step.py [--model M] [--dtype auto] [--seqs 64] [--steps 20] [--lora RANK]
-                                      [--adapters 8] [--quantization gguf]
+                                      [--adapters 8] [--quantization gguf] [--after 10]
+                                      [--output-kind CUMULATIVE|DELTA|FINAL_ONLY]
 
 Prints milliseconds per step of: matmuls, decode attention, the LoRA kernel, the other ATen ops (norms,
 rotary, activations, KV writes, sampling; the largest are listed), and what is left of the wall time
 (Python: scheduling, batch building, output processing). `--lora RANK` serves every sequence with one of
-`--adapters` (default 8) random all-linear adapters of that rank.
+`--adapters` (default 8) random all-linear adapters of that rank. `--after` decode steps run before the
+profiled ones (the outputs' length); `--output-kind` is what each step's outputs hold.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from pathlib import Path
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from lora_overhead import make_adapters
-from loraserve import LLM, LoRARequest, SamplingParams
+from loraserve import LLM, LoRARequest, RequestOutputKind, SamplingParams
 from loraserve.model.loader import load_tokenizer, resolve_model
 from throughput import make_prompts
 
@@ -64,6 +66,9 @@ def main() -> None:
     parser.add_argument("--lora", type=int, default=0, help="rank of the mixed adapters (0: none)")
     parser.add_argument("--adapters", type=int, default=8, help="distinct adapters the sequences cycle over")
     parser.add_argument("--quantization", default=None, help="e.g. gguf: the default model's Q4_1 file as it is")
+    parser.add_argument("--after", type=int, default=10, help="decode steps before the profiled ones (output length)")
+    parser.add_argument("--output-kind", default="CUMULATIVE", choices=[k.name for k in RequestOutputKind],
+                        help="what each step's outputs hold (a streaming server asks for DELTA)")
     args = parser.parse_args()
 
     folder = resolve_model(args.model)
@@ -79,12 +84,13 @@ def main() -> None:
     label_kernels()
     llm = LLM(args.model, **options)
     engine = llm.engine
-    params = SamplingParams(temperature=0, max_tokens=args.steps * 3 + 40, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=args.steps * 3 + args.after + 40, ignore_eos=True,
+                            output_kind=RequestOutputKind[args.output_kind])
     for i, (prompt, lora) in enumerate(zip(prompts, loras, strict=True)):
         engine.add_request(str(i), None, prompt, params, lora)
     while any(seq.num_computed_tokens < seq.prompt_len for r in engine.requests.values() for seq in r.seqs):
         engine.step()  # prefill everything first
-    for _ in range(10):
+    for _ in range(args.after):
         engine.step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
@@ -102,7 +108,7 @@ def main() -> None:
         if group == "other ops":
             others[event.key] += ms
     lora = f"{args.adapters} LoRA r{args.lora} adapters" if args.lora else "no LoRA"
-    print(f"{args.seqs} sequences decoding, {lora}: "
+    print(f"{args.seqs} sequences decoding ({args.after} tokens in, {args.output_kind} outputs), {lora}: "
           f"{wall:.1f} ms per step (under the profiler)")
     for group in ("matmul", "attention", "lora", "fused ops", "other ops"):
         print(f"  {group:10s} {totals[group]:6.2f} ms")

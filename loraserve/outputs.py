@@ -1,9 +1,21 @@
 """What a request gives back: one RequestOutput with one CompletionOutput per sample (n), in vLLM's shape."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from loraserve.lora_request import LoRARequest
+
+
+def held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest end of `text` that begins a stop string: it may yet become the stop, which
+    the final text leaves out, so a stream must not send it early."""
+    longest = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:k]):
+                longest = k
+                break
+    return longest
 
 
 @dataclass
@@ -54,7 +66,9 @@ class RequestMetrics:
 
 @dataclass
 class RequestOutput:
-    """Cumulative state of a request: each streamed output holds everything generated so far."""
+    """A request's state: everything generated so far, or with SamplingParams.output_kind=DELTA only what each
+    sample added since the previous output (its text_offsets still count from the start of the sample's text;
+    samples with nothing new are left out)."""
 
     request_id: str
     prompt: str | None
@@ -67,3 +81,27 @@ class RequestOutput:
     @property
     def lora_name(self) -> str | None:
         return self.lora_request.lora_name if self.lora_request else None
+
+
+def add_delta(total: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
+    """The whole output of a request so far, `total` (None at first), with a DELTA output added: what a caller
+    that streams deltas but also wants the final answer keeps (in place; samples ordered by index)."""
+    if total is None:
+        total = replace(delta, outputs=[])
+    by_index = {c.index: c for c in total.outputs}
+    for c in delta.outputs:
+        kept = by_index.get(c.index)
+        if kept is None:
+            by_index[c.index] = replace(c, token_ids=list(c.token_ids), text_offsets=list(c.text_offsets),
+                                        logprobs=None if c.logprobs is None else list(c.logprobs))
+            continue
+        kept.text += c.text
+        kept.token_ids.extend(c.token_ids)
+        kept.text_offsets.extend(c.text_offsets)
+        if c.logprobs is not None and kept.logprobs is not None:
+            kept.logprobs.extend(c.logprobs)
+        kept.cumulative_logprob, kept.finish_reason, kept.stop_reason = (c.cumulative_logprob, c.finish_reason,
+                                                                         c.stop_reason)
+    total.outputs = sorted(by_index.values(), key=lambda c: c.index)
+    total.finished, total.metrics = delta.finished, delta.metrics
+    return total

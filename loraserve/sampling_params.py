@@ -2,8 +2,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import IntEnum
 
 from loraserve.errors import ParamError
+
+
+class RequestOutputKind(IntEnum):
+    """What each output of a running request holds (vLLM's names): everything so far, only what is new since
+    the previous output (a streaming server's choice: no copy of the whole history per token), or one output
+    when the request finishes."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 # Seeds are torch generator seeds: 64-bit signed integers, as vLLM accepts them.
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
@@ -35,6 +46,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         if self.top_k == -1:
@@ -43,6 +55,12 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = [s for s in (self.stop or [])]
         self.stop_token_ids = list(self.stop_token_ids or [])
+        try:
+            self.output_kind = RequestOutputKind(self.output_kind)
+        except ValueError:
+            raise ParamError("output_kind", f"{{param}} must be one of "
+                                            f"{', '.join(k.name for k in RequestOutputKind)}, got {self.output_kind!r}"
+                             ) from None
         self._validate()
 
     def _validate(self) -> None:

@@ -19,8 +19,9 @@ import torch
 import transformers
 
 from lora_fixtures import make_peft_adapter
-from loraserve import LLM, LoRARequest, SamplingParams
+from loraserve import LLM, LoRARequest, RequestOutputKind, SamplingParams
 from loraserve.errors import AdapterRemovedError, LoRAError, ParamError
+from loraserve.outputs import add_delta
 from test_lora_batching import assert_idle
 from tiny_models import make_sharp_tiny_model, make_tiny_model
 
@@ -83,6 +84,38 @@ def test_streamed_text_equals_final_text_equals_decode(model_path):
         assert final.text == tokenizer.decode(final.token_ids, skip_special_tokens=True)
         cut_inside_a_character += final.text.endswith("\ufffd")
     assert cut_inside_a_character  # the flush at the end was needed at least once
+
+
+def test_delta_outputs_add_up_to_the_cumulative_ones(model_path):
+    """The same seeded requests (n=2, logprobs, stop strings taken from the text they produce) as CUMULATIVE,
+    DELTA and FINAL_ONLY outputs: deltas add up to the cumulative final answer, field by field; every sum of
+    deltas so far is a prefix of the final text (a possible stop string is held back, never sent and cut);
+    FINAL_ONLY gives one output, the final one."""
+    llm = LLM(str(model_path), **ENGINE)
+
+    def run(kind: RequestOutputKind, stops: list[str] | None) -> dict[str, list]:
+        for i in range(6):
+            llm.engine.add_request(str(i), f"delta {i}", None, SamplingParams(
+                n=2, temperature=1.0, seed=i, max_tokens=20, ignore_eos=True, logprobs=2, stop=stops,
+                output_kind=kind))
+        return drain(llm)
+
+    texts = [c.text for steps in run(RequestOutputKind.CUMULATIVE, None).values() for c in steps[-1].outputs]
+    stops = sorted({t[len(t) // 2:len(t) // 2 + 2] for t in texts if len(t) > 4})[:3]  # some will match
+    cumulative, delta = run(RequestOutputKind.CUMULATIVE, stops), run(RequestOutputKind.DELTA, stops)
+    final_only = run(RequestOutputKind.FINAL_ONLY, stops)
+    stopped = 0
+    for request_id, steps in cumulative.items():
+        final = steps[-1]
+        assert [(o.finished, o.outputs) for o in final_only[request_id]] == [(True, final.outputs)]
+        total = None
+        for output in delta[request_id]:
+            total = add_delta(total, output)
+            for c in total.outputs:
+                assert final.outputs[c.index].text.startswith(c.text)
+        assert total.finished and total.outputs == final.outputs
+        stopped += sum(c.stop_reason in stops for c in final.outputs)
+    assert stopped  # the stop strings were hit, so holding back mattered
 
 
 # ---- limits, by parameter ------------------------------------------------------------------------------

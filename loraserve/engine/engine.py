@@ -270,7 +270,7 @@ class LLMEngine:
             request.metrics.last_token_time = now
             if request.finished:
                 outputs.append(self._end(request))
-            elif not finished_only:
+            elif not finished_only and not request.final_only:
                 outputs.append(request.output())
         return outputs
 

@@ -42,6 +42,10 @@ class Sequence:
     text_offsets: list[int] = field(default_factory=list)  # per output token, see CompletionOutput
     logprobs: list[dict[int, Logprob]] = field(default_factory=list)
     cumulative_logprob: float = 0.0
+    # delta outputs: how much of the output earlier outputs carried, and whether they carried its end
+    sent_tokens: int = 0
+    sent_text: int = 0
+    sent_final: bool = False
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -14,7 +14,7 @@ from pydantic_core import PydanticCustomError
 
 from loraserve.errors import ParamError
 from loraserve.lora_request import MAX_COEFFICIENT
-from loraserve.sampling_params import SamplingParams
+from loraserve.sampling_params import RequestOutputKind, SamplingParams
 
 # Fields of the OpenAI API that loraserve does not implement; each is accepted only at a neutral value
 # (by default null, false or empty) so that clients which always send them keep working.
@@ -154,7 +154,8 @@ class _GenerationRequest(_Strict):
                 presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                 repetition_penalty=self.repetition_penalty,
                 include_stop_str_in_output=self.include_stop_str_in_output,
-                skip_special_tokens=self.skip_special_tokens)
+                skip_special_tokens=self.skip_special_tokens,
+                output_kind=RequestOutputKind.DELTA)  # responses are built from deltas: no history copied per token
         except ParamError as e:
             raise param_error(e, {"max_tokens": max_tokens_param, "logprobs": logprobs_param}) from e
 

@@ -13,13 +13,13 @@ import jinja2
 from loraserve.engine.async_engine import AsyncLLMEngine
 from loraserve.errors import AdapterRemovedError, EngineDeadError, LoRAError, ParamError
 from loraserve.lora_request import LoRAMix, LoRARequest
-from loraserve.outputs import Logprob, RequestOutput
+from loraserve.outputs import CompletionOutput, Logprob, RequestOutput, add_delta
 from loraserve.sampling_params import SamplingParams
 from loraserve.server.adapters import AdapterRegistry, model_not_found
 from loraserve.server.metrics import ServerMetrics
 from loraserve.server.openai_shapes import chat_logprobs, completion_logprobs, usage
 from loraserve.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, bad_request, param_error
-from loraserve.server.streaming import DONE, ChoiceStream, Delta, merge, sse
+from loraserve.server.streaming import DONE, merge, sse
 
 logger = logging.getLogger(__name__)
 
@@ -140,13 +140,12 @@ class OpenAIServing:
         outputs = self._generate(job)
         if not job.request.stream:
             try:
-                finals: dict[int, RequestOutput] = {}
-                async for index, output in outputs:
-                    if output.finished:
-                        finals[index] = output
+                totals: dict[int, RequestOutput] = {}
+                async for index, output in outputs:  # deltas, added up
+                    totals[index] = add_delta(totals.get(index), output)
             finally:
                 await outputs.aclose()
-            return self._response(job, [finals[i] for i in range(len(job.prompts))])
+            return self._response(job, [totals[i] for i in range(len(job.prompts))])
         try:  # the first output proves the request was accepted; errors before it get a proper status
             first = await anext(outputs)
         except BaseException:
@@ -185,8 +184,8 @@ class OpenAIServing:
                 self.metrics.requests.labels(model, adapter, timing.outcome).inc()
 
     def _observe(self, model: str, adapter: str, timing: _Timing, output: RequestOutput) -> None:
-        tokens = sum(len(c.token_ids) for c in output.outputs)
-        if tokens == timing.tokens:
+        new = sum(len(c.token_ids) for c in output.outputs)  # a delta
+        if new == 0:
             return
         now = time.monotonic()
         if timing.tokens == 0:
@@ -194,8 +193,8 @@ class OpenAIServing:
             self.metrics.ttft.labels(model).observe(now - timing.last)
         else:
             self.metrics.itl.labels(model).observe(now - timing.last)
-        self.metrics.generation_tokens.labels(model, adapter).inc(tokens - timing.tokens)
-        timing.tokens, timing.last = tokens, now
+        self.metrics.generation_tokens.labels(model, adapter).inc(new)
+        timing.tokens, timing.last = timing.tokens + new, now
 
     # ---- response shapes ------------------------------------------------------------------------
 
@@ -234,37 +233,36 @@ class OpenAIServing:
         include_usage = request.stream_options is not None and request.stream_options.include_usage
         header = self._header(job, chunk=True)
         extra = {"usage": None} if include_usage else {}
-        streams = [ChoiceStream(params.stop) for params in job.params for _ in range(n)]
-        latest: dict[int, RequestOutput] = {}
+        prompt_tokens: dict[int, int] = {}
+        completion_tokens = 0
 
         def chunk(index: int, body: dict) -> str:
             return sse(header | {"choices": [{"index": index} | body]} | extra)
 
-        chunk_body: Callable[[Delta], dict] = self._chat_delta if job.kind == "chat" else self._completion_delta
+        chunk_body: Callable[[CompletionOutput], dict] = (self._chat_delta if job.kind == "chat"
+                                                          else self._completion_delta)
         try:
             if job.kind == "chat":
-                for index in range(len(streams)):
+                for index in range(len(job.prompts) * n):
                     yield chunk(index, {"delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                         "finish_reason": None})
             pending: list[tuple[int, RequestOutput]] = [first]
             while True:
-                for prompt_index, output in pending:
-                    latest[prompt_index] = output
+                for prompt_index, output in pending:  # deltas: each sample's new part, stop strings held back
+                    prompt_tokens[prompt_index] = len(output.prompt_token_ids)
                     for c in output.outputs:
-                        index = prompt_index * n + c.index
-                        delta = streams[index].advance(c)
-                        if delta is not None:
-                            body = chunk_body(delta) | {"finish_reason": delta.finish_reason,
-                                                        "stop_reason": delta.stop_reason}
-                            body["logprobs"] = self._logprobs(job, delta.token_ids, delta.logprobs,
-                                                              delta.text_offsets)
-                            yield chunk(index, body)
+                        completion_tokens += len(c.token_ids)
+                        body = chunk_body(c) | {"finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                        body["logprobs"] = self._logprobs(job, c.token_ids, c.logprobs, c.text_offsets)
+                        yield chunk(prompt_index * n + c.index, body)
                 item = await anext(outputs, None)
                 if item is None:
                     break
                 pending = [item]
             if include_usage:
-                yield sse(header | {"choices": [], "usage": usage(list(latest.values()))})
+                prompt = sum(prompt_tokens.values())
+                yield sse(header | {"choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens":
+                                    completion_tokens, "total_tokens": prompt + completion_tokens}})
         except APIError as e:  # headers are sent: report in the stream
             yield sse(e.body())
         except EngineDeadError as e:
@@ -277,9 +275,9 @@ class OpenAIServing:
         yield DONE
 
     @staticmethod
-    def _chat_delta(delta: Delta) -> dict:
+    def _chat_delta(delta: CompletionOutput) -> dict:
         return {"delta": {"content": delta.text} if delta.text or delta.finish_reason is None else {}}
 
     @staticmethod
-    def _completion_delta(delta: Delta) -> dict:
+    def _completion_delta(delta: CompletionOutput) -> dict:
         return {"text": delta.text}
