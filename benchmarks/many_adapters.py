@@ -8,13 +8,15 @@
 2. Cold load of an r16 all-linear adapter, in its two halves: disk -> host copy (runs beside the step
    thread, never inside a step) and host copy -> slot (inside the step that first needs it).
 3. Stalls: inter-token latency p50 / p99 of 32 requests on 8 resident adapters, streaming through the async
-   engine, alone and while a request for an adapter drawn uniformly from the 1,000 (cold: each drawn once)
-   arrives every 100 ms; paired rounds (`--rounds`, both cases once per round, the p99 ratio taken within the
-   round, the median printed).
+   engine, once they all decode: alone; while a request on one of those resident adapters arrives every
+   100 ms; while a request on an adapter drawn uniformly from the 1,000 (cold: each drawn once) arrives every
+   100 ms. Paired rounds (`--rounds`, every case once per round, the p99 ratios taken within the round, the
+   median printed): cold/warm is what cold loads cost, warm/alone what prefilling newcomers costs.
 """
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import statistics
 import tempfile
@@ -25,6 +27,7 @@ from lora_overhead import make_adapters
 from loraserve import LLM, LoRARequest, SamplingParams
 from loraserve.config import EngineConfig
 from loraserve.engine.async_engine import AsyncLLMEngine
+from loraserve.engine.engine import LLMEngine
 from loraserve.model.loader import load_tokenizer, resolve_model
 from throughput import make_prompts, workload_parser
 
@@ -53,31 +56,38 @@ def cold_load_ms(llm: LLM, adapters: list[Path], first_id: int) -> tuple[list[fl
     return to_host, to_slot
 
 
-async def stream_gaps(engine: AsyncLLMEngine, request_id: str, prompt: list[int], output_len: int,
-                      lora: LoRARequest) -> list[float]:
+async def stream_times(engine: AsyncLLMEngine, request_id: str, prompt: list[int], output_len: int,
+                       lora: LoRARequest, started: asyncio.Semaphore | None = None) -> list[float]:
+    """When each of a stream's outputs arrived; `started` is released at its first."""
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-    gaps, last = [], None
+    times = []
     async for _ in engine.generate(request_id, None, prompt, params, lora):
-        now = time.perf_counter()
-        if last is not None:
-            gaps.append((now - last) * 1000)
-        last = now
-    return gaps
+        times.append(time.perf_counter())
+        if len(times) == 1 and started is not None:
+            started.release()
+    return times
 
 
-async def itl_under_cold_loads(engine: AsyncLLMEngine, prompts: list[list[int]], output_len: int,
-                               resident: list[LoRARequest], cold: list[LoRARequest]) -> list[float]:
-    """ITL of requests on resident adapters while, if `cold` is given, a request for a new cold adapter
-    arrives every 100 ms."""
-    streams = [asyncio.create_task(stream_gaps(engine, f"res-{time.time()}-{i}", p, output_len,
-                                               resident[i % len(resident)]))
+async def itl_with_newcomers(engine: AsyncLLMEngine, prompts: list[list[int]], output_len: int,
+                             resident: list[LoRARequest],
+                             newcomers: list[tuple[LoRARequest, list[int]]]) -> list[float]:
+    """Gaps (ms) between the outputs of streams on resident adapters, counted once every stream decodes,
+    while each of `newcomers` (adapter, prompt) arrives, 100 ms apart (its prompt is prefilled beside the
+    streams' decode)."""
+    started = asyncio.Semaphore(0)
+    streams = [asyncio.create_task(stream_times(engine, f"res-{time.time()}-{i}", p, output_len,
+                                                resident[i % len(resident)], started))
                for i, p in enumerate(prompts)]
-    newcomers = []
-    for i, lora in enumerate(cold):
+    for _ in streams:
+        await started.acquire()
+    decoding = time.perf_counter()
+    arrivals = []
+    for i, (lora, prompt) in enumerate(newcomers):
         await asyncio.sleep(0.1)
-        newcomers.append(asyncio.create_task(stream_gaps(engine, f"cold-{i}", prompts[i], 4, lora)))
-    gaps = [g for gs in await asyncio.gather(*streams) for g in gs]
-    await asyncio.gather(*newcomers)
+        arrivals.append(asyncio.create_task(stream_times(engine, f"new-{time.time()}-{i}", prompt, 4, lora)))
+    gaps = [(b - a) * 1000 for times in await asyncio.gather(*streams)
+            for a, b in itertools.pairwise(times) if a >= decoding]
+    await asyncio.gather(*arrivals)
     return gaps
 
 
@@ -90,16 +100,21 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=5, help="paired rounds of the stall phase")
     parser.add_argument("--stalls-only", action="store_true", help="only the stall phase")
+    parser.add_argument("--cold-loads", choices=["auto", "between", "beside"], default="auto",
+                        help="where the async engine runs a cold adapter's CPU work: between steps, beside them "
+                             "in the request's thread, or as the machine suggests")
     args = parser.parse_args()
     folder = resolve_model(args.model)
-    prompts = make_prompts(load_tokenizer(folder), args.num_prompts, seed=0)
+    # the streams' prompts, then one of its own for each newcomer of the stall phase (none shares a cached prefix)
+    prompts = make_prompts(load_tokenizer(folder), max(args.num_prompts, 32) + 24 * args.rounds, seed=0)
     tmp = Path(tempfile.mkdtemp(prefix="many-adapters-"))
     start = time.perf_counter()
     small = make_adapters(folder, tmp, 8, args.adapters, seed=0, target_modules=["q_proj", "v_proj"])
     print(f"made {len(small)} r8 q/v adapters in {time.perf_counter() - start:.0f} s", flush=True)
     requests = [LoRARequest(p.name, i + 1, str(p)) for i, p in enumerate(small)]
     if not args.stalls_only:
-        throughput_and_cold_loads(args, prompts, requests, make_adapters(folder, tmp, 16, 12, seed=5000))
+        big = make_adapters(folder, tmp, 16, 12, seed=5000)
+        throughput_and_cold_loads(args, prompts[:args.num_prompts], requests, big)
     stalls(args, prompts, requests)
 
 
@@ -123,27 +138,39 @@ def throughput_and_cold_loads(args, prompts: list[list[int]], requests: list[LoR
 
 
 def stalls(args, prompts: list[list[int]], requests: list[LoRARequest]) -> None:
-    engine = AsyncLLMEngine.from_config(EngineConfig.from_options(
-        model=args.model, dtype=args.dtype, max_num_seqs=args.num_prompts, **LORA))
+    """Three cases per round: the streams alone; newcomers on the streams' own (resident) adapters; newcomers
+    on cold adapters. warm/alone is what prefilling newcomers beside decode costs, cold/warm what reading
+    and slotting their adapters adds. Prefix caching is off: a cold adapter's newcomer could reuse no cached
+    prefix (the KV is per adapter), a warm one the chat template's, which is not what is measured here."""
+    between = {"auto": None, "between": True, "beside": False}[args.cold_loads]
+    engine = AsyncLLMEngine(LLMEngine(EngineConfig.from_options(
+        model=args.model, dtype=args.dtype, max_num_seqs=args.num_prompts, enable_prefix_caching=False, **LORA)),
+        between)
     resident, streams, per_round = requests[:8], prompts[:32], 12
-    newcomers = random.Random(1).sample(requests[8:], per_round * args.rounds)  # uniform, each cold once
-    rows: dict[str, list[float]] = {"p50 alone": [], "p99 alone": [], "p50 cold": [], "p99 cold": [], "ratio": []}
+    cold_ones = random.Random(1).sample(requests[8:], per_round * args.rounds)  # uniform, each cold once
+    own_prompts = iter(prompts[max(args.num_prompts, 32):])
+    cases = ("alone", "warm", "cold")
+    rows: dict[str, list[float]] = {f"{q} {c}": [] for c in cases for q in ("p50", "p99")}
+    rows.update({"cold/warm": [], "cold/alone": [], "warm/alone": []})
     try:
-        asyncio.run(itl_under_cold_loads(engine, streams[:8], 8, resident, []))  # warm: resident adapters in slots
+        asyncio.run(itl_with_newcomers(engine, streams[:8], 8, resident, []))  # resident adapters into slots
         for r in range(args.rounds):
-            quiet = asyncio.run(itl_under_cold_loads(engine, streams, args.output_len, resident, []))
-            cold = newcomers[r * per_round:(r + 1) * per_round]
-            busy = asyncio.run(itl_under_cold_loads(engine, streams, args.output_len, resident, cold))
-            for label, gaps in (("alone", quiet), ("cold", busy)):
-                rows[f"p50 {label}"].append(percentile(gaps, 50))
-                rows[f"p99 {label}"].append(percentile(gaps, 99))
-            rows["ratio"].append(rows["p99 cold"][-1] / rows["p99 alone"][-1])
-            print(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rows.items()), flush=True)
+            warm = [(resident[i % len(resident)], next(own_prompts)) for i in range(per_round)]
+            cold = [(lora, next(own_prompts)) for lora in cold_ones[r * per_round:(r + 1) * per_round]]
+            newcomers = {"alone": [], "warm": warm, "cold": cold}
+            for case in cases:
+                gaps = asyncio.run(itl_with_newcomers(engine, streams, args.output_len, resident, newcomers[case]))
+                rows[f"p50 {case}"].append(percentile(gaps, 50))
+                rows[f"p99 {case}"].append(percentile(gaps, 99))
+            for ratio in ("cold/warm", "cold/alone", "warm/alone"):
+                top, bottom = ratio.split("/")
+                rows[ratio].append(rows[f"p99 {top}"][-1] / rows[f"p99 {bottom}"][-1])
+            print(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rows.items()), flush=True)
     finally:
         engine.shutdown()
-    print(f"resident-adapter ITL (32 streams on 8 adapters; {per_round} requests for cold r8 q/v adapters 100 ms "
-          f"apart; median of {args.rounds} rounds): " + ", ".join(f"{k} {statistics.median(v):.2f}"
-                                                                    for k, v in rows.items()))
+    print(f"resident-adapter ITL ms (32 streams on 8 adapters; {per_round} newcomers 100 ms apart, on resident "
+          f"or on cold r8 q/v adapters; p99 ratios taken within each round, median of {args.rounds} rounds): "
+          + ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in rows.items()))
 
 
 if __name__ == "__main__":

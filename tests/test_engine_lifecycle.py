@@ -279,3 +279,62 @@ def test_concurrent_cold_loads_of_one_id_read_it_once(llm, hf, tmp_path):
     assert (after.loads - before.loads, after.hits - before.hits) == (1, 1)
     for a in taken:
         manager.release(a)
+
+
+def test_cold_loads_between_steps_serve_the_same_and_fail_the_same(model_path, llm, hf, tmp_path):
+    """Where the compute threads fill every core, the async engine parses a cold adapter on its step thread,
+    between steps: the adapter serves what the offline engine serves, a broken one fails with its reason, a
+    resident stream runs on meanwhile, and after shutdown the work runs in the caller (nothing waits)."""
+    import asyncio
+    import threading
+
+    from loraserve.config import EngineConfig
+    from loraserve.engine.async_engine import AsyncLLMEngine
+    from loraserve.engine.engine import LLMEngine
+
+    good = LoRARequest("good", 90, str(adapter(hf, tmp_path / "good", seed=90)))
+    resident = LoRARequest("resident", 91, str(adapter(hf, tmp_path / "resident", seed=91)))
+    broken = tmp_path / "broken"
+    shutil.copytree(good.lora_path, broken)
+    (broken / "adapter_config.json").write_text("{not json")
+    engine = AsyncLLMEngine(LLMEngine(EngineConfig.from_options(model=str(model_path), **ENGINE, enable_lora=True,
+                                                                max_loras=2, max_cpu_loras=2)), True)
+    manager = engine._engine.lora_manager
+    try:
+        assert manager.run_cpu_work(threading.current_thread).name == "loraserve-engine"
+
+        async def run(lora: LoRARequest, request_id: str, max_tokens: int = 12) -> list[int]:
+            params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+            outputs = [output async for output in engine.generate(request_id, PROMPT, None, params, lora)]
+            return outputs[-1].outputs[0].token_ids
+
+        async def together():
+            long = asyncio.create_task(run(resident, "long", 40))
+            await asyncio.sleep(0.05)
+            cold = await run(good, "cold")
+            with pytest.raises(LoRAError, match="not valid JSON"):
+                await run(LoRARequest("broken", 92, str(broken)), "broken")
+            return await long, cold
+
+        long, cold = asyncio.run(together())
+    finally:
+        engine.shutdown()
+    assert cold == tokens(llm, good)
+    assert long == llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False,
+                                lora_request=resident)[0].outputs[0].token_ids
+    assert manager.run_cpu_work(threading.current_thread) is threading.current_thread()
+
+
+def test_spare_cores_counts_the_compute_threads():
+    from loraserve.engine.platform import spare_cores
+
+    cores, threads = len(os.sched_getaffinity(0)), torch.get_num_threads()
+    try:
+        torch.set_num_threads(cores)
+        assert not spare_cores("cpu")
+        if cores > 1:
+            torch.set_num_threads(cores - 1)
+            assert spare_cores("cpu")
+        assert spare_cores("cuda:0")
+    finally:
+        torch.set_num_threads(threads)

@@ -18,6 +18,7 @@ from peft import PeftModel
 from loraserve import LLM, LoRARequest, SamplingParams
 from loraserve.config import EngineConfig
 from loraserve.engine.async_engine import AsyncLLMEngine
+from loraserve.engine.engine import LLMEngine
 from loraserve.server.adapters import LoRAModule
 from loraserve.server.api import ServerSettings, build_app
 from server_utils import BASE, ENGINE_OPTIONS, KEY, assert_openai_error, make_server_files, metric, offline_texts
@@ -33,8 +34,11 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def app(files):
-    engine = AsyncLLMEngine.from_config(EngineConfig.from_options(model=files["model"], **ENGINE_OPTIONS,
-                                                                  enable_lora=True, max_loras=2, max_cpu_loras=4))
+    # cold adapters parsed between steps, as where the compute threads fill every core (the server's default
+    # there); test_server.py's server processes, one compute thread each, run them beside the steps
+    config = EngineConfig.from_options(model=files["model"], **ENGINE_OPTIONS, enable_lora=True, max_loras=2,
+                                       max_cpu_loras=4)
+    engine = AsyncLLMEngine(LLMEngine(config), cold_loads_between_steps=True)
     a = files["adapters"]
     modules = [LoRAModule(name, a[name]) for name in ("a0", "a1", "a2")] + [LoRAModule("a3", a["a3"], "tiny-parent")]
     app = build_app(engine, ServerSettings([BASE], modules, api_key=KEY, allow_runtime_lora_updating=True))

@@ -6,11 +6,14 @@ thread runs between steps, so no handler ever waits for a step to end: with a lo
 the step loop, the loop re-took the lock at once after each step and handlers starved, stalling the event
 loop for seconds under load. Work that may be slow and touches no batch state (tokenising, checking and
 reading a cold adapter from disk) runs in a worker thread before the request is posted, so neither the
-event loop nor a step ever waits for a disk.
+event loop nor a step ever waits for a disk. Where the compute threads fill every core, the CPU part of a
+cold adapter's load (parsing and checking the bytes that worker read) is posted too, and runs between two
+steps: beside a step it slowed that step by several times its own length (lora/manager.py).
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import threading
@@ -22,6 +25,7 @@ from typing import Any, TypeVar
 
 from loraserve.config import EngineConfig
 from loraserve.engine.engine import LLMEngine
+from loraserve.engine.platform import spare_cores
 from loraserve.engine.request import Request
 from loraserve.engine.stats import EngineStats
 from loraserve.errors import EngineDeadError
@@ -45,7 +49,9 @@ class EngineLimits:
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, cold_loads_between_steps: bool | None = None) -> None:
+        """`cold_loads_between_steps`: where a cold adapter's CPU work runs (see the module's docstring);
+        None: between steps when the engine's compute threads leave no core spare."""
         self._engine = engine
         # Guards the inbox, the streams and the flags; held only briefly, never during a step.
         self._cv = threading.Condition()
@@ -58,6 +64,10 @@ class AsyncLLMEngine:
         self.limits = EngineLimits(engine.max_model_len, config.max_n, config.enable_lora, config.lora.max_loras,
                                    config.lora.max_lora_rank)
         self._thread = threading.Thread(target=self._loop, name="loraserve-engine", daemon=True)
+        if cold_loads_between_steps is None:
+            cold_loads_between_steps = not spare_cores(config.device)
+        if engine.lora_manager is not None and cold_loads_between_steps:
+            engine.lora_manager.run_cpu_work = self._on_step_thread
         self._thread.start()
 
     @classmethod
@@ -192,28 +202,38 @@ class AsyncLLMEngine:
             raise EngineDeadError(f"the engine has stopped: {self.error!r}")
 
     async def _between_steps(self, fn: Callable[[], T]) -> T:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future = loop.create_future()
+        return await asyncio.wrap_future(self._submit(fn))
 
-        def settle(result: Any, exc: BaseException | None) -> None:
-            if not future.done():
-                future.set_exception(exc) if exc is not None else future.set_result(result)
+    def _on_step_thread(self, fn: Callable[[], T]) -> T:
+        """`fn` run by the step thread between two steps, waited for (from any thread; the step thread's
+        own calls run at once)."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        return self._submit(fn).result()
+
+    def _submit(self, fn: Callable[[], T]) -> concurrent.futures.Future:
+        """Queue `fn` for the step thread; once that thread is gone, run it here (nothing else touches the
+        engine then). It runs even if its caller stops waiting."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
 
         def call() -> None:
             try:
-                result, exc = fn(), None
-            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's task
-                result, exc = None, e
-            loop.call_soon_threadsafe(settle, result, exc)
+                result = fn()
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+                with contextlib.suppress(concurrent.futures.InvalidStateError):
+                    future.set_exception(exc)
+            else:
+                with contextlib.suppress(concurrent.futures.InvalidStateError):
+                    future.set_result(result)
 
         with self._cv:
             closed = self._closed
             if not closed:
                 self._inbox.append(call)
                 self._cv.notify()
-        if closed:  # the step thread is gone: nothing else touches the engine
-            return fn()
-        return await future
+        if closed:
+            call()
+        return future
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
         with self._cv:

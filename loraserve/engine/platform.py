@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from functools import cache
 
@@ -33,6 +34,15 @@ def cpu_bf16_speedup() -> float:
             times.append(time.perf_counter() - start)
         return min(times[2:])
     return best_time(torch.float32) / best_time(torch.bfloat16)
+
+
+def spare_cores(device: str) -> bool:
+    """Whether a thread beside the step runs without taking a core from it: on an accelerator the step
+    mostly waits; on a CPU only if its compute threads leave a core free."""
+    if not device.startswith("cpu"):
+        return True
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cores > torch.get_num_threads()
 
 
 def default_dtype(device: str) -> torch.dtype:

@@ -22,9 +22,10 @@ from loraserve.errors import AdapterNotFoundError, LoRAError
 from loraserve.layers.lora_ops import DoRANorms
 from loraserve.lora.adapter_files import (
     SAFETENSORS_FILE,
+    AdapterFiles,
     parse_json,
-    read_config_bytes,
-    read_weights,
+    parse_weights,
+    read_adapter_files,
     resolve_adapter_path,
 )
 from loraserve.lora.peft_config import CONFIG_FILE, AdapterConfig, LoRATargetSpec, parse_config, selected_modules
@@ -90,17 +91,19 @@ class LoRAAdapter:
 
 
 def load_adapter(request: LoRARequest, spec: LoRATargetSpec, max_lora_rank: int, dtype: torch.dtype,
-                 folder: Path | None = None, base: BaseWeights | None = None) -> LoRAAdapter:
+                 folder: Path | None = None, base: BaseWeights | None = None,
+                 files: AdapterFiles | None = None) -> LoRAAdapter:
     """Read and check the PEFT adapter `request` names against the model's modules `spec`.
 
     B comes back multiplied by its module's scaling (computed in float32), every tensor cast to `dtype`;
     raises LoRAError (AdapterNotFoundError for missing files) on anything that could not be served
     exactly as PEFT would apply it. `folder`: the request's path, already resolved; `base`: the base model's
     weights, which serving needs (DoRA's norms; dropping saved copies equal to the base); without it the
-    adapter is read for inspection or merging only."""
+    adapter is read for inspection or merging only; `files`: the folder's bytes, already read."""
     name = request.lora_name
     folder = folder or resolve_adapter_path(request.lora_path)
-    config_bytes = read_config_bytes(folder, name)
+    files = files or read_adapter_files(folder, name)
+    config_bytes = files.config
     config = parse_config(parse_json(config_bytes, folder / CONFIG_FILE, name), spec, name)
     selected = selected_modules(config, spec, name)
     rope_factor = config.rope_factor(spec, name)
@@ -110,8 +113,7 @@ def load_adapter(request: LoRARequest, spec: LoRATargetSpec, max_lora_rank: int,
             f"LoRA rank {max_rank} of adapter {name!r} exceeds max_lora_rank={max_lora_rank}; "
             f"restart with --max-lora-rank {max_rank}"
         )
-    weights_bytes, tensors = read_weights(folder, name)
-    found = classify(tensors, name)
+    found = classify(parse_weights(files, name), name)
     modules: dict[str, LoRAModuleWeights] = {}
     token_rows: dict[str, TokenRows] = {}
     for module, held in found.modules.items():
@@ -142,7 +144,7 @@ def load_adapter(request: LoRARequest, spec: LoRATargetSpec, max_lora_rank: int,
     vocab, rows = spec.modules[spec.head][1] if spec.head else 0, vocabulary_rows(spec, modules, saved, token_rows)
     digest = hashlib.sha256(config_bytes)
     digest.update(b"\0")
-    digest.update(weights_bytes)
+    digest.update(files.weights)
     nbytes = sum(w.lora_a.nbytes + w.lora_b.nbytes for w in modules.values())
     nbytes += sum(t.nbytes for t in saved.values()) + sum(r.rows.nbytes for r in token_rows.values())
     return LoRAAdapter(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,16 +41,31 @@ def resolve_adapter_path(path_or_hub_id: str) -> Path:
         ) from e
 
 
-def read_config_bytes(folder: Path, name: str) -> bytes:
+@dataclass(frozen=True)
+class AdapterFiles:
+    """An adapter folder's bytes, read first and apart from parsing them: reading may wait on a disk (no core
+    busy), parsing and checking are CPU work that the engine may schedule between its steps."""
+
+    folder: Path
+    config: bytes
+    weights_path: Path | None  # the safetensors (or legacy .bin) file; None: the folder has neither
+    weights: bytes = b""
+
+
+def read_adapter_files(folder: Path, name: str) -> AdapterFiles:
     if not folder.is_dir():
         raise AdapterNotFoundError(f"adapter {name!r}: its folder {folder} does not exist (any more); check the path")
     path = folder / CONFIG_FILE
     try:
-        return path.read_bytes()
+        config = path.read_bytes()
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise AdapterNotFoundError(
             f"adapter {name!r}: {folder} has no {CONFIG_FILE}; pass the folder that PEFT's save_pretrained wrote"
         ) from None
+    for weights_path in (folder / SAFETENSORS_FILE, folder / BIN_FILE):
+        if weights_path.is_file():
+            return AdapterFiles(folder, config, weights_path, weights_path.read_bytes())
+    return AdapterFiles(folder, config, None)
 
 
 def parse_json(data: bytes, path: Path, name: str) -> dict[str, Any]:
@@ -62,30 +78,27 @@ def parse_json(data: bytes, path: Path, name: str) -> dict[str, Any]:
     return raw
 
 
-def read_weights(folder: Path, name: str) -> tuple[bytes, dict[str, torch.Tensor]]:
-    """The weights file's bytes (for the content hash) and its tensors, read once."""
-    safetensors_path, bin_path = folder / SAFETENSORS_FILE, folder / BIN_FILE
-    if safetensors_path.is_file():
-        data = safetensors_path.read_bytes()
+def parse_weights(files: AdapterFiles, name: str) -> dict[str, torch.Tensor]:
+    """The weights file's tensors."""
+    path, data = files.weights_path, files.weights
+    if path is None:
+        raise AdapterNotFoundError(
+            f"adapter {name!r}: {files.folder} has {CONFIG_FILE} but no weights; "
+            f"expected {SAFETENSORS_FILE} (or legacy {BIN_FILE})"
+        )
+    if path.name == SAFETENSORS_FILE:
         try:
-            return data, load_safetensors(data)
+            return load_safetensors(data)
         except (SafetensorError, OSError) as e:
             raise LoRAError(
-                f"adapter {name!r}: {safetensors_path} is corrupt or truncated ({e}); "
-                f"re-download or re-save the adapter"
+                f"adapter {name!r}: {path} is corrupt or truncated ({e}); re-download or re-save the adapter"
             ) from e
-    if bin_path.is_file():
-        data = bin_path.read_bytes()
-        try:
-            tensors = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-            raise LoRAError(
-                f"adapter {name!r}: {bin_path} is corrupt or not a PyTorch state dict ({e}); re-save the adapter"
-            ) from e
-        if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
-            raise LoRAError(f"adapter {name!r}: {bin_path} does not hold a state dict of tensors; re-save the adapter")
-        return data, tensors
-    raise AdapterNotFoundError(
-        f"adapter {name!r}: {folder} has {CONFIG_FILE} but no weights; "
-        f"expected {SAFETENSORS_FILE} (or legacy {BIN_FILE})"
-    )
+    try:
+        tensors = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise LoRAError(
+            f"adapter {name!r}: {path} is corrupt or not a PyTorch state dict ({e}); re-save the adapter"
+        ) from e
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise LoRAError(f"adapter {name!r}: {path} does not hold a state dict of tensors; re-save the adapter")
+    return tensors

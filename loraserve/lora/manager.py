@@ -3,16 +3,25 @@ copies (max_cpu_loras unpinned, plus every adapter a request holds) over disk.
 
 Thread use: `acquire`, `release`, `add` and `remove` may be called from any thread; `activate` and `stats`
 only from the step thread, which never reads a file (every adapter it sees was acquired beforehand).
+
+A cold adapter's files are read in the thread that acquires it; parsing and checking them (CPU work, most
+of it holding the GIL) runs through `run_cpu_work`: inline by default. When the engine's compute threads
+fill every core, running it beside a step slows that step several times more than the work takes (a
+preempted compute thread holds up the whole parallel region, and the step thread waits for the GIL at
+every op), so the async engine then hands it to its step thread, between two steps.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from loraserve.config import LoRAConfig
 from loraserve.lora.adapter import LoRAAdapter, LoRATargetSpec, load_adapter
+from loraserve.lora.adapter_files import read_adapter_files
 from loraserve.lora.host_cache import HostCache, HostCacheStats
 from loraserve.lora.report import adapter_report
 from loraserve.lora.slots import AdapterSlots, SlotStats
@@ -20,6 +29,8 @@ from loraserve.lora.whole_copies import adapter_tokenizer
 from loraserve.lora_request import LoRARequest
 from loraserve.model.causal_lm import CausalLM
 from loraserve.model.lora_targets import enable_lora
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -36,10 +47,16 @@ class LoRAManager:
         self.config = config
         self.spec = LoRATargetSpec.of_model(model, model_name, config.lora_extra_vocab_size,
                                             config.long_lora_scaling_factors, config.max_lora_saved_mb)
-        self.host = HostCache(lambda request, folder: load_adapter(request, self.spec, config.max_lora_rank, dtype,
-                                                                   folder, base=model), config.max_cpu_loras)
+        self.model, self.dtype = model, dtype
+        self.run_cpu_work: Callable[[Callable[[], T]], T] = _inline
+        self.host = HostCache(self._load, config.max_cpu_loras)
         self.slots = AdapterSlots(enable_lora(model, config.max_loras, config.max_lora_rank, dtype,
                                               config.lora_extra_vocab_size), config.max_loras)
+
+    def _load(self, request: LoRARequest, folder: Path) -> LoRAAdapter:
+        files = read_adapter_files(folder, request.lora_name)
+        return self.run_cpu_work(lambda: load_adapter(request, self.spec, self.config.max_lora_rank, self.dtype,
+                                                      folder, base=self.model, files=files))
 
     def acquire(self, request: LoRARequest) -> LoRAAdapter:
         """The request's adapter in host memory, pinned until `release` (reads the disk if it is cold)."""
@@ -74,3 +91,7 @@ class LoRAManager:
     def stats(self) -> LoRAStats:
         self.slots.free(self.host.take_dropped())
         return LoRAStats(self.host.stats(), replace(self.slots.stats), len(self.slots.owner), self.slots.num_used)
+
+
+def _inline(work: Callable[[], T]) -> T:
+    return work()
