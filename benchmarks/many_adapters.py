@@ -1,10 +1,10 @@
-"""Many adapters: a thousand on disk, 16 slots, 128 in host memory, requests spread over all of them.
+"""Many adapters: a thousand on disk, 16 slots (`--max-loras`), 128 in host memory, requests spread over all of them.
 
     python benchmarks/many_adapters.py [--adapters 1000] [--num-prompts 64] [--output-len 128]
 
-1. Throughput: the same workload with requests cycling over 8 resident r8 q/v adapters, then with each
-   request naming one of `--adapters` r8 q/v adapters uniformly at random (max_loras 16, max_cpu_loras 128):
-   the ratio of the two.
+1. Throughput: the same workload with requests cycling over 8 resident r8 q/v adapters, and with each
+   request naming one of `--adapters` r8 q/v adapters uniformly at random (`--max-loras` slots, default 16;
+   max_cpu_loras 128): the ratio of the two, in paired rounds.
 2. Cold load of an r16 all-linear adapter, in its two halves: disk -> host copy (runs beside the step
    thread, never inside a step) and host copy -> slot (inside the step that first needs it).
 3. Stalls: inter-token latency p50 / p99 of 32 requests on 8 resident adapters, streaming through the async
@@ -31,7 +31,7 @@ from loraserve.engine.engine import LLMEngine
 from loraserve.model.loader import load_tokenizer, resolve_model
 from throughput import make_prompts, workload_parser
 
-LORA = dict(enable_lora=True, max_loras=16, max_cpu_loras=128, max_lora_rank=16)
+LORA = dict(enable_lora=True, max_cpu_loras=128, max_lora_rank=16)
 
 
 def throughput(llm: LLM, prompts: list[list[int]], output_len: int, loras: list[LoRARequest]) -> float:
@@ -99,6 +99,8 @@ def main() -> None:
     parser = workload_parser(__doc__)
     parser.add_argument("--adapters", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=5, help="paired rounds of the stall phase")
+    parser.add_argument("--throughput-only", action="store_true", help="only the throughput phase")
+    parser.add_argument("--max-loras", type=int, default=16, help="adapter slots")
     parser.add_argument("--stalls-only", action="store_true", help="only the stall phase")
     parser.add_argument("--cold-loads", choices=["auto", "between", "beside"], default="auto",
                         help="where the async engine runs a cold adapter's CPU work: between steps, beside them "
@@ -112,6 +114,9 @@ def main() -> None:
     small = make_adapters(folder, tmp, 8, args.adapters, seed=0, target_modules=["q_proj", "v_proj"])
     print(f"made {len(small)} r8 q/v adapters in {time.perf_counter() - start:.0f} s", flush=True)
     requests = [LoRARequest(p.name, i + 1, str(p)) for i, p in enumerate(small)]
+    if args.throughput_only:
+        throughput_and_cold_loads(args, prompts[:args.num_prompts], requests, [])
+        return
     if not args.stalls_only:
         big = make_adapters(folder, tmp, 16, 12, seed=5000)
         throughput_and_cold_loads(args, prompts[:args.num_prompts], requests, big)
@@ -119,16 +124,24 @@ def main() -> None:
 
 
 def throughput_and_cold_loads(args, prompts: list[list[int]], requests: list[LoRARequest], big: list[Path]) -> None:
-    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.num_prompts, **LORA)
+    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.num_prompts, max_loras=args.max_loras, **LORA)
     throughput(llm, prompts[:8], 4, requests[:8])  # warm-up
-    eight = throughput(llm, prompts, args.output_len, [requests[i % 8] for i in range(len(prompts))])
-    rng = random.Random(0)
-    spread = [rng.choice(requests) for _ in prompts]
-    many = throughput(llm, prompts, args.output_len, spread)
-    print(f"8 resident r8 adapters:        {eight:7.1f} out tok/s")
-    print(f"{args.adapters} adapters, uniform:     {many:7.1f} out tok/s  ({many / eight:.2f}x the 8-adapter figure; "
-          f"{len({r.lora_int_id for r in spread})} distinct in {len(prompts)} requests, 16 slots)", flush=True)
+    rng, rows = random.Random(0), {"8 resident": [], "uniform": [], "ratio": []}
+    for r in range(args.rounds):  # paired: both cases once per round, a fresh uniform draw each round
+        rows["8 resident"].append(throughput(llm, prompts, args.output_len,
+                                             [requests[i % 8] for i in range(len(prompts))]))
+        spread = [rng.choice(requests) for _ in prompts]
+        rows["uniform"].append(throughput(llm, prompts, args.output_len, spread))
+        rows["ratio"].append(rows["uniform"][-1] / rows["8 resident"][-1])
+        print(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rows.items()) +
+              f" ({len({q.lora_int_id for q in spread})} distinct adapters)", flush=True)
+    print(f"throughput, out tok/s ({len(prompts)} requests x {args.output_len} tokens, {args.max_loras} slots; "
+          f"8 resident r8 adapters vs each request on one of {args.adapters} drawn uniformly; median of "
+          f"{args.rounds} rounds): " + ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in rows.items()),
+          flush=True)
 
+    if not big:
+        return
     to_host, to_slot = cold_load_ms(llm, big[:12], 200_000)
     total = [a + b for a, b in zip(to_host, to_slot, strict=True)]
     print(f"cold load of an r16 all-linear adapter (median / max of {len(total)}): disk -> host "
@@ -144,7 +157,8 @@ def stalls(args, prompts: list[list[int]], requests: list[LoRARequest]) -> None:
     prefix (the KV is per adapter), a warm one the chat template's, which is not what is measured here."""
     between = {"auto": None, "between": True, "beside": False}[args.cold_loads]
     engine = AsyncLLMEngine(LLMEngine(EngineConfig.from_options(
-        model=args.model, dtype=args.dtype, max_num_seqs=args.num_prompts, enable_prefix_caching=False, **LORA)),
+        model=args.model, dtype=args.dtype, max_num_seqs=args.num_prompts, enable_prefix_caching=False,
+        max_loras=args.max_loras, **LORA)),
         between)
     resident, streams, per_round = requests[:8], prompts[:32], 12
     cold_ones = random.Random(1).sample(requests[8:], per_round * args.rounds)  # uniform, each cold once

@@ -3,9 +3,10 @@
     python benchmarks/throughput.py [--model PATH] [--dtype auto] [--num-prompts 64] [--output-len 128]
 
 For each concurrency (max_num_seqs): output tokens/s of the whole workload (prefill included) next to the
-matmul ceiling at that many tokens per step (every decode-step matmul alone, benchmarks/bounds.py) and the
-ratio. Single stream: decode ms/token next to the memory-bandwidth bound (weight bytes one token reads /
-measured bandwidth). Then transformers' batched, padded generate and the engine's ratio to it.
+matmul ceiling at that many tokens per step (every decode-step matmul alone with the fastest matmul here, F.linear
+or the engine's prepacked oneDNN form: benchmarks/bounds.py), measured in paired rounds (`--repeats`), and the
+median of the rounds' ratios. Single stream: decode ms/token next to the memory-bandwidth bound (weight bytes
+one token reads / measured bandwidth). Then transformers' batched, padded generate and the engine's ratio to it.
 """
 from __future__ import annotations
 
@@ -114,13 +115,16 @@ def main() -> None:
     for concurrency in args.concurrency:
         llm = LLM(args.model, dtype=args.dtype, max_num_seqs=concurrency)
         engine_throughput(llm, prompts[:concurrency], 8)  # warm-up
-        runs = [engine_throughput(llm, prompts, args.output_len) for _ in range(args.repeats)]
-        results[concurrency] = statistics.median(runs)
         shapes, dtype = decode_shapes(llm.engine.model), llm.engine.dtype
-        ceiling = concurrency / matmul_step_seconds(shapes, concurrency, dtype)
+        runs, ceilings = [], []
+        for _ in range(args.repeats):  # paired: the engine and its ceiling once per round
+            runs.append(engine_throughput(llm, prompts, args.output_len))
+            ceilings.append(concurrency / matmul_step_seconds(shapes, concurrency, dtype))
+        results[concurrency] = statistics.median(runs)
+        ratio = statistics.median(r / c for r, c in zip(runs, ceilings, strict=True))
         print(f"engine   {concurrency:3d} in flight: {results[concurrency]:8.1f} out tok/s "
-              f"(runs: {', '.join(f'{r:.0f}' for r in runs)});  matmul ceiling {ceiling:7.1f} tok/s;  "
-              f"ratio {results[concurrency] / ceiling:.2f}", flush=True)
+              f"(runs: {', '.join(f'{r:.0f}' for r in runs)});  matmul ceiling {statistics.median(ceilings):7.1f} "
+              f"tok/s;  ratio {ratio:.2f} (median of the {args.repeats} rounds' ratios)", flush=True)
         if concurrency == 1:
             nbytes = weight_bytes(shapes, dtype)
             bound = nbytes / memory_bandwidth() * 1000
