@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--repeats", type=int, default=3, help="runs per engine setting; the median is shown")
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--quantization", default=None, help="e.g. gguf: the default model's Q4_1 file as it is")
     args = parser.parse_args()
 
     folder = resolve_model(args.model)
@@ -113,7 +114,7 @@ def main() -> None:
           f"torch threads {torch.get_num_threads()}")
     results = {}
     for concurrency in args.concurrency:
-        llm = LLM(args.model, dtype=args.dtype, max_num_seqs=concurrency)
+        llm = LLM(args.model, dtype=args.dtype, max_num_seqs=concurrency, quantization=args.quantization)
         engine_throughput(llm, prompts[:concurrency], 8)  # warm-up
         shapes, dtype = decode_shapes(llm.engine.model), llm.engine.dtype
         runs, ceilings = [], []
@@ -126,13 +127,15 @@ def main() -> None:
               f"(runs: {', '.join(f'{r:.0f}' for r in runs)});  matmul ceiling {statistics.median(ceilings):7.1f} "
               f"tok/s;  ratio {ratio:.2f} (median of the {args.repeats} rounds' ratios)", flush=True)
         if concurrency == 1:
-            nbytes = weight_bytes(shapes, dtype)
-            bound = nbytes / memory_bandwidth() * 1000
             latency = statistics.median(single_stream_ms_per_token(llm, prompts[0], args.output_len)
                                         for _ in range(args.repeats))
-            print(f"single stream: {latency:.2f} ms/token;  bandwidth bound {bound:.2f} ms/token "
-                  f"({nbytes / 2**20:.0f} MiB of weights at {nbytes / bound / 1e6:.1f} GB/s);  "
-                  f"ratio {latency / bound:.2f}", flush=True)
+            line = f"single stream: {latency:.2f} ms/token"
+            if args.quantization is None:  # the bound counts dense weight bytes
+                nbytes = weight_bytes(shapes, dtype)
+                bound = nbytes / memory_bandwidth() * 1000
+                line += (f";  bandwidth bound {bound:.2f} ms/token ({nbytes / 2**20:.0f} MiB of weights at "
+                         f"{nbytes / bound / 1e6:.1f} GB/s);  ratio {latency / bound:.2f}")
+            print(line, flush=True)
         del llm
     if not args.skip_transformers:
         dtype = llm_dtype(args.dtype)
