@@ -8,8 +8,8 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from loraserve.model.causal_lm import CausalLM
+from loraserve.model.decoder import DecoderForCausalLM
 from loraserve.model.gpt_bigcode import GPTBigCodeForCausalLM
-from loraserve.model.llama import DecoderForCausalLM
 from loraserve.model.quantization import ON_THE_FLY, checkpoint_weights
 from loraserve.model.registry import ARCHITECTURES, decoder_spec
 

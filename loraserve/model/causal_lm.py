@@ -1,6 +1,6 @@
 """What every served model shares, whatever its family: loading checkpoint tensors by their Hugging Face
 names into our modules, the embedding table and LM head (possibly quantized), packing weights, counting
-them, the paged KV caches, and the names adapters and checkpoints use. A family file (llama.py,
+them, the paged KV caches, and the names adapters and checkpoints use. A family file (decoder.py,
 gpt_bigcode.py) builds the module tree, mirroring Hugging Face's paths so names map onto it, and `forward`."""
 from __future__ import annotations
 

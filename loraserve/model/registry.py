@@ -43,7 +43,7 @@ class DecoderSpec:
     rope_interleaved: bool = False  # GLM: rotary over pairs (0,1), (2,3)... instead of the two halves
     rope_per_layer_type: bool = False  # Gemma 3: sliding and full layers rotate with their own rope_parameters
     moe: MoESpec | None = None  # Mixtral / Qwen-MoE: routed experts instead of the dense MLP
-    family: str = "decoder"  # which module tree: "decoder" (model/llama.py) or "gpt_bigcode"
+    family: str = "decoder"  # which module tree: "decoder" (model/decoder.py) or "gpt_bigcode"
     qkv_per_head: bool = False  # GPT-BigCode without multi_query: c_attn rows are [q, k, v] head by head
 
     @property

@@ -1,4 +1,4 @@
-"""The Llama-family decoder, driven by a DecoderSpec: Llama (SmolLM2, Llama-3), Mistral, Mixtral, Qwen2,
+"""The generic decoder, driven by a DecoderSpec: Llama (SmolLM2, Llama-3), Mistral, Mixtral, Qwen2,
 Qwen3, Qwen2-MoE, Qwen3-MoE, Gemma, Gemma 2, Gemma 3, Phi-3, GLM and GLM-4 differ only in flags of the spec.
 Module paths mirror Hugging Face's so checkpoint and adapter names map onto them; q/k/v and gate/up are
 packed into one matmul each."""
