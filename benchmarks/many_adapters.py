@@ -98,7 +98,7 @@ def percentile(values: list[float], q: float) -> float:
 def main() -> None:
     parser = workload_parser(__doc__)
     parser.add_argument("--adapters", type=int, default=1000)
-    parser.add_argument("--rounds", type=int, default=5, help="paired rounds of the stall phase")
+    parser.add_argument("--rounds", type=int, default=5, help="paired rounds of the throughput and stall phases")
     parser.add_argument("--throughput-only", action="store_true", help="only the throughput phase")
     parser.add_argument("--max-loras", type=int, default=16, help="adapter slots")
     parser.add_argument("--stalls-only", action="store_true", help="only the stall phase")

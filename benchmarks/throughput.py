@@ -102,7 +102,7 @@ def llm_dtype(name: str) -> torch.dtype:
 def main() -> None:
     parser = workload_parser(__doc__)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
-    parser.add_argument("--repeats", type=int, default=3, help="runs per engine setting; the median is shown")
+    parser.add_argument("--repeats", type=int, default=3, help="paired rounds per setting")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--quantization", default=None, help="e.g. gguf: the default model's Q4_1 file as it is")
     args = parser.parse_args()
