@@ -31,7 +31,8 @@ from lora_overhead import make_adapters, requests_for, run_engine
 from loraserve import LLM
 from loraserve.layers.linear import Linear
 from loraserve.layers.matmul import MatmulWeight
-from loraserve.layers.quantized import QuantizedMatmul, quantize_int4, quantize_int8
+from loraserve.layers.quantized import QuantizedMatmul
+from loraserve.layers.quantizers import quantize_int4, quantize_int8
 from loraserve.model.loader import _default_gguf, load_tokenizer, resolve_model
 from throughput import make_prompts, single_stream_ms_per_token, workload_parser
 

@@ -21,7 +21,7 @@ from loraserve.engine.block_manager import BlockManager
 from loraserve.engine.kv_cache import choose_num_blocks
 from loraserve.engine.model_runner import ModelRunner
 from loraserve.engine.output_processor import OutputProcessor
-from loraserve.engine.platform import resolve_dtypes
+from loraserve.engine.platform import release_free_memory, resident_bytes, resolve_dtypes
 from loraserve.engine.request import Request
 from loraserve.engine.scheduler import Scheduler
 from loraserve.engine.sequence import Sequence
@@ -54,9 +54,13 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(self.model_path)
         long_factors = config.lora.long_lora_scaling_factors if config.enable_lora else ()
         self.max_model_len = max_model_len(decoder_spec(hf_config), config.max_model_len, max(long_factors, default=1))
+        resident_before = resident_bytes()
         self.model = build_model(self.model_path, hf_config, self.dtype, self.device, self.max_model_len,
                                  self.quantization, rope_factors=(1.0, *long_factors))
+        release_free_memory()
         self.weight_bytes = self.model.weight_bytes()
+        # what building the model added to the process (weights, and anything loading them left behind)
+        self.model_resident_bytes = resident_bytes() - resident_before
         num_blocks = config.num_kv_blocks or choose_num_blocks(self.model.spec, config, self.dtype,
                                                                 self.max_model_len)
         if num_blocks * config.block_size < self.max_model_len:
@@ -75,9 +79,10 @@ class LLMEngine:
             self.lora_manager = LoRAManager(self.model, config.lora, lora_dtype, self.model_name)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
-        logger.info("model %s: %d layers, dtype %s, weights %s (%.1f MiB), max_model_len %d, %d KV blocks of %d "
-                    "tokens", self.model_path, self.model.spec.num_layers, self.dtype, self.quantization or "dense",
-                    self.weight_bytes / 2**20, self.max_model_len, num_blocks, config.block_size)
+        logger.info("model %s: %d layers, dtype %s, weights %s (%.1f MiB; resident memory +%.1f MiB loading them), "
+                    "max_model_len %d, %d KV blocks of %d tokens", self.model_path, self.model.spec.num_layers,
+                    self.dtype, self.quantization or "dense", self.weight_bytes / 2**20,
+                    self.model_resident_bytes / 2**20, self.max_model_len, num_blocks, config.block_size)
 
     # ---- making requests: any thread ---------------------------------------------------------------
 
@@ -288,6 +293,7 @@ class LLMEngine:
             num_blocks=self.blocks.num_blocks, free_blocks=self.blocks.num_free_blocks,
             preemptions=self.scheduler.num_preemptions, prefix_queried_tokens=self.blocks.queried_tokens,
             prefix_hit_tokens=self.blocks.hit_tokens, weight_bytes=self.weight_bytes,
+            model_resident_bytes=self.model_resident_bytes, resident_bytes=resident_bytes(),
             lora=self.lora_manager.stats() if self.lora_manager is not None else None)
 
 

@@ -1,8 +1,11 @@
 """Questions about the machine, answered once when the engine starts (never when a config is built)."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
+import resource
 import time
 from functools import cache
 
@@ -63,3 +66,26 @@ def resolve_dtypes(config: EngineConfig) -> tuple[torch.dtype, torch.dtype]:
     auto = default_dtype(config.device) if config.dtype == "auto" else torch.float32
     dtype = parse_dtype(config.dtype, auto=auto, what="dtype")
     return dtype, parse_dtype(config.lora.lora_dtype, auto=dtype, what="lora_dtype")
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux: /proc/self/statm; elsewhere its peak, the best the OS says)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if os.uname().sysname == "Darwin" else peak * 1024
+
+
+def release_free_memory() -> None:
+    """Hand freed heap pages back to the OS. glibc keeps the pages of freed small and medium blocks (every
+    checkpoint tensor read and dropped while loading leaves some) in its arenas, where they count as resident
+    until malloc_trim returns them; a no-op where the C library has no malloc_trim."""
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        trim = None
+    if trim is not None:
+        trim(0)

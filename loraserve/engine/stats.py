@@ -16,4 +16,6 @@ class EngineStats:
     prefix_queried_tokens: int  # prompt tokens of admitted sequences looked up in the prefix cache
     prefix_hit_tokens: int  # of those, found there (not recomputed)
     weight_bytes: int  # model weights held (quantized ones at their quantized size)
+    model_resident_bytes: int  # what building the model added to the process's resident memory
+    resident_bytes: int  # the process's resident memory now
     lora: LoRAStats | None  # None when LoRA is disabled

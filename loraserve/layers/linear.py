@@ -9,9 +9,7 @@ from torch import nn
 from loraserve.layers.forward_batch import LoRABatch
 from loraserve.layers.lora_ops import SlotLayout, add_lora
 from loraserve.layers.matmul import MatmulWeight
-from loraserve.layers.quantized import QuantizedMatmul, QuantizedTensor, quantize_int4, quantize_int8
-
-QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4}
+from loraserve.layers.quantized import QuantizedMatmul, QuantizedTensor
 
 
 class Linear(nn.Module):
@@ -41,11 +39,6 @@ class Linear(nn.Module):
         """Give the layer adapter slots (zero: no adapter changes anything until a slot is filled)."""
         self.lora = SlotLayout.allocate(self.parts, self.in_features, num_slots, max_rank, dtype, self.weight.device)
         return self.lora
-
-    def quantize(self, method: str) -> None:
-        """Quantize the loaded dense weight in place (quantization="int8" / "int4"), from its float values."""
-        self.quantized = {part: QUANTIZERS[method](self.weight.data[self.part_slice(part)]) for part in self.parts}
-        self.weight.data = torch.empty(0, dtype=self.weight.dtype, device=self.weight.device)
 
     def pack(self) -> None:
         """Hand the final weight to the fastest matmul form; the dense parameter keeps only what that form

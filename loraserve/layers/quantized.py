@@ -195,33 +195,3 @@ def _kernel_for(x: torch.Tensor, w: QuantizedTensor):
     # (20x slower), while the kernel's float path is exact to float32 rounding
     module = cpu_kernel(quant_module, x, any_dtype=True)
     return module if module is not None and module.available else None
-
-
-# ---- quantizing a float weight (quantization="int8" / "int4") --------------------------------------------
-
-
-def quantize_int8(weight: torch.Tensor) -> QuantizedTensor:
-    """Symmetric int8 with one float16 scale per output row (weight-only, as vLLM's and gpt-fast's int8)."""
-    w = weight.float()
-    scales = (w.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-10).to(torch.float16).float()
-    q = torch.round(w / scales).clamp(-128, 127)
-    return QuantizedTensor.from_values(q, scales, None, w.shape[1], signed=True)
-
-
-def int4_group_size(cols: int) -> int:
-    """The group size int4 uses for a layer `cols` wide: 128 (GPTQ's usual), else the largest of 64 / 32 that
-    divides it, else the whole row."""
-    return next((g for g in (128, 64, 32) if cols % g == 0), cols)
-
-
-def quantize_int4(weight: torch.Tensor, group_size: int | None = None) -> QuantizedTensor:
-    """Asymmetric int4 per group: float16 scale (max - min) / 15 and float16 offset (the group's minimum)."""
-    w = weight.float()
-    rows, cols = w.shape
-    group_size = group_size or int4_group_size(cols)
-    groups = w.view(rows, cols // group_size, group_size)
-    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
-    offsets = low.to(torch.float16).float()
-    scales = ((high - offsets) / 15).clamp(min=1e-8).to(torch.float16).float()
-    q = torch.round((groups - offsets.unsqueeze(-1)) / scales.unsqueeze(-1)).clamp(0, 15).view(rows, cols)
-    return QuantizedTensor.from_values(q, scales, offsets, group_size, signed=False)

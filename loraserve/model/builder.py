@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -41,15 +43,24 @@ def model_skeleton(config: PretrainedConfig, max_positions: int, rope_factors: t
 def build_model(folder: Path, config: PretrainedConfig, dtype: torch.dtype, device: torch.device,
                 max_positions: int, quantization: str | None = None,
                 rope_factors: tuple[float, ...] = (1.0,)) -> CausalLM:
-    """Allocate on the target device, load the checkpoint (quantized tensors stay quantized; int8 / int4
-    quantize the float linears from their checkpoint values), cast the other parameters once (the rotary
-    tables are buffers and stay float32). `quantization` is resolve_quantization's answer."""
-    with torch.device(device):
+    """Allocate on the target device in `dtype` (the rotary tables stay float32), load the checkpoint tensor by
+    tensor (quantized tensors stay quantized; int8 / int4 quantize each float linear weight as it arrives), then
+    pack. No float copy of the whole model exists at any point, so a quantized model's resident memory is its
+    quantized size. `quantization` is resolve_quantization's answer."""
+    with torch.device(device), _default_dtype(dtype):
         model = model_skeleton(config, max_positions, rope_factors)
-    model.load_weights(checkpoint_weights(folder, config, quantization, model.checkpoint_names()))
-    if quantization in ON_THE_FLY:
-        model.quantize_linears(quantization)
-    for param in model.parameters():
-        param.data = param.data.to(dtype)
+    on_the_fly = quantization if quantization in ON_THE_FLY else None
+    model.load_weights(checkpoint_weights(folder, config, quantization, model.checkpoint_names()), on_the_fly)
     model.pack_weights()
     return model.eval()
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Parameters made inside are `dtype` (PyTorch has no per-call default; this one is restored on exit)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)

@@ -17,6 +17,7 @@ from loraserve.layers.lora_ops import DoRANorms, SlotLayout, SlotTables, add_emb
 from loraserve.layers.matmul import MatmulWeight
 from loraserve.layers.moe import EXPERT_PARTS, FusedExperts
 from loraserve.layers.quantized import QuantizedMatmul, QuantizedTensor
+from loraserve.layers.quantizers import QUANTIZERS
 from loraserve.model.registry import DecoderSpec
 
 # One expert's matrix in a per-expert checkpoint: Mixtral's block_sparse_moe.experts.3.w1, Qwen-MoE's
@@ -104,13 +105,6 @@ class CausalLM(nn.Module):
                 add_lora_per_run(logits, h, head, lora)
         cap = self.spec.final_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
-
-    def quantize_linears(self, method: str) -> None:
-        """Quantize every Linear's loaded float weight (quantization="int8" / "int4"); embeddings, the LM
-        head and routed experts stay as they are, as in vLLM's weight-only schemes."""
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.quantize(method)
 
     def pack_weights(self) -> None:
         """Hand every matmul weight to its fastest form once the weights are final (layers/matmul.py)."""
@@ -230,10 +224,12 @@ class CausalLM(nn.Module):
                  if getattr(lin, p) is not None}
         return names | {name for name, p in self.named_parameters() if id(p) not in linear_params}
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], quantize: str | None = None) -> None:
         """Copy checkpoint tensors into the modules; every parameter must be covered exactly once. Quantized
         tensors (QuantizedTensor) stay quantized: linear parts, the embedding table, the LM head. Experts
-        arrive fused or one matrix per expert."""
+        arrive fused or one matrix per expert. `quantize` ("int8" / "int4"): each float linear weight is
+        quantized as it arrives (from its checkpoint values), so no float copy of the model is ever held;
+        embeddings, the LM head and routed experts stay as they are, as in vLLM's weight-only schemes."""
         linears = self.linear_modules()
         params = dict(self.named_parameters())
         experts = {path: module for path, module in self.named_modules() if isinstance(module, FusedExperts)}
@@ -254,6 +250,8 @@ class CausalLM(nn.Module):
                 self._load_quantized_table(name, tensor, params)
             elif module_name in linears:
                 linear, part = linears[module_name]
+                if quantize is not None and param == "weight" and not isinstance(tensor, QuantizedTensor):
+                    tensor = QUANTIZERS[quantize](tensor)
                 linear.load_part(part, param, tensor)
             elif name in params:
                 if params[name].shape != tensor.shape:

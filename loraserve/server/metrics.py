@@ -36,6 +36,9 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily("loraserve_kv_cache_blocks", "KV-cache blocks in all.", s.num_blocks)
         yield GaugeMetricFamily("loraserve_model_weight_bytes", "Bytes of model weights held (quantized weights "
                                 "at their quantized size).", s.weight_bytes)
+        yield GaugeMetricFamily("loraserve_model_resident_bytes", "Resident memory that building the model added "
+                                "to the process (compare with loraserve_model_weight_bytes).", s.model_resident_bytes)
+        yield GaugeMetricFamily("loraserve_resident_memory_bytes", "The process's resident memory.", s.resident_bytes)
         yield CounterMetricFamily("loraserve_num_preemptions", "Sequences preempted for lack of KV blocks.",
                                   s.preemptions)
         yield CounterMetricFamily("loraserve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",

@@ -11,12 +11,13 @@ from pathlib import Path
 
 from transformers import PretrainedConfig
 
+from loraserve.layers.quantizers import QUANTIZERS
 from loraserve.model.loader import GGUF_WEIGHTS, iter_weights
 from loraserve.model.quantization import awq, compressed_tensors, gptq
 from loraserve.model.quantization.gguf import gguf_weights
 
 CHECKPOINT_SCHEMES = {"gptq": gptq, "awq": awq, "compressed-tensors": compressed_tensors}
-ON_THE_FLY = ("int8", "int4")
+ON_THE_FLY = tuple(QUANTIZERS)
 METHODS = (*CHECKPOINT_SCHEMES, "gguf", *ON_THE_FLY)
 
 
