@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from loraserve import LLM
 from loraserve.layers.linear import Linear
+from loraserve.layers.moe import FusedExperts
 from loraserve.layers.quantized import QuantizedMatmul
 from test_lora_fidelity import BASE, Case, assert_matches_peft, serve
 from tiny_models import make_sharp_tiny_model
@@ -80,6 +81,11 @@ def engine_dequantized(path: Path):
                 parent = name.rsplit(".", 1)[0]
                 for part in module.parts:
                     state[f"{parent}.{part}.weight"] = weight[module.part_slice(part)]
+            elif isinstance(module, FusedExperts):  # transformers' fused [experts, out, in] tensors
+                assert module.matmuls and not module.gate_up_proj.numel()
+                for tensor, matmuls in module.matmuls.items():
+                    state[f"{name}.{tensor}"] = torch.stack([torch.cat([w.dequantize() for w in m.weights])
+                                                             for m in matmuls])
         missing = set(state) - set(model.state_dict())
         assert not missing, missing
         original = {k: model.state_dict()[k].clone() for k in state}
@@ -91,13 +97,15 @@ def engine_dequantized(path: Path):
     return build
 
 
-@pytest.fixture(scope="module", params=[("llama", "int8"), ("llama", "int4"), ("qwen2", "int4"), ("phi3", "int4")],
-                ids="-".join)
+@pytest.fixture(scope="module", params=[("llama", "int8"), ("llama", "int4"), ("qwen2", "int4"), ("phi3", "int4"),
+                                        ("mixtral", "int4"), ("qwen2_moe", "int8")], ids="-".join)
 def on_the_fly_served(request, tmp_path_factory):
     arch, method = request.param
     folder = tmp_path_factory.mktemp(f"{arch}-{method}")
     path = make_sharp_tiny_model(arch, folder / "model")
-    return serve(path, CASES, folder, reference=engine_dequantized(path), arch=arch, quantization=method, **ENGINE)
+    # the MoE models' all-linear adapter reaches rank 32 (test_lora_fidelity serves them at 64)
+    engine = ENGINE | dict(max_lora_rank=32) if "moe" in arch or arch == "mixtral" else ENGINE
+    return serve(path, CASES, folder, reference=engine_dequantized(path), arch=arch, quantization=method, **engine)
 
 
 @pytest.mark.parametrize("row", [BASE, *CASES])

@@ -109,7 +109,7 @@ class CausalLM(nn.Module):
     def pack_weights(self) -> None:
         """Hand every matmul weight to its fastest form once the weights are final (layers/matmul.py)."""
         for module in self.modules():
-            if isinstance(module, Linear):
+            if isinstance(module, Linear | FusedExperts):
                 module.pack()
         head = self.quantized.get(self.lm_head_name())
         if head is not None:
@@ -124,7 +124,7 @@ class CausalLM(nn.Module):
 
     def weight_bytes(self) -> int:
         """Bytes of model weights held (quantized weights at their quantized size; the KV cache excluded)."""
-        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        linears = [m for m in self.modules() if isinstance(m, Linear | FusedExperts)]
         counted = {id(p) for m in linears for p in m.parameters()}
         if not self.spec.tie_word_embeddings:
             counted.add(id(self.lm_head.weight))  # held by lm_head_matmul
@@ -227,9 +227,9 @@ class CausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], quantize: str | None = None) -> None:
         """Copy checkpoint tensors into the modules; every parameter must be covered exactly once. Quantized
         tensors (QuantizedTensor) stay quantized: linear parts, the embedding table, the LM head. Experts
-        arrive fused or one matrix per expert. `quantize` ("int8" / "int4"): each float linear weight is
-        quantized as it arrives (from its checkpoint values), so no float copy of the model is ever held;
-        embeddings, the LM head and routed experts stay as they are, as in vLLM's weight-only schemes."""
+        arrive fused or one matrix per expert. `quantize` ("int8" / "int4"): each float linear and expert weight
+        is quantized as it arrives (from its checkpoint values), so no float copy of the model is ever held;
+        embeddings and the LM head stay as they are, as in vLLM's weight-only schemes."""
         linears = self.linear_modules()
         params = dict(self.named_parameters())
         experts = {path: module for path, module in self.named_modules() if isinstance(module, FusedExperts)}
@@ -243,10 +243,16 @@ class CausalLM(nn.Module):
             module_name, _, param = name.rpartition(".")
             expert = _EXPERT_TENSOR.fullmatch(name)
             if expert is not None and expert["module"] in experts:
+                if quantize is not None and not isinstance(tensor, QuantizedTensor):
+                    tensor = QUANTIZERS[quantize](tensor)
                 experts[expert["module"]].load_expert(int(expert["expert"]), expert["part"], tensor)
                 loaded.update(f"{expert['module']}.{t}" for t in FusedExperts.TENSORS)
                 continue
-            if isinstance(tensor, QuantizedTensor) and module_name not in linears:
+            if module_name in experts and param in FusedExperts.TENSORS:
+                if isinstance(tensor, QuantizedTensor):
+                    raise ValueError(f"{name}: quantized fused expert tensors are not supported; per-expert ones are")
+                experts[module_name].load_fused(param, tensor, QUANTIZERS.get(quantize))
+            elif isinstance(tensor, QuantizedTensor) and module_name not in linears:
                 self._load_quantized_table(name, tensor, params)
             elif module_name in linears:
                 linear, part = linears[module_name]
