@@ -1,24 +1,33 @@
-"""Quantized bases side by side, one run: weight memory, single-stream decode and throughput at 64 in flight,
-without and with 8 mixed LoRA adapters, for each way of holding the default model's weights.
+"""Quantized bases side by side, one run: for each way of holding the default model's weights, the resident
+memory it adds, the weight bytes it holds, how close its greedy decoding stays to fp32, single-stream decode and
+throughput at 64 in flight, without and with 8 mixed LoRA adapters.
 
-    python benchmarks/quantized.py [--num-prompts 64] [--output-len 128] [--repeats 3] [--matmuls-only]
+    python benchmarks/quantized.py [--num-prompts 64] [--output-len 128] [--rounds 5] [--matmuls-only]
 
 First the matmuls alone, per shape of the default model at 1 and 64 tokens: the bf16 prepacked matmul, PyTorch's
-CPU weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`, int4 groups of 64) and
-loraserve's (layers/csrc/quant_matmul.cpp) on the same int8 / int4 weights, as microseconds per call with the
+CPU weight-only kernels (`_weight_int8pack_mm`, int8 per row; `_weight_int4pack_mm_for_cpu`, int4 groups of 64)
+and loraserve's (layers/csrc/quant_matmul.cpp) on the same int8 / int4 weights, as microseconds per call with the
 weights warm in cache (the engine rows below are the real, cold case).
 
-Rows: bf16 (the GGUF de-quantized, the default); int8 (per-channel, quantized at load); int4 (GPTQ-style
-asymmetric groups of 64 with float16 scale and zero, quantized at load: the layout a GPTQ/AWQ/compressed-tensors
-int4 checkpoint is held in); GGUF Q4_1 (the shipped file kept quantized, Q8_0 embeddings); GGUF Q8_0 (the
-same weights re-quantized to Q8_0 by the gguf package, written next to the run). Memory is the engine's own
-count of the weight bytes it holds (linear layers and all). LoRA: 8 distinct random r16 all-linear adapters,
-requests round-robin over them; "LoRA x" is LoRA throughput over the same base's. All five engines are loaded
-at once and measured in turn, round after round, so the VM's drift over minutes falls on every row alike.
+Rows: bf16 (the GGUF de-quantized, the default); int8 and int4 (quantized at load, layers/quantizers.py); GGUF
+Q4_1 (the shipped file kept quantized, Q8_0 embeddings); GGUF Q8_0 (the same weights re-quantized to Q8_0 by the
+gguf package, written next to the run).
+- Memory: a fresh process per row builds the engine (a fixed 64-block KV cache) and reads its own resident
+  memory before and after (/proc/self/statm); "weights" is the engine's count of the bytes it holds.
+- Quality, bf16, 8 prompts x 24 tokens at batch 8 (tests/test_quantized_default_model.py's measurement):
+  greedy agreement with transformers fp32 on the float original, per step (teacher-forced on the engine's own
+  tokens) and up to the first differing token, and the mean |logprob| drift over the top 5 from fp32 on the
+  weights the row holds, de-quantized.
+- Speed: every engine loaded at once and measured in turn, round after round; each ratio to bf16 is taken
+  within its round and the median over the rounds printed. LoRA: 8 distinct random r16 all-linear adapters,
+  requests round-robin over them.
 """
 from __future__ import annotations
 
+import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,15 +35,18 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
+from transformers import AutoModelForCausalLM
 
 from lora_overhead import make_adapters, requests_for, run_engine
 from loraserve import LLM
-from loraserve.layers.linear import Linear
 from loraserve.layers.matmul import MatmulWeight
 from loraserve.layers.quantized import QuantizedMatmul
 from loraserve.layers.quantizers import quantize_int4, quantize_int8
 from loraserve.model.loader import _default_gguf, load_tokenizer, resolve_model
 from throughput import make_prompts, single_stream_ms_per_token, workload_parser
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import test_quantized_default_model as quality_check  # the test's own measurement
 
 
 def requantize_gguf(source: Path, out: Path, kind: str) -> Path:
@@ -90,7 +102,8 @@ def torch_int4(weight: torch.Tensor, group: int):
 
 
 def torch_int8(weight: torch.Tensor):
-    q = quantize_int8(weight)
+    """PyTorch's CPU int8 kernel (one scale per row) on `weight` quantized symmetric per row."""
+    q = quantize_int8(weight, weight.shape[1])
     scales = q.scales.reshape(-1).bfloat16()
     return lambda x: torch.ops.aten._weight_int8pack_mm(x, q.data, scales)
 
@@ -104,7 +117,8 @@ def matmul_table() -> None:
     for name, (rows, cols) in shapes.items():
         weight = torch.randn(rows, cols) * 0.02
         dense = MatmulWeight(weight.bfloat16())
-        ours8, ours4 = QuantizedMatmul([quantize_int8(weight)]), QuantizedMatmul([quantize_int4(weight, 64)])
+        ours8 = QuantizedMatmul([quantize_int8(weight, cols)])  # per row, as PyTorch's int8 needs
+        ours4 = QuantizedMatmul([quantize_int4(weight, 64)])
         theirs8, theirs4 = torch_int8(weight), torch_int4(weight, 64)
         for tokens in (1, 64):
             x = torch.randn(tokens, cols).bfloat16()
@@ -112,9 +126,37 @@ def matmul_table() -> None:
             print(f"{name:22s} {tokens:6d} " + " ".join(f"{t:8.0f}" for t in times), flush=True)
 
 
+CHILD = """
+import json, sys
+from loraserve import LLM
+from loraserve.engine.platform import resident_bytes
+before = resident_bytes()
+llm = LLM(sys.argv[1] or None, quantization=sys.argv[2] or None, dtype="bfloat16", num_kv_blocks=64,
+          max_model_len=1024, enable_prefix_caching=False)
+print(json.dumps({"rss": resident_bytes() - before, "weights": llm.engine.weight_bytes}))
+"""
+
+
+def resident(model: str | None, quantization: str | None) -> dict:
+    """Resident memory an engine adds to a fresh process, and the weight bytes it holds."""
+    out = subprocess.run([sys.executable, "-c", CHILD, model or "", quantization or ""], check=True,
+                         capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def quality(llm: LLM, hf) -> tuple[float, float, float]:
+    """(agreement per step, agreement to the first difference) with fp32 on the float original, and the mean
+    drift from fp32 on the weights `llm` holds."""
+    outputs = quality_check.run(llm, 8)
+    reference = hf if llm.engine.quantization is None else quality_check.served_weights(llm, hf)
+    drift, _, _ = quality_check.measure(outputs, reference)
+    _, prefix, steps = quality_check.measure(outputs, hf)
+    return steps, prefix, statistics.mean(drift)
+
+
 def main() -> None:
     parser = workload_parser(__doc__)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5, help="paired rounds of the speed phase")
     parser.add_argument("--matmuls-only", action="store_true")
     args = parser.parse_args()
     matmul_table()
@@ -126,39 +168,41 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="quantized-bench-"))
     adapters = make_adapters(folder, tmp, 16, 8, seed=0)
     q8_0 = requantize_gguf(_default_gguf(), tmp / "SmolLM2-135M-Instruct.Q8_0.gguf", "Q8_0")
-    rows = {
-        "bf16": dict(model=None),
-        "int8 (at load)": dict(model=None, quantization="int8"),
-        "int4 g64 (at load)": dict(model=None, quantization="int4"),
-        "GGUF Q4_1": dict(model=None, quantization="gguf"),
-        "GGUF Q8_0": dict(model=str(q8_0), quantization="gguf"),
-    }
+    rows = {"bf16": (str(folder), None), "int8 (at load)": (str(folder), "int8"),
+            "int4 (at load)": (str(folder), "int4"), "GGUF Q4_1": (None, "gguf"), "GGUF Q8_0": (str(q8_0), "gguf")}
+    memory = {name: resident(*row) for name, row in rows.items()}
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    engines = {name: LLM(model, quantization=q, dtype="bfloat16", max_num_seqs=args.num_prompts, enable_lora=True,
+                         max_loras=8, kv_cache_memory_gb=0.25) for name, (model, q) in rows.items()}
+    scores = {name: quality(llm, hf) for name, llm in engines.items()}
+    del hf
     print(f"{len(prompts)} prompts x {args.output_len} tokens, dtype bfloat16; LoRA: 8 mixed r16 all-linear "
-          f"adapters; every engine loaded at once and measured in turn, {args.repeats} rounds (medians)", flush=True)
-    engines = {name: LLM(dtype="bfloat16", max_num_seqs=args.num_prompts, enable_lora=True, max_loras=8,
-                         kv_cache_memory_gb=0.25, **options) for name, options in rows.items()}
+          f"adapters; every engine loaded at once and measured in turn, {args.rounds} rounds", flush=True)
     loras, _ = requests_for(adapters, args.num_prompts)
     runs: dict[str, dict[str, list[float]]] = {name: {"latency": [], "base": [], "lora": []} for name in rows}
-    for _ in range(args.repeats):  # round-robin, so the VM's drift falls on every row alike
+    for _ in range(args.rounds):  # round-robin, so the VM's drift falls on every row alike
         for name, llm in engines.items():
             runs[name]["latency"].append(single_stream_ms_per_token(llm, prompts[0], args.output_len))
             runs[name]["base"].append(run_engine(llm, prompts, args.output_len, None, 1)[0])
             runs[name]["lora"].append(run_engine(llm, prompts, args.output_len, loras, 1)[0])
-    print(f"{'weights':20s} {'MiB all':>8s} {'linears':>8s} {'x bf16':>7s} {'1 stream ms':>11s} {'x bf16':>7s} "
-          f"{'64: tok/s':>9s} {'x bf16':>7s} {'+LoRA tok/s':>11s} {'LoRA x':>7s}")
-    first = next(iter(engines))
-    for name, llm in engines.items():
-        linear_bytes = sum(m.nbytes for m in llm.engine.model.modules() if isinstance(m, Linear))
-        reference_bytes = sum(m.nbytes for m in engines[first].engine.model.modules() if isinstance(m, Linear))
+    first = next(iter(rows))
+
+    def ratio(name: str, key: str) -> float:  # within each round, then the median
+        return statistics.median(a / b for a, b in zip(runs[name][key], runs[first][key], strict=True))
+    print(f"{'weights':16s} {'RSS MiB':>8s} {'weights':>8s} {'agree/step':>10s} {'to 1st diff':>11s} "
+          f"{'drift':>6s} {'1 stream ms':>11s} {'x bf16':>6s} {'64: tok/s':>9s} {'x bf16':>6s} "
+          f"{'+LoRA tok/s':>11s} {'x bf16':>6s} {'LoRA x':>6s}")
+    for name in rows:
         med = {key: statistics.median(values) for key, values in runs[name].items()}
-        ref = {key: statistics.median(values) for key, values in runs[first].items()}
-        print(f"{name:20s} {llm.engine.weight_bytes / 2**20:8.1f} {linear_bytes / 2**20:8.1f} "
-              f"{linear_bytes / reference_bytes:7.2f} {med['latency']:11.2f} {med['latency'] / ref['latency']:7.2f} "
-              f"{med['base']:9.1f} {med['base'] / ref['base']:7.2f} {med['lora']:11.1f} "
-              f"{med['lora'] / med['base']:7.3f}", flush=True)
+        lora_cost = statistics.median(a / b for a, b in zip(runs[name]["lora"], runs[name]["base"], strict=True))
+        steps, prefix, drift = scores[name]
+        print(f"{name:16s} {memory[name]['rss'] / 2**20:8.0f} {memory[name]['weights'] / 2**20:8.1f} {steps:10.3f} "
+              f"{prefix:11.2f} {drift:6.3f} {med['latency']:11.2f} {ratio(name, 'latency'):6.2f} {med['base']:9.1f} "
+              f"{ratio(name, 'base'):6.2f} {med['lora']:11.1f} {ratio(name, 'lora'):6.2f} {lora_cost:6.3f}",
+              flush=True)
     print("runs (single stream ms | base tok/s | LoRA tok/s):")
     for name, values in runs.items():
-        print(f"  {name:20s} " + " | ".join(", ".join(f"{v:.1f}" for v in values[key]) for key in values))
+        print(f"  {name:16s} " + " | ".join(", ".join(f"{v:.1f}" for v in values[key]) for key in values))
 
 
 if __name__ == "__main__":

@@ -55,10 +55,13 @@ def _tensor(kind: str, shape: tuple[int, int],
         return raw.reshape(shape[0], -1), qtype
 
 
-def write_tiny_gguf(path: Path, attention: str, mlp: str, embedding: str, head: str, seed: int = 0) -> Path:
-    """A 2-layer Llama GGUF with the default model's tokenizer (copied field by field) and random weights."""
+def write_tiny_gguf(path: Path, attention: str, mlp: str, embedding: str, head: str, seed: int = 0,
+                    arch: str = "llama", experts: int = 0) -> Path:
+    """A 2-layer GGUF of `arch` (llama; qwen2: q/k/v biases; phi3: fused attn_qkv, gate and up fused in
+    ffn_up) with the default model's tokenizer (copied field by field) and random weights; `experts`: routed
+    experts stored fused, as llama.cpp writes Mixtral (arch llama, ffn_*_exps)."""
     source = gguf.GGUFReader(str(_default_gguf()))
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), arch)
     for key, field in source.fields.items():
         if key.startswith(("GGUF.", "llama.")) or key == "general.architecture":
             continue
@@ -76,6 +79,9 @@ def write_tiny_gguf(path: Path, attention: str, mlp: str, embedding: str, head: 
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_vocab_size(vocab)
     writer.add_rope_dimension_count(HIDDEN // HEADS)
+    if experts:
+        writer.add_expert_count(experts)
+        writer.add_expert_used_count(2)
     rng = np.random.default_rng(seed)
     head_dim = HIDDEN // HEADS
 
@@ -89,15 +95,29 @@ def write_tiny_gguf(path: Path, attention: str, mlp: str, embedding: str, head: 
     add("token_embd.weight", embedding, (vocab, HIDDEN))
     add("output.weight", head, (vocab, HIDDEN))
     add("output_norm.weight", "F32", (HIDDEN,))
+    kv = KV_HEADS * head_dim
     for i in range(LAYERS):
         add(f"blk.{i}.attn_norm.weight", "F32", (HIDDEN,))
         add(f"blk.{i}.ffn_norm.weight", "F32", (HIDDEN,))
-        add(f"blk.{i}.attn_q.weight", attention, (HIDDEN, HIDDEN))
-        add(f"blk.{i}.attn_k.weight", attention, (KV_HEADS * head_dim, HIDDEN))
-        add(f"blk.{i}.attn_v.weight", attention, (KV_HEADS * head_dim, HIDDEN))
+        if arch == "phi3":
+            add(f"blk.{i}.attn_qkv.weight", attention, (HIDDEN + 2 * kv, HIDDEN))
+            add(f"blk.{i}.ffn_up.weight", mlp, (2 * FFN, HIDDEN))
+        else:
+            add(f"blk.{i}.attn_q.weight", attention, (HIDDEN, HIDDEN))
+            add(f"blk.{i}.attn_k.weight", attention, (kv, HIDDEN))
+            add(f"blk.{i}.attn_v.weight", attention, (kv, HIDDEN))
+        if arch == "qwen2":
+            for proj, width in (("q", HIDDEN), ("k", kv), ("v", kv)):
+                add(f"blk.{i}.attn_{proj}.bias", "F32", (width,))
         add(f"blk.{i}.attn_output.weight", attention, (HIDDEN, HIDDEN))
-        add(f"blk.{i}.ffn_gate.weight", mlp, (FFN, HIDDEN))
-        add(f"blk.{i}.ffn_up.weight", mlp, (FFN, HIDDEN))
+        if experts:
+            add(f"blk.{i}.ffn_gate_inp.weight", "F32", (experts, HIDDEN))
+            for part, shape in (("gate", (FFN, HIDDEN)), ("up", (FFN, HIDDEN)), ("down", (HIDDEN, FFN))):
+                add(f"blk.{i}.ffn_{part}_exps.weight", "F16", (experts, *shape))
+            continue
+        if arch != "phi3":
+            add(f"blk.{i}.ffn_gate.weight", mlp, (FFN, HIDDEN))
+            add(f"blk.{i}.ffn_up.weight", mlp, (FFN, HIDDEN))
         add(f"blk.{i}.ffn_down.weight", mlp, (HIDDEN, FFN))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -123,9 +143,12 @@ def assert_matches(completion, tokens: list[int], logprobs: torch.Tensor) -> Non
             assert abs(logprob.logprob - logprobs[step, token_id].item()) < TOLERANCE, (step, token_id)
 
 
-@pytest.mark.parametrize("name", list(FILES))
-def test_tiny_gguf_matches_transformers(name, tmp_path):
-    path = write_tiny_gguf(tmp_path / f"{name}.gguf", *FILES[name])
+@pytest.mark.parametrize("name, arch", [*((name, "llama") for name in FILES), ("k-quants", "qwen2"),
+                                        ("q4_0-q5_1", "phi3")])
+def test_tiny_gguf_matches_transformers(name, arch, tmp_path):
+    """Every block type, and the non-Llama name maps (gguf's tensor names, transformers' processors) on files
+    the gguf package writes, kept quantized, against transformers loading the same file."""
+    path = write_tiny_gguf(tmp_path / f"{name}.gguf", *FILES[name], arch=arch)
     llm = LLM(str(path), quantization="gguf", dtype="float32", max_model_len=128, num_kv_blocks=64, block_size=8)
     model = llm.engine.model
     quantized_kinds = {type(m.matmul).__name__ for m in model.modules() if hasattr(m, "matmul")}
@@ -140,6 +163,12 @@ def test_tiny_gguf_matches_transformers(name, tmp_path):
         tokens, logprobs = greedy_reference(reference, prompt)
         assert len(set(tokens)) > 3  # not one token repeated: positions and weights matter
         assert_matches(output.outputs[0], tokens, logprobs)
+
+
+def test_gguf_with_fused_routed_experts_is_refused_by_name(tmp_path):
+    path = write_tiny_gguf(tmp_path / "moe.gguf", *FILES["q8_0-f16"], experts=4)
+    with pytest.raises(ValueError, match=r"routed experts are stored fused \(blk\.0\.ffn_gate_exps\.weight\)"):
+        LLM(str(path), quantization="gguf", dtype="float32", max_model_len=128, num_kv_blocks=64, block_size=8)
 
 
 def test_tiny_gguf_bf16_kernel_is_no_worse_than_pytorch_bf16(tmp_path, monkeypatch):

@@ -82,9 +82,10 @@ def dense(default_model_path, hf):
 
 
 def served_weights(llm: LLM, hf):
-    """transformers' model with every linear replaced by what the engine holds, de-quantized (float32)."""
+    """transformers' model with every linear (and a quantized embedding table / LM head) replaced by what the
+    engine holds, de-quantized (float32)."""
     model = copy.deepcopy(hf)
-    state = {}
+    state = {name: table.dequantize() for name, table in llm.engine.model.quantized.items()}
     for name, module in llm.engine.model.named_modules():
         if isinstance(module, Linear):
             weight = torch.cat([w.dequantize() for w in module.matmul.weights])
@@ -99,8 +100,7 @@ def served_weights(llm: LLM, hf):
 def test_quantized_bf16_drifts_no_more_than_dense_bf16(default_model_path, hf, dense, scheme):
     llm = LLM(quantization=scheme, **ENGINE) if scheme == "gguf" else LLM(str(default_model_path),
                                                                          quantization=scheme, **ENGINE)
-    # the GGUF's float folder is transformers' own de-quantization of the file: the reference as it stands
-    reference = hf if scheme == "gguf" else served_weights(llm, hf)
+    reference = served_weights(llm, hf)
     for batch in (8, 1):
         outputs = run(llm, batch)
         diffs, _, _ = measure(outputs, reference)

@@ -11,6 +11,7 @@ Bad schemes are refused by name.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -42,16 +43,32 @@ def test_fixtures_cover_every_checkpoint_scheme():
     assert methods == {"gptq", "awq", "compressed-tensors"}
 
 
+# a routed expert's module in a per-expert checkpoint (Mixtral's under block_sparse_moe, renamed to mlp)
+EXPERT_MODULE = re.compile(r"(?P<experts>.+\.experts)\.(?P<e>\d+)\."
+                           r"(?P<part>w1|w3|w2|gate_proj|up_proj|down_proj)\.weight")
+GATE, UP = ("w1", "gate_proj"), ("w3", "up_proj")
+
+
 def tool_dequantized(folder: Path):
-    """transformers' Llama with the linears the format's own tool de-quantized and the checkpoint's other
-    tensors."""
+    """transformers' model with the linears (and experts) the format's own tool de-quantized and the
+    checkpoint's other tensors; per-expert modules stacked into transformers' fused expert tensors."""
     def build(llm: LLM):
         config = AutoConfig.from_pretrained(folder)
         del config.quantization_config
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-        state = {k: v for k, v in load_file(folder / "model.safetensors").items() if k in model.state_dict()}
-        state |= load_file(folder / "reference.safetensors")
-        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+        tensors = load_file(folder / "model.safetensors") | load_file(folder / "reference.safetensors")
+        tensors = {k.replace(".block_sparse_moe.", ".mlp."): v.float() for k, v in tensors.items()}
+        state = {k: v for k, v in tensors.items() if k in model.state_dict()}
+        experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+        for name, tensor in tensors.items():
+            if (m := EXPERT_MODULE.fullmatch(name)) is not None:
+                experts.setdefault(m["experts"], {}).setdefault(int(m["e"]), {})[m["part"]] = tensor
+        for path, by_expert in experts.items():
+            parts = [by_expert[e] for e in sorted(by_expert)]
+            pick = lambda p, names: next(p[n] for n in names if n in p)  # noqa: E731
+            state[f"{path}.gate_up_proj"] = torch.stack([torch.cat([pick(p, GATE), pick(p, UP)]) for p in parts])
+            state[f"{path}.down_proj"] = torch.stack([pick(p, ("w2", "down_proj")) for p in parts])
+        model.load_state_dict(state, strict=True)
         return model
     return build
 
@@ -59,9 +76,10 @@ def tool_dequantized(folder: Path):
 @pytest.fixture(scope="module", params=CHECKPOINTS)
 def checkpoint_served(request, tmp_path_factory):
     folder = FIXTURES / request.param
-    served = serve(folder, CASES, tmp_path_factory.mktemp(request.param), reference=tool_dequantized(folder),
-                   **ENGINE)
-    return served
+    arch = json.loads((folder / "config.json").read_text())["model_type"]
+    moe = arch in ("mixtral", "qwen2_moe")
+    return serve(folder, CASES, tmp_path_factory.mktemp(request.param), reference=tool_dequantized(folder),
+                 arch=arch if moe else None, **(ENGINE | dict(max_lora_rank=32) if moe else ENGINE))
 
 
 @pytest.mark.parametrize("row", [BASE, *CASES])

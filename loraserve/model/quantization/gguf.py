@@ -137,6 +137,11 @@ def gguf_weights(path: Path, config: PretrainedConfig, names: Iterable[str]) -> 
             to_hf[f"{gguf_name}.{suffix}"] = name
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
     for tensor in reader.tensors:
+        if "_exps." in tensor.name or "_exps_" in tensor.name:  # ffn_gate_exps, ffn_down_exps, ...
+            raise ValueError(f"{path}: its routed experts are stored fused ({tensor.name}), which loraserve cannot "
+                             f"keep quantized; load the file without quantization='gguf' (de-quantized), or serve "
+                             f"a GPTQ / AWQ / compressed-tensors checkpoint of the model, or its float weights "
+                             f"with quantization='int4' / 'int8'")
         hf_name = to_hf.get(tensor.name)
         if hf_name is None:
             continue  # e.g. rope_freqs: computed from the config instead
