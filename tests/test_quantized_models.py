@@ -77,7 +77,7 @@ def tool_dequantized(folder: Path):
 def checkpoint_served(request, tmp_path_factory):
     folder = FIXTURES / request.param
     arch = json.loads((folder / "config.json").read_text())["model_type"]
-    moe = arch in ("mixtral", "qwen2_moe")
+    moe = arch in ("mixtral", "qwen2_moe", "qwen3_moe")
     return serve(folder, CASES, tmp_path_factory.mktemp(request.param), reference=tool_dequantized(folder),
                  arch=arch if moe else None, **(ENGINE | dict(max_lora_rank=32) if moe else ENGINE))
 
