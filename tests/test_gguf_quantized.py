@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 from lora_fixtures import make_peft_adapter
 from loraserve import LLM, LoRARequest, SamplingParams
 from loraserve.layers import quantized
+from loraserve.layers.moe import FusedExperts
 from loraserve.model.loader import _default_gguf
 from test_lora_fidelity import engine_logits
 
@@ -58,10 +59,14 @@ def _tensor(kind: str, shape: tuple[int, int],
 def write_tiny_gguf(path: Path, attention: str, mlp: str, embedding: str, head: str, seed: int = 0,
                     arch: str = "llama", experts: int = 0) -> Path:
     """A 2-layer GGUF of `arch` (llama; qwen2: q/k/v biases; phi3: fused attn_qkv, gate and up fused in
-    ffn_up) with the default model's tokenizer (copied field by field) and random weights; `experts`: routed
-    experts stored fused, as llama.cpp writes Mixtral (arch llama, ffn_*_exps)."""
+    ffn_up; qwen2moe: `experts` routed experts stored fused, ffn_*_exps in the MLP's block type, and a shared
+    expert) with the default model's tokenizer (copied field by field) and random weights. `experts` with
+    arch llama: fused F16 experts, as llama.cpp writes Mixtral."""
     source = gguf.GGUFReader(str(_default_gguf()))
     writer = gguf.GGUFWriter(str(path), arch)
+    # transformers reads no expert widths from a Qwen2-MoE GGUF: its config defaults (Qwen1.5-MoE-A2.7B's) apply
+    moe_ffn, shared_ffn = (1408, 5632) if arch == "qwen2moe" else (FFN, FFN)
+
     for key, field in source.fields.items():
         if key.startswith(("GGUF.", "llama.")) or key == "general.architecture":
             continue
@@ -82,6 +87,8 @@ def write_tiny_gguf(path: Path, attention: str, mlp: str, embedding: str, head: 
     if experts:
         writer.add_expert_count(experts)
         writer.add_expert_used_count(2)
+        writer.add_expert_feed_forward_length(moe_ffn)
+        writer.add_expert_shared_feed_forward_length(shared_ffn)
     rng = np.random.default_rng(seed)
     head_dim = HIDDEN // HEADS
 
@@ -106,14 +113,19 @@ def write_tiny_gguf(path: Path, attention: str, mlp: str, embedding: str, head: 
             add(f"blk.{i}.attn_q.weight", attention, (HIDDEN, HIDDEN))
             add(f"blk.{i}.attn_k.weight", attention, (kv, HIDDEN))
             add(f"blk.{i}.attn_v.weight", attention, (kv, HIDDEN))
-        if arch == "qwen2":
+        if arch in ("qwen2", "qwen2moe"):
             for proj, width in (("q", HIDDEN), ("k", kv), ("v", kv)):
                 add(f"blk.{i}.attn_{proj}.bias", "F32", (width,))
         add(f"blk.{i}.attn_output.weight", attention, (HIDDEN, HIDDEN))
         if experts:
             add(f"blk.{i}.ffn_gate_inp.weight", "F32", (experts, HIDDEN))
-            for part, shape in (("gate", (FFN, HIDDEN)), ("up", (FFN, HIDDEN)), ("down", (HIDDEN, FFN))):
-                add(f"blk.{i}.ffn_{part}_exps.weight", "F16", (experts, *shape))
+            for part, shape in (("gate", (moe_ffn, HIDDEN)), ("up", (moe_ffn, HIDDEN)), ("down", (HIDDEN, moe_ffn))):
+                add(f"blk.{i}.ffn_{part}_exps.weight", "F16" if arch == "llama" else mlp, (experts, *shape))
+            if arch == "qwen2moe":
+                add(f"blk.{i}.ffn_gate_inp_shexp.weight", "F32", (HIDDEN,))
+                for part, shape in (("gate", (shared_ffn, HIDDEN)), ("up", (shared_ffn, HIDDEN)),
+                                    ("down", (HIDDEN, shared_ffn))):
+                    add(f"blk.{i}.ffn_{part}_shexp.weight", mlp, shape)
             continue
         if arch != "phi3":
             add(f"blk.{i}.ffn_gate.weight", mlp, (FFN, HIDDEN))
@@ -143,17 +155,20 @@ def assert_matches(completion, tokens: list[int], logprobs: torch.Tensor) -> Non
             assert abs(logprob.logprob - logprobs[step, token_id].item()) < TOLERANCE, (step, token_id)
 
 
-@pytest.mark.parametrize("name, arch", [*((name, "llama") for name in FILES), ("k-quants", "qwen2"),
-                                        ("q4_0-q5_1", "phi3")])
-def test_tiny_gguf_matches_transformers(name, arch, tmp_path):
+@pytest.mark.parametrize("name, arch, experts", [*((name, "llama", 0) for name in FILES), ("k-quants", "qwen2", 0),
+                                                 ("q4_0-q5_1", "phi3", 0), ("q4_0-q5_1", "qwen2moe", 4)])
+def test_tiny_gguf_matches_transformers(name, arch, experts, tmp_path):
     """Every block type, and the non-Llama name maps (gguf's tensor names, transformers' processors) on files
-    the gguf package writes, kept quantized, against transformers loading the same file."""
-    path = write_tiny_gguf(tmp_path / f"{name}.gguf", *FILES[name], arch=arch)
+    the gguf package writes, kept quantized (fused routed experts split per expert), against transformers
+    loading the same file."""
+    path = write_tiny_gguf(tmp_path / f"{name}.gguf", *FILES[name], arch=arch, experts=experts)
     llm = LLM(str(path), quantization="gguf", dtype="float32", max_model_len=128, num_kv_blocks=64, block_size=8)
     model = llm.engine.model
     quantized_kinds = {type(m.matmul).__name__ for m in model.modules() if hasattr(m, "matmul")}
     assert "QuantizedMatmul" in quantized_kinds or FILES[name][0] == "F16"
     assert ("model.embed_tokens.weight" in model.quantized) == (FILES[name][2] not in ("F32", "F16"))
+    routed = [m for m in model.modules() if isinstance(m, FusedExperts)]
+    assert len(routed) == (LAYERS if experts else 0) and all(m.matmuls and not m.down_proj.numel() for m in routed)
     reference = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
     tokenizer = llm.get_tokenizer()
     prompts = [tokenizer.encode(p) for p in ("Quantized weights", "A GGUF file keeps its blocks, and")]
@@ -165,9 +180,10 @@ def test_tiny_gguf_matches_transformers(name, arch, tmp_path):
         assert_matches(output.outputs[0], tokens, logprobs)
 
 
-def test_gguf_with_fused_routed_experts_is_refused_by_name(tmp_path):
+def test_gguf_experts_in_a_dense_config_are_refused_by_name(tmp_path):
+    """llama.cpp writes Mixtral as arch 'llama' with ffn_*_exps; transformers reads a dense Llama config."""
     path = write_tiny_gguf(tmp_path / "moe.gguf", *FILES["q8_0-f16"], experts=4)
-    with pytest.raises(ValueError, match=r"routed experts are stored fused \(blk\.0\.ffn_gate_exps\.weight\)"):
+    with pytest.raises(ValueError, match=r"blk\.0\.ffn_gate_exps\.weight holds routed experts, but the config"):
         LLM(str(path), quantization="gguf", dtype="float32", max_model_len=128, num_kv_blocks=64, block_size=8)
 
 

@@ -5,7 +5,8 @@ Names and layout fixes follow transformers' own GGUF loader (the reference our p
 tensor name map from Hugging Face module names to `blk.N.*`, and transformers' tensor processors (Llama's
 q/k rows are stored permuted for llama.cpp's rotary; Gemma 2/3 store norm weights plus one). A processor that
 only reorders rows is applied to quantized rows as the same permutation; anything else a processor does to
-a quantized tensor is refused by name.
+a quantized tensor is refused by name. Routed experts stored fused ([experts, rows, cols]: ffn_gate_exps,
+ffn_up_exps, ffn_down_exps) are split into one tensor per expert, still quantized.
 """
 from __future__ import annotations
 
@@ -129,36 +130,67 @@ def gguf_weights(path: Path, config: PretrainedConfig, names: Iterable[str]) -> 
     if arch_key is None:
         raise ValueError(f"{path}: GGUF architecture {arch!r} is unknown to the gguf package")
     name_map = gguf.get_tensor_name_map(arch_key, config.num_hidden_layers)
-    to_hf = {}
+    to_hf, experts = {}, {}
     for name in names:
         module, _, suffix = name.rpartition(".")
+        if module.endswith(".experts") and suffix in ("gate_up_proj", "down_proj"):  # fused in transformers
+            for part in ("gate_proj", "up_proj") if suffix == "gate_up_proj" else ("down_proj",):
+                gguf_name = name_map.get_name(f"{module}.{part}")  # blk.N.ffn_gate_exps, ...
+                if gguf_name is not None:
+                    experts[f"{gguf_name}.weight"] = (module, part)
+            continue
         gguf_name = name_map.get_name(module)
         if gguf_name is not None:
             to_hf[f"{gguf_name}.{suffix}"] = name
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
     for tensor in reader.tensors:
-        if "_exps." in tensor.name or "_exps_" in tensor.name:  # ffn_gate_exps, ffn_down_exps, ...
-            raise ValueError(f"{path}: its routed experts are stored fused ({tensor.name}), which loraserve cannot "
-                             f"keep quantized; load the file without quantization='gguf' (de-quantized), or serve "
-                             f"a GPTQ / AWQ / compressed-tensors checkpoint of the model, or its float weights "
-                             f"with quantization='int4' / 'int8'")
+        if tensor.name in experts:
+            yield from _expert_tensors(path, tensor, *experts[tensor.name])
+            continue
         hf_name = to_hf.get(tensor.name)
         if hf_name is None:
+            if "_exps" in tensor.name:
+                raise ValueError(f"{path}: tensor {tensor.name} holds routed experts, but the config transformers "
+                                 f"reads from this GGUF ({config.model_type}) has none (llama.cpp writes Mixtral as "
+                                 f"'llama', which transformers reads as a dense Llama); serve the model's Hugging "
+                                 f"Face checkpoint instead (quantization='int4' / 'int8' keeps it small)")
             continue  # e.g. rope_freqs: computed from the config instead
-        kind = tensor.tensor_type.name
-        if kind in FLOAT_TYPES:
-            values = gguf.dequantize(tensor.data, tensor.tensor_type).reshape(tuple(reversed(tensor.shape.tolist())))
+        values = _read(path, tensor)
+        if isinstance(values, QuantizedTensor):
+            yield hf_name, _reorder_rows(values, processor, tensor.name)
+        else:
             yield hf_name, torch.from_numpy(np.array(processor.process(values, tensor.name).weights))
-            continue
-        if kind not in UNPACKERS:
-            raise ValueError(f"{path}: tensor {tensor.name} is {kind}, which loraserve cannot keep quantized; "
-                             f"supported GGUF types: {', '.join((*UNPACKERS, *FLOAT_TYPES))} (or load the file "
-                             f"without quantization='gguf' to de-quantize it)")
-        rows = int(tensor.shape[-1]) if len(tensor.shape) > 1 else 1
-        block_bytes = gguf.GGML_QUANT_SIZES[tensor.tensor_type][1]
-        blocks = np.asarray(tensor.data).reshape(rows, -1, block_bytes)
-        quantized = UNPACKERS[kind](blocks)
-        yield hf_name, _reorder_rows(quantized, processor, tensor.name)
+
+
+def _read(path: Path, tensor) -> np.ndarray | QuantizedTensor:
+    """A float tensor as an array of its Hugging Face shape, or a quantized one as a QuantizedTensor of its
+    rows (a 3-D tensor's first two dimensions flattened into rows)."""
+    import gguf
+
+    kind = tensor.tensor_type.name
+    if kind in FLOAT_TYPES:
+        return gguf.dequantize(tensor.data, tensor.tensor_type).reshape(tuple(reversed(tensor.shape.tolist())))
+    if kind not in UNPACKERS:
+        raise ValueError(f"{path}: tensor {tensor.name} is {kind}, which loraserve cannot keep quantized; "
+                         f"supported GGUF types: {', '.join((*UNPACKERS, *FLOAT_TYPES))} (or load the file "
+                         f"without quantization='gguf' to de-quantize it)")
+    rows = int(np.prod(tensor.shape[1:])) if len(tensor.shape) > 1 else 1
+    block_bytes = gguf.GGML_QUANT_SIZES[tensor.tensor_type][1]
+    return UNPACKERS[kind](np.asarray(tensor.data).reshape(rows, -1, block_bytes))
+
+
+def _expert_tensors(path: Path, tensor, module: str, part: str) -> Iterator[tuple[str, object]]:
+    """A fused GGUF expert tensor ([experts, rows, cols]: ffn_gate_exps, ffn_up_exps, ffn_down_exps) as one
+    tensor per expert, named as a per-expert checkpoint names it (module.E.gate_proj.weight), still quantized:
+    the values are the file's (transformers only splits and stacks them)."""
+    experts, rows = int(tensor.shape[2]), int(tensor.shape[1])
+    values = _read(path, tensor)
+    for e in range(experts):
+        name = f"{module}.{e}.{part}.weight"
+        if isinstance(values, QuantizedTensor):
+            yield name, values.take_rows(torch.arange(e * rows, (e + 1) * rows))
+        else:
+            yield name, torch.from_numpy(np.ascontiguousarray(values[e]))
 
 
 def _reorder_rows(quantized: QuantizedTensor, processor, gguf_name: str) -> QuantizedTensor:
