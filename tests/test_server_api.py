@@ -471,6 +471,10 @@ def test_metrics(http, client, offline):
     assert "loraserve_num_requests_waiting" in text and "loraserve_kv_cache_usage_perc" in text
     # the same model loaded offline holds the same weights
     assert metric(text, "loraserve_model_weight_bytes") == offline.engine.weight_bytes > 0
+    # the process holds at least its weights; what loading added is exported beside them (in this test process
+    # other engines came and went before, so its value here says little)
+    assert metric(text, "loraserve_resident_memory_bytes") > metric(text, "loraserve_model_weight_bytes")
+    assert "loraserve_model_resident_bytes" in text
 
 
 def test_host_cache_counts_one_event_per_adapter_use(http, client):
