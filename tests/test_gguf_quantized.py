@@ -37,10 +37,10 @@ FILES = {
 }
 
 
-def _tensor(kind: str, shape: tuple[int, int],
-            rng: np.random.Generator) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+def _tensor(kind: str, shape: tuple[int, int], rng: np.random.Generator,
+            std: float = 0.2) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
     qtype = gguf.GGMLQuantizationType[kind]
-    weights = (rng.standard_normal(shape) * 0.2).astype(np.float32)
+    weights = (rng.standard_normal(shape) * std).astype(np.float32)
     if kind in ("F32", "F16"):
         return weights.astype(np.float16 if kind == "F16" else np.float32), qtype
     try:
@@ -84,6 +84,10 @@ def write_tiny_gguf(path: Path, attention: str, mlp: str, embedding: str, head: 
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_vocab_size(vocab)
     writer.add_rope_dimension_count(HIDDEN // HEADS)
+    if arch == "gemma2":
+        writer.add_key_length(HIDDEN // HEADS)
+        writer.add_value_length(HIDDEN // HEADS)
+        writer.add_sliding_window(512)
     if experts:
         writer.add_expert_count(experts)
         writer.add_expert_used_count(2)
@@ -92,15 +96,17 @@ def write_tiny_gguf(path: Path, attention: str, mlp: str, embedding: str, head: 
     rng = np.random.default_rng(seed)
     head_dim = HIDDEN // HEADS
 
-    def add(name: str, kind: str, shape: tuple[int, ...]) -> None:
+    def add(name: str, kind: str, shape: tuple[int, ...], std: float = 0.2) -> None:
         if len(shape) == 1:
             writer.add_tensor(name, (1 + rng.standard_normal(shape) * 0.1).astype(np.float32))
             return
-        data, qtype = _tensor(kind, shape, rng)
+        data, qtype = _tensor(kind, shape, rng, std)
         writer.add_tensor(name, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
 
-    add("token_embd.weight", embedding, (vocab, HIDDEN))
-    add("output.weight", head, (vocab, HIDDEN))
+    # Gemma multiplies embeddings by √hidden and reads its head from them: smaller, or every step picks one token
+    add("token_embd.weight", embedding, (vocab, HIDDEN), std=0.02 if arch == "gemma2" else 0.2)
+    if arch != "gemma2":  # Gemma ties its head to the embedding
+        add("output.weight", head, (vocab, HIDDEN))
     add("output_norm.weight", "F32", (HIDDEN,))
     kv = KV_HEADS * head_dim
     for i in range(LAYERS):
@@ -117,6 +123,9 @@ def write_tiny_gguf(path: Path, attention: str, mlp: str, embedding: str, head: 
             for proj, width in (("q", HIDDEN), ("k", kv), ("v", kv)):
                 add(f"blk.{i}.attn_{proj}.bias", "F32", (width,))
         add(f"blk.{i}.attn_output.weight", attention, (HIDDEN, HIDDEN))
+        if arch == "gemma2":  # norms after attention and after the MLP too (stored plus one, as all Gemma norms)
+            add(f"blk.{i}.post_attention_norm.weight", "F32", (HIDDEN,))
+            add(f"blk.{i}.post_ffw_norm.weight", "F32", (HIDDEN,))
         if experts:
             add(f"blk.{i}.ffn_gate_inp.weight", "F32", (experts, HIDDEN))
             for part, shape in (("gate", (moe_ffn, HIDDEN)), ("up", (moe_ffn, HIDDEN)), ("down", (HIDDEN, moe_ffn))):
@@ -156,7 +165,8 @@ def assert_matches(completion, tokens: list[int], logprobs: torch.Tensor) -> Non
 
 
 @pytest.mark.parametrize("name, arch, experts", [*((name, "llama", 0) for name in FILES), ("k-quants", "qwen2", 0),
-                                                 ("q4_0-q5_1", "phi3", 0), ("q4_0-q5_1", "qwen2moe", 4)])
+                                                 ("q4_0-q5_1", "phi3", 0), ("q4_0-q5_1", "qwen2moe", 4),
+                                                 ("q4_0-q5_1", "gemma2", 0)])
 def test_tiny_gguf_matches_transformers(name, arch, experts, tmp_path):
     """Every block type, and the non-Llama name maps (gguf's tensor names, transformers' processors) on files
     the gguf package writes, kept quantized (fused routed experts split per expert), against transformers
