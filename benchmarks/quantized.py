@@ -15,9 +15,10 @@ gguf package, written next to the run).
 - Memory: a fresh process per row builds the engine (a fixed 64-block KV cache) and reads its own resident
   memory before and after (/proc/self/statm); "weights" is the engine's count of the bytes it holds.
 - Quality, bf16, 8 prompts x 24 tokens at batch 8 (tests/test_quantized_default_model.py's measurement):
-  greedy agreement with transformers fp32 on the float original, per step (teacher-forced on the engine's own
-  tokens) and up to the first differing token, and the mean |logprob| drift over the top 5 from fp32 on the
-  weights the row holds, de-quantized.
+  greedy agreement per step (teacher-forced on the engine's own tokens) with transformers fp32 on the weights
+  the row holds, de-quantized ("same w": what the kernels lose), and with fp32 on the float original (what
+  the scheme loses in all), per step and up to the first differing token; the mean |logprob| drift over the
+  top 5 from fp32 on the weights the row holds.
 - Speed: every engine loaded at once and measured in turn, round after round; each ratio to bf16 is taken
   within its round and the median over the rounds printed. LoRA: 8 distinct random r16 all-linear adapters,
   requests round-robin over them.
@@ -144,14 +145,14 @@ def resident(model: str | None, quantization: str | None) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def quality(llm: LLM, hf) -> tuple[float, float, float]:
-    """(agreement per step, agreement to the first difference) with fp32 on the float original, and the mean
-    drift from fp32 on the weights `llm` holds."""
+def quality(llm: LLM, hf) -> tuple[float, float, float, float]:
+    """Greedy agreement with fp32 on the weights `llm` holds (per step), with fp32 on the float original (per
+    step, and to the first difference), and the mean drift from fp32 on the weights held."""
     outputs = quality_check.run(llm, 8)
     reference = hf if llm.engine.quantization is None else quality_check.served_weights(llm, hf)
-    drift, _, _ = quality_check.measure(outputs, reference)
+    drift, _, own_steps = quality_check.measure(outputs, reference)
     _, prefix, steps = quality_check.measure(outputs, hf)
-    return steps, prefix, statistics.mean(drift)
+    return own_steps, steps, prefix, statistics.mean(drift)
 
 
 def main() -> None:
@@ -189,14 +190,15 @@ def main() -> None:
 
     def ratio(name: str, key: str) -> float:  # within each round, then the median
         return statistics.median(a / b for a, b in zip(runs[name][key], runs[first][key], strict=True))
-    print(f"{'weights':16s} {'RSS MiB':>8s} {'weights':>8s} {'agree/step':>10s} {'to 1st diff':>11s} "
+    print(f"{'weights':16s} {'RSS MiB':>8s} {'weights':>8s} {'same w':>6s} {'agree/step':>10s} {'to 1st diff':>11s} "
           f"{'drift':>6s} {'1 stream ms':>11s} {'x bf16':>6s} {'64: tok/s':>9s} {'x bf16':>6s} "
           f"{'+LoRA tok/s':>11s} {'x bf16':>6s} {'LoRA x':>6s}")
     for name in rows:
         med = {key: statistics.median(values) for key, values in runs[name].items()}
         lora_cost = statistics.median(a / b for a, b in zip(runs[name]["lora"], runs[name]["base"], strict=True))
-        steps, prefix, drift = scores[name]
-        print(f"{name:16s} {memory[name]['rss'] / 2**20:8.0f} {memory[name]['weights'] / 2**20:8.1f} {steps:10.3f} "
+        own, steps, prefix, drift = scores[name]
+        print(f"{name:16s} {memory[name]['rss'] / 2**20:8.0f} {memory[name]['weights'] / 2**20:8.1f} {own:6.3f} "
+              f"{steps:10.3f} "
               f"{prefix:11.2f} {drift:6.3f} {med['latency']:11.2f} {ratio(name, 'latency'):6.2f} {med['base']:9.1f} "
               f"{ratio(name, 'base'):6.2f} {med['lora']:11.1f} {ratio(name, 'lora'):6.2f} {lora_cost:6.3f}",
               flush=True)

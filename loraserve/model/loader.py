@@ -92,6 +92,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
 
     def fill(tmp: Path) -> None:
         src, name = str(gguf_path.parent), gguf_path.name
+        if _gguf_experts(gguf_path)[0]:
+            raise ValueError(f"{gguf_path} is a Mixtral-style GGUF (arch llama with routed experts), which "
+                             f"transformers de-quantizes as a dense Llama; serve it with quantization='gguf'")
         model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
         config = model.config
         state = model.state_dict()
@@ -122,7 +125,7 @@ def _gguf_metadata(gguf_path: Path) -> Path:
 
     def fill(tmp: Path) -> None:
         src, name = str(gguf_path.parent), gguf_path.name
-        config = AutoConfig.from_pretrained(src, gguf_file=name)
+        config = _with_experts(AutoConfig.from_pretrained(src, gguf_file=name), gguf_path)
         config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
         config.save_pretrained(tmp)
         GenerationConfig.from_model_config(config).save_pretrained(tmp)
@@ -130,6 +133,35 @@ def _gguf_metadata(gguf_path: Path) -> Path:
         (tmp / GGUF_WEIGHTS).symlink_to(gguf_path)
 
     return _write_folder(out_dir, fill)
+
+
+def _gguf_experts(gguf_path: Path) -> tuple[int, int, int | None]:
+    """(experts, experts per token, expert FFN width or None) of a llama-arch GGUF: llama.cpp writes Mixtral
+    as arch "llama" with these keys; (0, 0, None) for any other file."""
+    import gguf
+
+    fields = gguf.GGUFReader(str(gguf_path)).fields
+    arch = fields["general.architecture"].contents()
+    value = lambda key: fields[key].contents() if key in fields else None  # noqa: E731
+    if arch != "llama" or not value("llama.expert_count"):
+        return 0, 0, None
+    return int(value("llama.expert_count")), int(value("llama.expert_used_count")), value(
+        "llama.expert_feed_forward_length")
+
+
+def _with_experts(config, gguf_path: Path):
+    """The config transformers reads from a GGUF, as Mixtral's when the file is a llama-arch GGUF with routed
+    experts (transformers has no GGUF Mixtral and reads it as a dense Llama, dropping the experts)."""
+    from transformers import MixtralConfig
+
+    experts, per_token, width = _gguf_experts(gguf_path)
+    if not experts:
+        return config
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures", "mlp_bias",
+                                                                     "attention_bias", "pretraining_tp")}
+    if width:
+        fields["intermediate_size"] = int(width)
+    return MixtralConfig(**fields, num_local_experts=experts, num_experts_per_tok=per_token)
 
 
 def _write_folder(out_dir: Path, fill) -> Path:

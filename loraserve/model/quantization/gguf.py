@@ -150,10 +150,9 @@ def gguf_weights(path: Path, config: PretrainedConfig, names: Iterable[str]) -> 
         hf_name = to_hf.get(tensor.name)
         if hf_name is None:
             if "_exps" in tensor.name:
-                raise ValueError(f"{path}: tensor {tensor.name} holds routed experts, but the config transformers "
-                                 f"reads from this GGUF ({config.model_type}) has none (llama.cpp writes Mixtral as "
-                                 f"'llama', which transformers reads as a dense Llama); serve the model's Hugging "
-                                 f"Face checkpoint instead (quantization='int4' / 'int8' keeps it small)")
+                raise ValueError(f"{path}: tensor {tensor.name} holds routed experts, but the model's config "
+                                 f"({config.model_type}) has none; serve the model's Hugging Face checkpoint "
+                                 f"instead (quantization='int4' / 'int8' keeps it small)")
             continue  # e.g. rope_freqs: computed from the config instead
         values = _read(path, tensor)
         if isinstance(values, QuantizedTensor):
