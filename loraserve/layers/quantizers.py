@@ -50,7 +50,7 @@ class Grid:
 
     @property
     def last(self) -> int:
-        return (1 << (self.bits - 1)) - 1 if self.bits == 8 else 15
+        return 127 if self.bits == 8 else 15
 
 
 def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> QuantizedTensor:
