@@ -25,7 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from loraserve import LLM, SamplingParams
-from loraserve.layers.linear import Linear
+from test_quantized_models import served_state
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
            "The three primary colors are", "To make a cup of tea, first", "In 1969, the first humans",
@@ -85,12 +85,7 @@ def served_weights(llm: LLM, hf):
     """transformers' model with every linear (and a quantized embedding table / LM head) replaced by what the
     engine holds, de-quantized (float32)."""
     model = copy.deepcopy(hf)
-    state = {name: table.dequantize() for name, table in llm.engine.model.quantized.items()}
-    for name, module in llm.engine.model.named_modules():
-        if isinstance(module, Linear):
-            weight = torch.cat([w.dequantize() for w in module.matmul.weights])
-            parent = name.rsplit(".", 1)[0]
-            state.update({f"{parent}.{part}.weight": weight[module.part_slice(part)] for part in module.parts})
+    state = served_state(llm)
     assert set(state) <= set(model.state_dict())
     model.load_state_dict(state, strict=False)
     return model

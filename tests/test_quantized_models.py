@@ -87,23 +87,31 @@ def test_quantized_checkpoints_match_peft(checkpoint_served, row):
     assert_matches_peft(checkpoint_served, row)
 
 
+def served_state(llm: LLM) -> dict[str, torch.Tensor]:
+    """What the engine holds quantized, de-quantized (float32), under transformers' names: linear parts, fused
+    [experts, out, in] expert stacks, a quantized embedding table / LM head."""
+    state = {name: table.dequantize() for name, table in llm.engine.model.quantized.items()}
+    dequantized = lambda matmul: torch.cat([w.dequantize() for w in matmul.weights])  # noqa: E731
+    for name, module in llm.engine.model.named_modules():
+        if isinstance(module, Linear) and isinstance(module.matmul, QuantizedMatmul):
+            weight, parent = dequantized(module.matmul), name.rsplit(".", 1)[0]
+            state.update({f"{parent}.{part}.weight": weight[module.part_slice(part)] for part in module.parts})
+        elif isinstance(module, FusedExperts):
+            state.update({f"{name}.{tensor}": torch.stack([dequantized(m) for m in matmuls])
+                          for tensor, matmuls in module.matmuls.items()})
+    return state
+
+
 def engine_dequantized(path: Path):
     """transformers' model of `path` with every linear replaced by what the engine holds, de-quantized."""
     def build(llm: LLM):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        state = {}
-        for name, module in llm.engine.model.named_modules():
+        for module in llm.engine.model.modules():
             if isinstance(module, Linear):
                 assert isinstance(module.matmul, QuantizedMatmul)
-                weight = torch.cat([w.dequantize() for w in module.matmul.weights])
-                parent = name.rsplit(".", 1)[0]
-                for part in module.parts:
-                    state[f"{parent}.{part}.weight"] = weight[module.part_slice(part)]
-            elif isinstance(module, FusedExperts):  # transformers' fused [experts, out, in] tensors
+            elif isinstance(module, FusedExperts):
                 assert module.matmuls and not module.gate_up_proj.numel()
-                for tensor, matmuls in module.matmuls.items():
-                    state[f"{name}.{tensor}"] = torch.stack([torch.cat([w.dequantize() for w in m.weights])
-                                                             for m in matmuls])
+        state = served_state(llm)
         missing = set(state) - set(model.state_dict())
         assert not missing, missing
         original = {k: model.state_dict()[k].clone() for k in state}

@@ -16,6 +16,8 @@ weight becomes W[e] + scale · B_e A_e, with A_e = lora_A[e·r:(e+1)·r] and B_e
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -81,7 +83,8 @@ class FusedExperts(nn.Module):
             self._fused(name)[expert][rows].copy_(tensor)
         self.loaded.add((expert, "gate" if half == 0 else "up" if half == 1 else "down"))
 
-    def load_fused(self, name: str, tensor: torch.Tensor, quantize=None) -> None:
+    def load_fused(self, name: str, tensor: torch.Tensor,
+                   quantize: Callable[[torch.Tensor], QuantizedTensor] | None = None) -> None:
         """A fused tensor as transformers names it ([experts, out, in]); `quantize`: a quantizer applied
         expert by expert (int8 / int4 at load), so no float copy is kept."""
         if tuple(tensor.shape) != self.fused_shapes[name]:

@@ -94,7 +94,7 @@ def _quantize(weight: torch.Tensor, grid: Grid) -> QuantizedTensor:
         raise ValueError(f"a {rows}x{cols} weight cannot be split into groups of {grid.group}")
     # float16 scales where every group's step stays a normal float16 (else float16 would round small steps
     # coarsely: a layer of tiny weights keeps float32 scales)
-    steps = weight.float().abs().view(rows, -1, grid.group).amax(dim=-1) / (grid.last - grid.first) * 2
+    steps = weight.abs().view(rows, -1, grid.group).amax(dim=-1).float() / (grid.last - grid.first) * 2
     half = float(steps.min()) * min(CLIP_RATIOS) >= HALF_SMALLEST_NORMAL
     fitted = [_fit(chunk.float().view(chunk.shape[0], -1, grid.group), grid, half)
               for chunk in weight.split(ROWS_PER_CHUNK)]

@@ -233,6 +233,11 @@ class CausalLM(nn.Module):
         linears = self.linear_modules()
         params = dict(self.named_parameters())
         experts = {path: module for path, module in self.named_modules() if isinstance(module, FusedExperts)}
+        quantizer = QUANTIZERS[quantize] if quantize is not None else None
+
+        def held(tensor):  # a float matmul weight as the model holds it
+            return quantizer(tensor) if quantizer is not None and not isinstance(tensor, QuantizedTensor) else tensor
+
         expected = self.checkpoint_names()
         loaded = set()
         for name, tensor in weights:
@@ -243,22 +248,18 @@ class CausalLM(nn.Module):
             module_name, _, param = name.rpartition(".")
             expert = _EXPERT_TENSOR.fullmatch(name)
             if expert is not None and expert["module"] in experts:
-                if quantize is not None and not isinstance(tensor, QuantizedTensor):
-                    tensor = QUANTIZERS[quantize](tensor)
-                experts[expert["module"]].load_expert(int(expert["expert"]), expert["part"], tensor)
+                experts[expert["module"]].load_expert(int(expert["expert"]), expert["part"], held(tensor))
                 loaded.update(f"{expert['module']}.{t}" for t in FusedExperts.TENSORS)
                 continue
             if module_name in experts and param in FusedExperts.TENSORS:
                 if isinstance(tensor, QuantizedTensor):
                     raise ValueError(f"{name}: quantized fused expert tensors are not supported; per-expert ones are")
-                experts[module_name].load_fused(param, tensor, QUANTIZERS.get(quantize))
+                experts[module_name].load_fused(param, tensor, quantizer)
             elif isinstance(tensor, QuantizedTensor) and module_name not in linears:
                 self._load_quantized_table(name, tensor, params)
             elif module_name in linears:
                 linear, part = linears[module_name]
-                if quantize is not None and param == "weight" and not isinstance(tensor, QuantizedTensor):
-                    tensor = QUANTIZERS[quantize](tensor)
-                linear.load_part(part, param, tensor)
+                linear.load_part(part, param, held(tensor) if param == "weight" else tensor)
             elif name in params:
                 if params[name].shape != tensor.shape:
                     raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)}, "
