@@ -94,16 +94,33 @@ def _serve(args: argparse.Namespace) -> None:
         config = engine_config(args)
         if args.lora_modules and not config.enable_lora:
             raise ValueError("--lora-modules needs --enable-lora")
-        engine = AsyncLLMEngine.from_config(config)
+        engine = None if args.ray_replicas else AsyncLLMEngine.from_config(config)
     except ValueError as e:  # a config, model or adapter problem: the message says what to change
         sys.exit(f"loraserve serve: {e}")
     settings = ServerSettings(served_model_names=args.served_model_name or [args.model or DEFAULT_MODEL_NAME],
                               lora_modules=args.lora_modules or [], api_key=args.api_key,
                               allow_runtime_lora_updating=args.allow_runtime_lora_updating)
+    if args.ray_replicas:
+        _serve_on_ray(args, config, settings)
+        return
     try:
         run_server(engine, settings, args.host, args.port, args.shutdown_timeout, args.log_level)
     except ValueError as e:  # a --lora-modules adapter that cannot be served (LoRAError) stops start-up
         engine.shutdown()
+        sys.exit(f"loraserve serve: {e}")
+
+
+def _serve_on_ray(args: argparse.Namespace, config, settings) -> None:
+    try:
+        from loraserve.ray.app import ScaleOut
+        from loraserve.ray.launch import run
+    except ImportError as e:
+        sys.exit(f"loraserve serve: --ray-replicas needs Ray Serve ({e}); pip install 'loraserve[ray]'")
+    try:
+        scale = ScaleOut(args.ray_replicas, args.ray_cpus_per_replica, args.ray_routing)
+        resolve_model(config.model)  # convert the model once here, not in every replica at once
+        run(config, settings, scale, args.host, args.port, args.ray_address)
+    except (ValueError, RuntimeError) as e:  # a bad option; the application failed to deploy (Serve's reason)
         sys.exit(f"loraserve serve: {e}")
 
 
@@ -140,6 +157,17 @@ def _add_serve_parser(commands) -> None:
     net.add_argument("--allow-runtime-lora-updating", action="store_true",
                      help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter; off by default "
                           "because it lets API clients make the server read any local path")
+    ray = serve.add_argument_group("scale-out on Ray Serve (docs/scale-out.md; pip install 'loraserve[ray]')")
+    ray.add_argument("--ray-replicas", type=int, default=0, metavar="N",
+                     help="serve with N engine replicas behind one ingress on Ray Serve, requests routed to the "
+                          "replica holding their adapter; 0: one process, no Ray (default: %(default)s)")
+    ray.add_argument("--ray-address", default=None,
+                     help="an existing Ray cluster to join (e.g. auto, or ray://head:10001); default: start a Ray "
+                          "of its own on 127.0.0.1")
+    ray.add_argument("--ray-cpus-per-replica", type=float, default=1.0, help="(default: %(default)s)")
+    ray.add_argument("--ray-routing", default="adapter-aware", choices=["adapter-aware", "multiplex", "round-robin"],
+                     help="how a request picks a replica: by where its adapter is resident (slot, then host memory, "
+                          "then load), Serve's multiplexed-model routing, or in turn (default: %(default)s)")
     add_engine_arguments(serve, model_positional=True)
     serve.set_defaults(func=_serve)
 

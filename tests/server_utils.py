@@ -1,6 +1,9 @@
-"""Start `loraserve serve` as a real subprocess on a free loopback port, for the server tests."""
+"""Start `loraserve serve` as a real subprocess on a free loopback port, for the server tests; helpers the
+in-process and subprocess server tests share."""
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 import socket
@@ -119,6 +122,59 @@ def metric(text: str, name: str, **labels) -> float:
     pattern = rf"^{re.escape(name)}{re.escape('{' + label + '}') if label else ''} (\S+)$"
     match = re.search(pattern, text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
+
+
+def metric_families(text: str) -> dict[str, list]:
+    """Prometheus text parsed as a scraper would: family name -> its samples (a counter's family drops
+    `_total`, its samples keep it; a histogram's samples are `_bucket`, `_count`, `_sum`)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {family.name: family.samples for family in text_string_to_metric_families(text)}
+
+
+def sample(families: dict[str, list], family: str, name: str | None = None, **labels) -> float:
+    """The value of the one sample `name` (default: the family's name) with exactly `labels`."""
+    [value] = [s.value for s in families[family] if s.name == (name or family) and s.labels == labels]
+    return value
+
+
+async def scrape_during_stream(app, body: dict, path: str = "/v1/completions") -> tuple[str, bool]:
+    """POST a streamed request straight through the ASGI interface, scrape /metrics once its first chunk has
+    arrived, then let it finish: (the scrape's text, whether the stream was still open when the scrape
+    returned). Not through a test client: those hand a response over only once it is complete."""
+    first, finished = asyncio.Event(), asyncio.Event()
+    statuses: list[int] = []
+    received = False
+
+    async def receive() -> dict:
+        nonlocal received
+        if not received:
+            received = True
+            return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
+        await finished.wait()  # the client stays connected until the response is complete
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+        elif message["type"] == "http.response.body" and message.get("body"):
+            first.set()
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            finished.set()
+
+    headers = [(b"host", b"testserver"), (b"content-type", b"application/json"),
+               (b"authorization", f"Bearer {KEY}".encode())]
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"", "headers": headers,
+             "client": ("127.0.0.1", 1), "server": ("testserver", 80)}
+    stream = asyncio.create_task(app(scope, receive, send))
+    await asyncio.wait_for(first.wait(), 60)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
+        text = (await client.get("/metrics")).text
+    still_open = not finished.is_set()
+    await stream
+    assert statuses == [200], statuses
+    return text, still_open
 
 
 def assert_openai_error(response, status: int, param: str | None = None) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import time
 
 import httpx
 import openai
@@ -21,7 +22,18 @@ from loraserve.engine.async_engine import AsyncLLMEngine
 from loraserve.engine.engine import LLMEngine
 from loraserve.server.adapters import LoRAModule
 from loraserve.server.api import ServerSettings, build_app
-from server_utils import BASE, ENGINE_OPTIONS, KEY, assert_openai_error, make_server_files, metric, offline_texts
+from server_utils import (
+    BASE,
+    ENGINE_OPTIONS,
+    KEY,
+    assert_openai_error,
+    make_server_files,
+    metric,
+    metric_families,
+    offline_texts,
+    sample,
+    scrape_during_stream,
+)
 
 PROMPTS = ["The quick brown fox", "Hello, world", "abc", "Once upon a time"]
 GREEDY = dict(temperature=0, max_tokens=10, ignore_eos=True)
@@ -491,3 +503,65 @@ def test_host_cache_counts_one_event_per_adapter_use(http, client):
     for _ in stream_completion(client, model="a2", prompt="streamed", max_tokens=3):
         pass
     assert events(http.get("/metrics").text) - before == 4 + 1 + 1 + 1
+
+
+def test_router_metrics_match_the_engine(app, http, client, files, monkeypatch):
+    """The vLLM names Kubernetes LoRA routers scrape, and the load-time histogram, parsed as a scraper parses
+    them, against engine state made known here (max_loras=2 slots, max_cpu_loras=4 host copies)."""
+    def loaded(families: dict) -> dict[str, tuple[str, str]]:
+        assert all(s.value == 1 for s in families["vllm:lora_adapter_loaded"])
+        return {s.labels["adapter_name"]: (s.labels["level"], s.labels["rank"])
+                for s in families["vllm:lora_adapter_loaded"]}
+
+    hist, summary = "loraserve_lora_load_duration_seconds", "loraserve_lora_load_seconds"
+
+    def loads(families: dict) -> float:
+        """The histogram's count, checked against the summary and the host cache's load events."""
+        count = sample(families, hist, f"{hist}_count")
+        buckets = [s.value for s in families[hist] if s.name == f"{hist}_bucket"]
+        assert buckets == sorted(buckets) and buckets[-1] == count  # cumulative, +Inf last
+        assert sample(families, hist, f"{hist}_sum") == pytest.approx(sample(families, summary, f"{summary}_sum"))
+        assert count == sample(families, summary, f"{summary}_count") == sample(
+            families, "loraserve_lora_host_cache_events", "loraserve_lora_host_cache_events_total", event="load")
+        return count
+
+    before = loads(metric_families(http.get("/metrics").text))
+    body = {"lora_name": "timed", "lora_path": files["adapters"]["a4"]}  # a new id: one read from disk
+    assert http.post("/v1/load_lora_adapter", json=body).status_code == 200
+    assert loads(metric_families(http.get("/metrics").text)) == before + 1
+    assert http.post("/v1/unload_lora_adapter", json={"lora_name": "timed"}).status_code == 200
+    for name in ("a2", "a3", "a0", "a1"):  # host memory: these four; the two slots: the last two
+        client.completions.create(model=name, prompt="x", max_tokens=1)
+    start = time.time()
+    idle = metric_families(http.get("/metrics").text)
+    assert loaded(idle) == {"a0": ("gpu", "8"), "a1": ("gpu", "4"), "a2": ("cpu", "8"), "a3": ("cpu", "16")}
+    assert sample(idle, "vllm:num_gpu_loaded_lora_adapters") == sample(idle, "vllm:max_gpu_lora_adapters") == 2
+    assert sample(idle, "vllm:cache_config_info", block_size="4", num_gpu_blocks="256") == 1
+    assert len(idle["vllm:cache_config_info"]) == 1 and ENGINE_OPTIONS["num_kv_blocks"] == 256
+    assert start <= sample(idle, "vllm:lora_requests_info", running_lora_adapters="", waiting_lora_adapters="",
+                           max_lora="2") <= time.time()
+    assert loads(idle) == asyncio.run(app.state.engine.stats()).lora.host.loads
+    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"):
+        assert sample(idle, f"vllm:{name}") == sample(idle, f"loraserve_{name}"), name
+    assert sample(idle, "vllm:num_requests_running") == 0
+
+    step = LLMEngine.step
+
+    def slow_step(self):
+        time.sleep(0.02)  # the request below outlives the scrape by a second
+        return step(self)
+
+    monkeypatch.setattr(LLMEngine, "step", slow_step)
+    mix = [{"name": "a3"}, {"name": "a2", "weight": 0.5}]  # a mix runs as each of its adapters, names sorted
+    body = {"model": "a3", "adapters": mix, "prompt": "a long one", "max_tokens": 60, "ignore_eos": True,
+            "stream": True}
+    text, still_open = asyncio.run(scrape_during_stream(app, body))
+    monkeypatch.undo()
+    assert still_open
+    busy = metric_families(text)
+    assert sample(busy, "vllm:lora_requests_info", running_lora_adapters="a2,a3", waiting_lora_adapters="",
+                  max_lora="2") > start
+    assert sample(busy, "vllm:num_requests_running") == sample(busy, "loraserve_num_requests_running") >= 1
+    assert sample(busy, "vllm:kv_cache_usage_perc") == sample(busy, "loraserve_kv_cache_usage_perc") > 0
+    # the mix took both slots from a0 and a1, which stay in host memory
+    assert loaded(busy) == {"a0": ("cpu", "8"), "a1": ("cpu", "4"), "a2": ("gpu", "8"), "a3": ("gpu", "16")}

@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import logging
 import time
+from collections.abc import Iterable
 
 import torch
 from transformers import GenerationConfig, PretrainedConfig
@@ -294,7 +295,15 @@ class LLMEngine:
             preemptions=self.scheduler.num_preemptions, prefix_queried_tokens=self.blocks.queried_tokens,
             prefix_hit_tokens=self.blocks.hit_tokens, weight_bytes=self.weight_bytes,
             model_resident_bytes=self.model_resident_bytes, resident_bytes=resident_bytes(),
-            lora=self.lora_manager.stats() if self.lora_manager is not None else None)
+            lora=self.lora_manager.stats() if self.lora_manager is not None else None,
+            running_adapters=_adapter_names(self.scheduler.running),
+            waiting_adapters=_adapter_names(self.scheduler.waiting),
+            block_size=self.blocks.block_size, taken_at=time.time())
+
+
+def _adapter_names(seqs: Iterable[Sequence]) -> tuple[str, ...]:
+    """The adapters these sequences apply, by name, sorted, each once (a mix: each of its adapters)."""
+    return tuple(sorted({adapter.name for seq in seqs if seq.lora is not None for adapter in seq.lora.adapters}))
 
 
 def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:

@@ -19,3 +19,9 @@ class EngineStats:
     model_resident_bytes: int  # what building the model added to the process's resident memory
     resident_bytes: int  # the process's resident memory now
     lora: LoRAStats | None  # None when LoRA is disabled
+    # adapter names of the requests running / waiting (a mix counts as each of its adapters), sorted, each once;
+    # defaults, like block_size's and taken_at's, only for snapshots built by hand (tests, fakes)
+    running_adapters: tuple[str, ...] = ()
+    waiting_adapters: tuple[str, ...] = ()
+    block_size: int = 0  # tokens per KV-cache block
+    taken_at: float = 0.0  # time.time() when the snapshot was taken

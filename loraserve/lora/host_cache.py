@@ -14,17 +14,22 @@ Lifecycle (docs/architecture.md):
 """
 from __future__ import annotations
 
+import bisect
+import math
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from loraserve.errors import AdapterRemovedError, LoRAError
 from loraserve.lora.adapter import LoRAAdapter, resolve_adapter_path
 from loraserve.lora_request import LoRARequest
+
+# upper bounds (seconds) of the load-time histogram's buckets; a last, unbounded bucket follows
+LOAD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 @dataclass
@@ -34,6 +39,10 @@ class HostCacheStats:
     evictions: int = 0
     load_seconds: float = 0.0  # total time reading and validating adapters from disk
     cached: int = 0  # adapters in host memory now (pinned or not)
+    # (upper bound in seconds, loads in that bucket, not cumulative) per LOAD_BUCKETS bound, then (inf, loads
+    # above the last): a histogram of single load times can be exported, not only their total
+    load_buckets: tuple[tuple[float, int], ...] = field(
+        default=tuple((bound, 0) for bound in (*LOAD_BUCKETS, math.inf)))
 
 
 @dataclass(frozen=True)
@@ -138,6 +147,12 @@ class HostCache:
         with self._lock:
             return list(self._entries)
 
+    def resident(self) -> list[LoRAAdapter]:
+        """The adapters a new request would find in memory (pinned or not), least recently used first; not
+        those removed that running requests still hold."""
+        with self._lock:
+            return list(self._entries.values())
+
     def take_dropped(self) -> list[str]:
         """Content hashes of removed adapters that no request uses any more (each reported once)."""
         with self._lock:
@@ -196,6 +211,9 @@ class HostCache:
         self._pins[adapter] = self._pins.get(adapter, 0) + 1
         self._stats.loads += 1
         self._stats.load_seconds += seconds
+        index = bisect.bisect_left(LOAD_BUCKETS, seconds)  # bucket i: seconds <= LOAD_BUCKETS[i]
+        self._stats.load_buckets = tuple((bound, count + (i == index))
+                                         for i, (bound, count) in enumerate(self._stats.load_buckets))
         self._evict()
 
     def _evict(self) -> None:

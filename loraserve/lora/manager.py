@@ -33,12 +33,27 @@ from loraserve.model.lora_targets import enable_lora
 T = TypeVar("T")
 
 
+@dataclass(frozen=True)
+class ResidentAdapter:
+    """An adapter a request would find in memory, for metrics and routers (which send requests where their
+    adapter already is)."""
+
+    name: str  # the LoRARequest's lora_name it was loaded under
+    content_hash: str  # the adapter's content hash (LoRAAdapter.content_hash)
+    rank: int
+    in_slot: bool  # True: in a slot beside the model ("gpu" level); False: host memory only ("cpu")
+
+
 @dataclass
 class LoRAStats:
     host: HostCacheStats
     slots: SlotStats
     num_slots: int
     slots_used: int
+    # every adapter in host memory (pinned or not), one per (name, content hash), sorted by name; an adapter
+    # evicted from host memory is not listed even while its slot is not yet reused (a request for it reads
+    # the disk again)
+    resident: tuple[ResidentAdapter, ...] = ()
 
 
 class LoRAManager:
@@ -90,7 +105,11 @@ class LoRAManager:
 
     def stats(self) -> LoRAStats:
         self.slots.free(self.host.take_dropped())
-        return LoRAStats(self.host.stats(), replace(self.slots.stats), len(self.slots.owner), self.slots.num_used)
+        in_slots = set(self.slots.owner)
+        resident = {ResidentAdapter(adapter.name, adapter.content_hash, adapter.max_rank,
+                                    adapter.content_hash in in_slots) for adapter in self.host.resident()}
+        return LoRAStats(self.host.stats(), replace(self.slots.stats), len(self.slots.owner), self.slots.num_used,
+                         tuple(sorted(resident, key=lambda r: (r.name, r.content_hash))))
 
 
 def _inline(work: Callable[[], T]) -> T:

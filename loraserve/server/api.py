@@ -91,7 +91,22 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     return bad_request(f"{param}: {message}" if param else f"the request body is invalid: {message}", param)
 
 
-def _install_error_handlers(app: FastAPI) -> None:
+def check_api_key(request: Request, api_key: str | None) -> None:
+    """401 unless the request carries `Authorization: Bearer <api_key>` (nothing to check without a key)."""
+    if api_key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), api_key.encode()):
+        raise APIError(401, "missing or incorrect API key; send the header 'Authorization: Bearer <key>'",
+                       code="invalid_api_key")
+
+
+def runtime_updating_disabled() -> APIError:
+    return APIError(404, "runtime adapter loading is disabled; start the server with --allow-runtime-lora-updating "
+                    "to load and unload adapters", code="not_found")
+
+
+def install_error_handlers(app: FastAPI) -> None:
     def respond(error: APIError) -> JSONResponse:
         return JSONResponse(error.body(), status_code=error.status)
 
@@ -146,17 +161,12 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
     serving = OpenAIServing(engine, adapters, metrics)
     max_model_len = engine.limits.max_model_len
 
-    async def check_api_key(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), settings.api_key.encode()):
-            raise APIError(401, "missing or incorrect API key; send the header 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
+    async def authorized(request: Request) -> None:
+        check_api_key(request, settings.api_key)
 
     app = FastAPI(title="loraserve", version=__version__)
-    _install_error_handlers(app)
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+    install_error_handlers(app)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
 
     async def respond(request: Request, work: Awaitable[dict | AsyncIterator[str]]) -> Response:
         result = await cancel_on_disconnect(request, work)
@@ -192,8 +202,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
 
     def check_runtime_updating() -> None:
         if not settings.allow_runtime_lora_updating:
-            raise APIError(404, "runtime adapter loading is disabled; start the server with "
-                           "--allow-runtime-lora-updating to load and unload adapters", code="not_found")
+            raise runtime_updating_disabled()
         if not engine.limits.lora_enabled:
             raise bad_request("LoRA is not enabled on this server; start it with --enable-lora")
 

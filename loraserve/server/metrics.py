@@ -2,14 +2,24 @@
 
 Request-level numbers (tokens, TTFT, inter-token latency) are recorded by the request handlers, as the
 client sees them; engine state (batch, KV cache, adapter caches) is read from the engine at scrape time.
+Beside loraserve's own `loraserve_*` names, engine state is also exported under the `vllm:` names that
+Kubernetes LoRA-aware routers (Gateway API inference extension / llm-d endpoint picker, KServe) scrape; their
+"gpu" / "cpu" words are kept for those readers although everything here is in CPU memory (docs/scale-out.md).
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from loraserve.engine.async_engine import EngineStats
 
@@ -45,9 +55,11 @@ class _EngineCollector(Collector):
                                   s.prefix_queried_tokens)
         yield CounterMetricFamily("loraserve_prefix_cache_hits", "Prompt tokens found in the prefix cache (their "
                                   "KV reused, not recomputed).", s.prefix_hit_tokens)
+        yield from _vllm_engine_metrics(s)
         lora = s.lora
         if lora is None:
             return
+        yield from _vllm_lora_metrics(s)
         yield GaugeMetricFamily("loraserve_lora_slots", "Adapter slots beside the model (max_loras).", lora.num_slots)
         yield GaugeMetricFamily("loraserve_lora_slots_used", "Adapter slots holding an adapter.", lora.slots_used)
         yield GaugeMetricFamily("loraserve_lora_host_cached", "Adapters held in host memory.", lora.host.cached)
@@ -61,6 +73,54 @@ class _EngineCollector(Collector):
             yield family
         yield SummaryMetricFamily("loraserve_lora_load_seconds", "Time reading and validating adapters from disk.",
                                   count_value=lora.host.loads, sum_value=lora.host.load_seconds)
+        yield _load_histogram(lora.host.load_buckets, lora.host.load_seconds)
+
+
+def _vllm_engine_metrics(s: EngineStats) -> Iterator[Metric]:
+    """vLLM's names for the batch and the KV cache: the same values as the loraserve_ ones."""
+    yield GaugeMetricFamily("vllm:num_requests_running", "Requests in the running batch.", s.running)
+    yield GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting to be scheduled.", s.waiting)
+    yield GaugeMetricFamily("vllm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).",
+                            1 - s.free_blocks / s.num_blocks)
+    info = GaugeMetricFamily("vllm:cache_config_info", "KV-cache configuration (block_size in tokens; "
+                             "num_gpu_blocks: KV blocks, in CPU memory here).",
+                             labels=["block_size", "num_gpu_blocks"])
+    info.add_metric([str(s.block_size), str(s.num_blocks)], 1)
+    yield info
+
+
+def _vllm_lora_metrics(s: EngineStats) -> Iterator[Metric]:
+    """vLLM's adapter names, which routers read to send a request where its adapter is running or resident."""
+    lora = s.lora
+    assert lora is not None  # called only when LoRA is enabled
+    info = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on lora requests (value: time of the "
+                             "snapshot, unix seconds).",
+                             labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
+    info.add_metric([",".join(s.running_adapters), ",".join(s.waiting_adapters), str(lora.num_slots)], s.taken_at)
+    yield info
+    loaded = GaugeMetricFamily("vllm:lora_adapter_loaded", "Adapters resident: level gpu in a slot beside the "
+                               "model, cpu in host memory only (both CPU memory here).",
+                               labels=["adapter_name", "level", "rank"])
+    by_name: dict[str, tuple[bool, int]] = {}
+    for adapter in lora.resident:  # one series per name (ids may share one): "gpu" if any of them is in a slot
+        by_name[adapter.name] = max(by_name.get(adapter.name, (False, 0)), (adapter.in_slot, adapter.rank))
+    for name, (in_slot, rank) in sorted(by_name.items()):
+        loaded.add_metric([name, "gpu" if in_slot else "cpu", str(rank)], 1)
+    yield loaded
+    yield GaugeMetricFamily("vllm:num_gpu_loaded_lora_adapters", "Adapters in a slot beside the model.",
+                            lora.slots_used)
+    yield GaugeMetricFamily("vllm:max_gpu_lora_adapters", "Adapter slots beside the model (max_loras).",
+                            lora.num_slots)
+
+
+def _load_histogram(counts: tuple[tuple[float, int], ...], total_seconds: float) -> Metric:
+    """Each adapter load from disk, from the host cache's (upper bound, count) per bucket, made cumulative."""
+    cumulative, buckets = 0, []
+    for bound, count in counts:
+        cumulative += count
+        buckets.append((floatToGoString(bound), cumulative))
+    return HistogramMetricFamily("loraserve_lora_load_duration_seconds", "Time reading and validating one "
+                                 "adapter from disk.", buckets=buckets, sum_value=total_seconds)
 
 
 class ServerMetrics:
