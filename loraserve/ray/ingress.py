@@ -120,7 +120,7 @@ class Ingress:
         forwarded = HTTPRequest(request.method, path, request.url.query.encode(),
                                 [(k, v) for k, v in request.headers.raw if k.lower() != REPLICA_HEADER.encode()],
                                 body)
-        route = Route(adapter, pin, self.snapshot.version)
+        route = Route(adapter=adapter, replica=pin, version=self.snapshot.version)
         head, rest = await cancel_on_disconnect(request, self._exchange(route, forwarded))
         if head.status == 200 and path in (LOAD_PATH, UNLOAD_PATH):
             await self._commit(path, json.loads(body), head.body)

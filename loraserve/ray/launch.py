@@ -18,10 +18,11 @@ from loraserve.server.api import ServerSettings
 def run(config: EngineConfig, settings: ServerSettings, scale: ScaleOut, host: str, port: int,
         address: str | None = None) -> None:
     """Start (or join) Ray, serve the application on host:port, stop it all on a signal. Without `address`,
-    Ray runs here on 127.0.0.1 with no dashboard: nothing listens beyond loopback except the HTTP port."""
+    Ray runs here with no dashboard; with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 in the environment before Ray is
+    imported (the command line sets it), every Ray process binds 127.0.0.1 only."""
     if address is None:
         cpus = max(os.cpu_count() or 1, math.ceil(scale.replicas * scale.cpus_per_replica))
-        ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+        ray.init(num_cpus=cpus, include_dashboard=False)
     else:
         ray.init(address=address)
     stop = threading.Event()

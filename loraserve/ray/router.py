@@ -2,7 +2,8 @@
 
 `AdapterAwareRouter` (the default) ranks replicas in tiers for a request's adapter, keyed by its content hash:
 the replicas holding it in a slot, then those holding it in host memory, then every replica; Serve takes the
-replica with the shortest queue within the first tier that has room. A holder whose batch is full while
+replica with the shortest queue within the first tier that has room (on a tie, the one with the fewest
+adapters in slots). A holder whose batch is full while
 another replica has a shorter queue drops out of the first two tiers, so a hot adapter spreads instead of
 queueing on one replica (Serve's multiplex routing pins a model to the replicas that report it). Base-model
 requests rank every replica as one tier: the shortest queue wins.
@@ -13,7 +14,7 @@ adapter nobody holds goes to one replica, not to all of them.
 
 `RoundRobinRouter` and `MultiplexRouter` (Serve's default power-of-two-choices with multiplexed model ids) are
 the baselines benchmarks/scale_out.py compares with. All three honour a request pinned to one replica (the
-ingress's `x-loraserve-replica` request header; /metrics of one replica) and skip a replica that just failed it.
+ingress's `x-loraserve-replica` request header).
 """
 from __future__ import annotations
 
@@ -31,7 +32,6 @@ class Route:
 
     adapter: str = ""  # the content hash of the adapter the request applies; '' for the base model
     replica: str | None = None  # pinned to the replica with this id (ReplicaID.unique_id)
-    avoid: str | None = None  # a replica this request failed on (retried elsewhere while there is another)
     version: int = 0  # the adapter catalog's version the ingress saw; a replica behind it catches up first
 
 
@@ -45,12 +45,10 @@ def route_of(request: PendingRequest | None) -> Route:
 
 
 def eligible(candidates: list[RunningReplica], route: Route) -> list[RunningReplica]:
-    """The pinned replica alone (none while it is not running: Serve retries), else the candidates without
-    the one to avoid (unless it is the only one)."""
+    """The pinned replica alone (none while it is not running: Serve retries until it is), else all."""
     if route.replica is not None:
         return [r for r in candidates if r.replica_id.unique_id == route.replica]
-    others = [r for r in candidates if r.replica_id.unique_id != route.avoid]
-    return others or candidates
+    return candidates
 
 
 class AdapterAwareRouter(RequestRouter):
@@ -98,7 +96,9 @@ class AdapterAwareRouter(RequestRouter):
             elif route.adapter in stats.get("host", ()):
                 in_host.append(r)
         tiers = [[r for r in in_slot if has_room(r)], [r for r in in_host if has_room(r)], candidates]
-        return [tier for tier in tiers if tier]
+        # Among equal queues Serve takes the first: the replica with the fewest adapters in slots, where this
+        # one evicts least.
+        return [sorted(tier, key=lambda r: len((r.routing_stats or {}).get("slot", ()))) for tier in tiers if tier]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
         route = route_of(pending_request)
