@@ -248,19 +248,28 @@ def serve(path: Path, cases: dict[str, Case], adapters_dir: Path,
     )
 
 
+def tolerance(served: Served) -> float:
+    """TOLERANCE, or three times the bare base model's own largest logit deviation from transformers in the same
+    run where that is more: fp32 rounding through a deep model depends on the CPU's matmul kernels (on a Xeon
+    with AMX, the default model's bias kind reached 1.1e-4 while its bare base stayed under 1e-4)."""
+    base = (served.engine_logits[BASE] - served.references[BASE].logits).abs().max().item()
+    return max(TOLERANCE, 3 * base)
+
+
 def assert_matches_peft(served: Served, row: str) -> None:
     reference = served.references[row]
     assert served.engine_tokens[row] == reference.tokens
+    bound = tolerance(served)
 
     steps = served.engine_step_logprobs[row]
     assert len(steps) == STEPS
     for step, entries in enumerate(steps):
         for token_id, logprob in entries.items():
-            assert abs(logprob.logprob - reference.step_logprobs[step, token_id].item()) < TOLERANCE, (step, token_id)
+            assert abs(logprob.logprob - reference.step_logprobs[step, token_id].item()) < bound, (step, token_id)
 
     ours = served.engine_logits[row]
     assert ours.shape == reference.logits.shape
-    assert (ours - reference.logits).abs().max().item() < TOLERANCE
+    assert (ours - reference.logits).abs().max().item() < bound
 
     if row != BASE:  # not vacuous: the adapter changes the generation, and on the shared prompt it moves the
         # logits far beyond TOLERANCE

@@ -179,17 +179,32 @@ def test_requests_for_an_adapter_land_on_the_replica_holding_it(cluster):
 
 
 def test_a_hot_adapter_with_a_deep_queue_spreads(cluster):
-    """Sixteen requests at once for one adapter: its replica's batch (four) fills and the rest of the queue
-    goes to the other replica too."""
-    async def burst() -> list[str]:
-        async with httpx.AsyncClient(timeout=180, headers=AUTH) as client:
-            responses = await asyncio.gather(*[client.post(f"{cluster.url}/v1/completions", json={
-                "model": "uppercase", "prompt": f"Count to {i}:", "max_tokens": 24}) for i in range(16)])
-        assert all(r.status_code == 200 for r in responses)
-        return [r.headers[HEADER] for r in responses]
+    """Four long streams for uppercase fill its replica's batch (max_num_seqs 4) there; while they run, the
+    next requests for it go to the other replica, which has room, instead of queueing behind them."""
+    async def first_chunk(client: httpx.AsyncClient, started: list[str]) -> None:
+        async with client.stream("POST", f"{cluster.url}/v1/completions", json={
+                "model": "uppercase", "prompt": "Tell a long story:", "max_tokens": 160, "ignore_eos": True,
+                "stream": True}) as response:
+            started.append(response.headers[HEADER])
+            async for _ in response.aiter_lines():
+                pass
 
-    replicas = asyncio.run(burst())
-    assert len(set(replicas)) == 2, f"all sixteen stayed on one replica: {replicas}"
+    async def run() -> tuple[list[str], list[str]]:
+        started: list[str] = []
+        async with httpx.AsyncClient(timeout=300, headers=AUTH) as client:
+            long = [asyncio.create_task(first_chunk(client, started)) for _ in range(4)]
+            while len(started) < 4:
+                await asyncio.sleep(0.05)
+            more = await asyncio.gather(*[client.post(f"{cluster.url}/v1/completions", json={
+                "model": "uppercase", "prompt": f"Count to {i}:", "max_tokens": 8}) for i in range(4)])
+            await asyncio.gather(*long)
+        assert all(r.status_code == 200 for r in more)
+        return started, [r.headers[HEADER] for r in more]
+
+    holder = cluster.complete("uppercase").headers[HEADER]
+    started, more = asyncio.run(run())
+    assert started == [holder] * 4, "below a full batch, the adapter's requests stay on its replica"
+    assert holder not in more, f"with {holder}'s batch full, the queue should go to the other replica: {more}"
 
 
 def test_runtime_load_and_unload_reach_every_replica(cluster):
@@ -218,6 +233,9 @@ def test_the_ingress_checks_the_api_key_as_the_single_server_does(cluster):
     assert httpx.get(f"{cluster.url}/health", timeout=60).status_code == 200
     bad = cluster.post("/v1/completions", {"model": "nope", "prompt": "x"})
     assert bad.status_code == 404 and bad.json()["error"]["param"] == "model"
+    unknown = cluster.complete("base", replica="no-such-replica")
+    assert unknown.status_code == 404 and "no running replica" in unknown.json()["error"]["message"]
+    assert all(replica in unknown.json()["error"]["message"] for replica in cluster.replicas())
 
 
 def test_router_metrics_of_every_replica_through_the_ingress(cluster):

@@ -114,6 +114,8 @@ class Ingress:
             return await self._metrics()
         if path in (LOAD_PATH, UNLOAD_PATH) and not self.settings.allow_runtime_lora_updating:
             raise runtime_updating_disabled()
+        if pin is not None:
+            await self._check_running(pin)
         body = await request.body()
         await self._refresh(CATALOG_MAX_AGE_S)
         adapter = await self._adapter_key(body) if request.method == "POST" else ""
@@ -125,6 +127,16 @@ class Ingress:
         if head.status == 200 and path in (LOAD_PATH, UNLOAD_PATH):
             await self._commit(path, json.loads(body), head.body)
         return _response(head, rest)
+
+    async def _check_running(self, replica: str) -> None:
+        """A request pinned to a replica that is not running would wait for it forever: 404 instead."""
+        running = await self.replicas.broadcast("identity").results_async(timeout_s=SCRAPE_TIMEOUT_S,
+                                                                           return_exceptions=True)
+        running = sorted(r for r in running if isinstance(r, str))
+        if replica not in running:
+            raise APIError(404, f"no running replica is named {replica!r} (header {REPLICA_HEADER}); running: "
+                           f"{', '.join(running)}. Drop the header to let the router choose", REPLICA_HEADER,
+                           "not_found")
 
     # ---- adapters --------------------------------------------------------------------------------
 

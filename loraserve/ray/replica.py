@@ -109,6 +109,10 @@ class EngineReplica:
             self._hashes = {c["id"]: c["lora"]["content_hash"] for c in cards if "lora" in c}
         return self._hashes
 
+    def identity(self) -> str:
+        """This replica's id (the ingress checks a pinned request against the running ones)."""
+        return self.id
+
     async def catch_up(self, version: int) -> str:
         """Broadcast by the ingress after a load or unload."""
         await self._catch_up(version)

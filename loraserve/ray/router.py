@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
@@ -59,15 +60,16 @@ class AdapterAwareRouter(RequestRouter):
         self._saturation = saturation
         self._memory_s = memory_s
         self._sent: dict[str, dict[ReplicaID, float]] = {}
+        self._in_flight: Counter[ReplicaID] = Counter()  # requests this router sent that have not ended
 
     def _load(self, replica: RunningReplica) -> int:
-        """Requests on the replica: Serve's queue-length cache (updated as requests are sent and end), else
-        the replica's last report."""
-        cached = self.replica_queue_len_cache.get(replica.replica_id)
-        if cached is not None:
-            return cached
+        """Requests on the replica: the most of what this router has in flight there (exact for its own),
+        Serve's queue-length cache (the replica's count at the last probe, which forgets after a while) and
+        the replica's last report (what other ingress replicas sent too, a fraction of a second old)."""
         stats = replica.routing_stats or {}
-        return int(stats.get("running", 0)) + int(stats.get("waiting", 0))
+        reported = int(stats.get("running", 0)) + int(stats.get("waiting", 0))
+        cached = self.replica_queue_len_cache.get(replica.replica_id) or 0
+        return max(self._in_flight[replica.replica_id], cached, reported)
 
     def _full_at(self, replica: RunningReplica) -> int:
         if self._saturation is not None:
@@ -101,12 +103,18 @@ class AdapterAwareRouter(RequestRouter):
         return [sorted(tier, key=lambda r: len((r.routing_stats or {}).get("slot", ()))) for tier in tiers if tier]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
+        self._in_flight[replica_id] += 1
         route = route_of(pending_request)
         if route.adapter:
             self._sent.setdefault(route.adapter, {})[replica_id] = time.monotonic()
 
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        if self._in_flight[replica_id] > 0:
+            self._in_flight[replica_id] -= 1
+
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
+        self._in_flight.pop(replica_id, None)
         for replicas in self._sent.values():
             replicas.pop(replica_id, None)
 
