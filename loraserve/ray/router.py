@@ -3,10 +3,10 @@
 `AdapterAwareRouter` (the default) ranks replicas in tiers for a request's adapter, keyed by its content hash:
 the replicas holding it in a slot, then those holding it in host memory, then every replica; Serve takes the
 replica with the shortest queue within the first tier that has room (on a tie, the one with the fewest
-adapters in slots). A holder whose batch is full while
-another replica has a shorter queue drops out of the first two tiers, so a hot adapter spreads instead of
-queueing on one replica (Serve's multiplex routing pins a model to the replicas that report it). Base-model
-requests rank every replica as one tier: the shortest queue wins.
+adapters in slots). A holder whose batch is full, or whose queue is longer than the shortest by more than a
+margin, drops out of the first two tiers, so a hot adapter spreads instead of queueing on one replica
+(Serve's multiplex routing keeps a model on the replicas that report it). Base-model requests rank every
+replica as one tier: the shortest queue wins.
 
 Residency comes from each replica's routing stats (EngineReplica.record_routing_stats, a fraction of a second
 old), and, until those catch up, from where this router sent the adapter last: the burst of requests for an
@@ -53,11 +53,14 @@ def eligible(candidates: list[RunningReplica], route: Route) -> list[RunningRepl
 
 
 class AdapterAwareRouter(RequestRouter):
-    def initialize_state(self, saturation: int | None = None, memory_s: float = 5.0) -> None:
-        """`saturation`: queue length at which a holder counts as full (default: the replica's max_num_seqs,
-        the batch it decodes at once; beyond it requests wait). `memory_s`: how long where this router sent
-        an adapter counts as residency before the replica's own report says so."""
+    def initialize_state(self, saturation: int | None = None, imbalance: int = 8, memory_s: float = 5.0) -> None:
+        """A holder is passed over, for a replica with fewer requests, once its batch is full (`saturation`
+        requests; default its max_num_seqs, beyond which requests wait) or once it has more than `imbalance`
+        requests above the least-loaded replica (on a CPU each request in a batch slows the step for all: a
+        cold load, tens of milliseconds, costs less than a much longer batch). `memory_s`: how long where
+        this router sent an adapter counts as residency before the replica's own report says so."""
         self._saturation = saturation
+        self._imbalance = imbalance
         self._memory_s = memory_s
         self._sent: dict[str, dict[ReplicaID, float]] = {}
         self._in_flight: Counter[ReplicaID] = Counter()  # requests this router sent that have not ended
@@ -86,7 +89,8 @@ class AdapterAwareRouter(RequestRouter):
         least = min(loads.values())
 
         def has_room(r: RunningReplica) -> bool:
-            return loads[r.replica_id] < self._full_at(r) or loads[r.replica_id] <= least
+            load = loads[r.replica_id]
+            return load <= least or (load < self._full_at(r) and load - least <= self._imbalance)
 
         now = time.monotonic()
         sent = {rid for rid, at in self._sent.get(route.adapter, {}).items() if now - at < self._memory_s}
