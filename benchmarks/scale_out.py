@@ -14,7 +14,7 @@ tokens streamed. Every case sees the same arrivals within a round (paired rounds
 the ratios are taken within a round, the median over rounds printed). Per case: output tokens/s over the
 run, time to first token p50 / p99 (from sending the request to the first streamed token, as the client
 sees it) and cold loads (adapters read from disk: the replicas' loraserve_lora_host_cache_events{event=load}).
-Writes benchmarks/results/scale_out.json and docs/img/scale_out.png.
+Writes benchmarks/results/NAME.json and docs/img/NAME.png (--name, default scale_out).
 """
 from __future__ import annotations
 
@@ -118,6 +118,7 @@ def main() -> None:
     parser.add_argument("--zipf", type=float, default=0.8, help="exponent of the adapters' popularity")
     parser.add_argument("--max-loras", type=int, default=4)
     parser.add_argument("--max-cpu-loras", type=int, default=16)
+    parser.add_argument("--name", default="scale_out", help="results/NAME.json and docs/img/NAME.png")
     args = parser.parse_args()
 
     folder = resolve_model(None)
@@ -174,12 +175,12 @@ def report(rounds: list[dict], args: argparse.Namespace) -> None:
     print(f"  cold loads, Serve multiplex / adapter-aware: {ratio(default, aware, 'cold_loads'):.1f}x")
     print(f"  TTFT p99, Serve multiplex / adapter-aware: {ratio(default, aware, 'ttft_p99'):.2f}x")
     print(f"  TTFT p99, round-robin / adapter-aware: {ratio(rr, aware, 'ttft_p99'):.2f}x")
-    out = ROOT / "benchmarks" / "results" / "scale_out.json"
+    out = ROOT / "benchmarks" / "results" / f"{args.name}.json"
     out.write_text(json.dumps({"args": vars(args), "rounds": rounds}, indent=1))
-    plot(rounds)
+    plot(rounds, args)
 
 
-def plot(rounds: list[dict]) -> None:
+def plot(rounds: list[dict], args: argparse.Namespace) -> None:
     labels = list(CASES)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, (key, title, scale) in zip(axes, [("ttft_p99", "TTFT p99 (ms)", 1e3), ("ttft_p50", "TTFT p50 (ms)", 1e3),
@@ -190,9 +191,10 @@ def plot(rounds: list[dict]) -> None:
             ax.plot([i] * len(v), v, "k.", markersize=4)
         ax.set_xticks(range(len(labels)), [label.replace(", ", "\n") for label in labels], fontsize=8)
         ax.set_title(title)
-    fig.suptitle("Ray Serve scale-out, 32 adapters: median of paired rounds (dots: each round)")
+    fig.suptitle(f"Ray Serve scale-out, {args.adapters} adapters (Zipf {args.zipf:g}), {args.rate:g} req/s: median "
+                 f"of {len(rounds)} paired rounds (dots: each round)")
     fig.tight_layout()
-    fig.savefig(ROOT / "docs" / "img" / "scale_out.png", dpi=110)
+    fig.savefig(ROOT / "docs" / "img" / f"{args.name}.png", dpi=110)
 
 
 if __name__ == "__main__":

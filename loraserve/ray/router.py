@@ -1,12 +1,12 @@
 """Where a forwarded request goes: request routers for the replica deployment.
 
-`AdapterAwareRouter` (the default) ranks replicas in tiers for a request's adapter, keyed by its content hash:
-the replicas holding it in a slot, then those holding it in host memory, then every replica; Serve takes the
-replica with the shortest queue within the first tier that has room (on a tie, the one with the fewest
-adapters in slots). A holder whose batch is full, or whose queue is longer than the shortest by more than a
-margin, drops out of the first two tiers, so a hot adapter spreads instead of queueing on one replica
-(Serve's multiplex routing keeps a model on the replicas that report it). Base-model requests rank every
-replica as one tier: the shortest queue wins.
+`AdapterAwareRouter` (the default) ranks replicas for a request's adapter, keyed by its content hash, by the
+requests queued there plus what bringing the adapter there costs, counted in requests: nothing where it sits
+in a slot, `host_cost` (2) where it is in host memory, `disk_cost` (8) where it must be read from disk. At
+equal queues that is slot, then host memory, then the least-loaded replica; a holder whose queue is longer
+than another replica's by more than the difference in cost is passed over, so a hot adapter spreads over the
+replicas (in host memory first) instead of queueing on one (Serve's multiplex routing keeps a model on the
+replicas that report it, however long their queues). Base-model requests go to the shortest queue.
 
 Residency comes from each replica's routing stats (EngineReplica.record_routing_stats, a fraction of a second
 old), and, until those catch up, from where this router sent the adapter last: the burst of requests for an
@@ -53,14 +53,13 @@ def eligible(candidates: list[RunningReplica], route: Route) -> list[RunningRepl
 
 
 class AdapterAwareRouter(RequestRouter):
-    def initialize_state(self, saturation: int | None = None, imbalance: int = 8, memory_s: float = 5.0) -> None:
-        """A holder is passed over, for a replica with fewer requests, once its batch is full (`saturation`
-        requests; default its max_num_seqs, beyond which requests wait) or once it has more than `imbalance`
-        requests above the least-loaded replica (on a CPU each request in a batch slows the step for all: a
-        cold load, tens of milliseconds, costs less than a much longer batch). `memory_s`: how long where
-        this router sent an adapter counts as residency before the replica's own report says so."""
-        self._saturation = saturation
-        self._imbalance = imbalance
+    def initialize_state(self, host_cost: float = 2.0, disk_cost: float = 8.0, memory_s: float = 5.0) -> None:
+        """Costs, in requests queued ahead: an adapter in host memory is copied into a slot before the step
+        (and may evict another), one on disk is read and validated on the replica's core first (tens of
+        milliseconds, about a queue of several short requests here). `memory_s`: how long where this router
+        sent an adapter counts as residency before the replica's own report says so."""
+        self._host_cost = host_cost
+        self._disk_cost = disk_cost
         self._memory_s = memory_s
         self._sent: dict[str, dict[ReplicaID, float]] = {}
         self._in_flight: Counter[ReplicaID] = Counter()  # requests this router sent that have not ended
@@ -74,37 +73,31 @@ class AdapterAwareRouter(RequestRouter):
         cached = self.replica_queue_len_cache.get(replica.replica_id) or 0
         return max(self._in_flight[replica.replica_id], cached, reported)
 
-    def _full_at(self, replica: RunningReplica) -> int:
-        if self._saturation is not None:
-            return self._saturation
-        return int((replica.routing_stats or {}).get("max_num_seqs", 1 << 30))
+    def _residency_cost(self, replica: RunningReplica, adapter: str, sent: set[ReplicaID]) -> float:
+        stats = replica.routing_stats or {}
+        if adapter in stats.get("slot", ()) or replica.replica_id in sent:
+            return 0.0
+        if adapter in stats.get("host", ()):
+            return self._host_cost
+        return self._disk_cost
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        """Every replica, one per rank, best first by queue length plus what getting the adapter there costs;
+        ties to the replica with the fewest adapters in slots (where this one evicts least). Serve sends the
+        request to the first that has room."""
         route = route_of(pending_request)
         candidates = eligible(candidate_replicas, route)
-        if route.replica is not None or not route.adapter or len(candidates) < 2:
+        if route.replica is not None or len(candidates) < 2:
             return [candidates] if candidates else []
-        loads = {r.replica_id: self._load(r) for r in candidates}
-        least = min(loads.values())
-
-        def has_room(r: RunningReplica) -> bool:
-            load = loads[r.replica_id]
-            return load <= least or (load < self._full_at(r) and load - least <= self._imbalance)
-
         now = time.monotonic()
         sent = {rid for rid, at in self._sent.get(route.adapter, {}).items() if now - at < self._memory_s}
-        in_slot, in_host = [], []
-        for r in candidates:
-            stats = r.routing_stats or {}
-            if route.adapter in stats.get("slot", ()) or r.replica_id in sent:
-                in_slot.append(r)
-            elif route.adapter in stats.get("host", ()):
-                in_host.append(r)
-        tiers = [[r for r in in_slot if has_room(r)], [r for r in in_host if has_room(r)], candidates]
-        # Among equal queues Serve takes the first: the replica with the fewest adapters in slots, where this
-        # one evicts least.
-        return [sorted(tier, key=lambda r: len((r.routing_stats or {}).get("slot", ()))) for tier in tiers if tier]
+
+        def score(r: RunningReplica) -> tuple[float, int]:
+            cost = self._residency_cost(r, route.adapter, sent) if route.adapter else 0.0
+            return self._load(r) + cost, len((r.routing_stats or {}).get("slot", ()))
+
+        return [[r] for r in sorted(candidates, key=score)]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
         self._in_flight[replica_id] += 1
