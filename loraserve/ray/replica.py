@@ -124,13 +124,13 @@ class EngineReplica:
 
     async def record_routing_stats(self) -> dict:
         """Serve calls this every request_routing_stats_period_s; the router reads the result. The adapters'
-        content hashes go to the catalog when they changed (the start-up adapters' are known only here)."""
+        content hashes go to the catalog (the start-up adapters' are known only here; a restarted catalog
+        learns them again within a period)."""
         stats = await self.engine.stats()
         resident = stats.lora.resident if stats.lora is not None else ()
         slot = {a.content_hash for a in resident if a.in_slot}
         host = {a.content_hash for a in resident} - slot
-        if self._hashes is None:
-            await self.catalog.record_hashes.remote(await self._content_hashes())
+        await self.catalog.record_hashes.remote(await self._content_hashes())
         return {"replica": self.id, "slot": sorted(slot), "host": sorted(host), "running": stats.running,
                 "waiting": stats.waiting, "max_num_seqs": self.config.max_num_seqs, "version": self.version}
 
