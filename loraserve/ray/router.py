@@ -84,8 +84,8 @@ class AdapterAwareRouter(RequestRouter):
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         """Every replica, one per rank, best first by queue length plus what getting the adapter there costs;
-        ties to the replica with the fewest adapters in slots (where this one evicts least). Serve sends the
-        request to the first that has room."""
+        ties to where the adapter already is, then to the replica with the fewest adapters in slots (where
+        this one evicts least). Serve sends the request to the first that has room."""
         route = route_of(pending_request)
         candidates = eligible(candidate_replicas, route)
         if route.replica is not None or len(candidates) < 2:
@@ -93,9 +93,9 @@ class AdapterAwareRouter(RequestRouter):
         now = time.monotonic()
         sent = {rid for rid, at in self._sent.get(route.adapter, {}).items() if now - at < self._memory_s}
 
-        def score(r: RunningReplica) -> tuple[float, int]:
+        def score(r: RunningReplica) -> tuple[float, float, int]:
             cost = self._residency_cost(r, route.adapter, sent) if route.adapter else 0.0
-            return self._load(r) + cost, len((r.routing_stats or {}).get("slot", ()))
+            return self._load(r) + cost, cost, len((r.routing_stats or {}).get("slot", ()))
 
         return [[r] for r in sorted(candidates, key=score)]
 
