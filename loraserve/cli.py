@@ -84,30 +84,38 @@ def _inspect(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    import logging
-
     from loraserve.engine.async_engine import AsyncLLMEngine
     from loraserve.server.api import ServerSettings, run_server
+    from loraserve.server.logs import configure_logging
+    from loraserve.server.policy import Limits, Tenants
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format)
     try:
         config = engine_config(args)
         if args.lora_modules and not config.enable_lora:
             raise ValueError("--lora-modules needs --enable-lora")
+        settings = ServerSettings(
+            served_model_names=args.served_model_name or [args.model or DEFAULT_MODEL_NAME],
+            lora_modules=args.lora_modules or [], api_key=args.api_key, api_keys_file=args.api_keys_file,
+            allow_runtime_lora_updating=args.allow_runtime_lora_updating,
+            lora_roots=tuple(args.lora_roots or ()), allow_lora_bin=args.allow_lora_bin,
+            limits=Limits(args.max_body_bytes, args.max_prompts_per_request, args.max_stop_strings,
+                          args.max_stop_length, args.max_prompt_tokens, args.max_waiting_requests or None,
+                          args.max_concurrency_per_key))
+        Tenants(settings.api_key, settings.api_keys_file)  # a keys file that does not parse stops start-up
         engine = None if args.ray_replicas else AsyncLLMEngine.from_config(config)
-    except ValueError as e:  # a config, model or adapter problem: the message says what to change
+    except ValueError as e:  # a config, model, keys file or adapter problem: the message says what to change
         sys.exit(f"loraserve serve: {e}")
-    settings = ServerSettings(served_model_names=args.served_model_name or [args.model or DEFAULT_MODEL_NAME],
-                              lora_modules=args.lora_modules or [], api_key=args.api_key,
-                              allow_runtime_lora_updating=args.allow_runtime_lora_updating)
     if args.ray_replicas:
         _serve_on_ray(args, config, settings)
         return
     try:
-        run_server(engine, settings, args.host, args.port, args.shutdown_timeout, args.log_level)
+        status = run_server(engine, settings, args.host, args.port, args.shutdown_timeout, args.log_level,
+                            args.log_format)
     except ValueError as e:  # a --lora-modules adapter that cannot be served (LoRAError) stops start-up
         engine.shutdown()
         sys.exit(f"loraserve serve: {e}")
+    sys.exit(status)
 
 
 def _serve_on_ray(args: argparse.Namespace, config, settings) -> None:
@@ -152,6 +160,9 @@ def _add_serve_parser(commands) -> None:
                      help="seconds in-flight requests may finish after SIGTERM/SIGINT before they are "
                           "aborted (default: %(default)s)")
     net.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    net.add_argument("--log-format", default="text", choices=["text", "json"],
+                     help="json: one JSON object per log line; a refused or failed request's line carries its "
+                          "status, reason, tenant and error id as fields (default: %(default)s)")
     net.add_argument("--lora-modules", nargs="+", type=_lora_module, default=None, metavar="ITEM",
                      help="adapters to serve, each name=path or a JSON object "
                           "'{\"name\": ..., \"path\": ..., \"base_model_name\": ...}'; each is validated at "
@@ -159,6 +170,7 @@ def _add_serve_parser(commands) -> None:
     net.add_argument("--allow-runtime-lora-updating", action="store_true",
                      help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter; off by default "
                           "because it lets API clients make the server read any local path")
+    _add_policy_arguments(serve)
     ray = serve.add_argument_group("scale-out on Ray Serve (docs/scale-out.md; pip install 'loraserve[ray]')")
     ray.add_argument("--ray-replicas", type=int, default=0, metavar="N",
                      help="serve with N engine replicas behind one ingress on Ray Serve, requests routed to the "
@@ -172,6 +184,37 @@ def _add_serve_parser(commands) -> None:
                           "then load), Serve's multiplexed-model routing, or in turn (default: %(default)s)")
     add_engine_arguments(serve, model_positional=True)
     serve.set_defaults(func=_serve)
+
+
+def _add_policy_arguments(serve: argparse.ArgumentParser) -> None:
+    """Tenants, adapter sources and limits (docs/security.md)."""
+    from loraserve.server.policy import Limits
+
+    limits = Limits()
+    group = serve.add_argument_group("security and limits (docs/security.md)")
+    group.add_argument("--api-keys-file", default=None, metavar="FILE",
+                       help='JSON object mapping each API key to what it may do: {"KEY": {"adapters": ["support-*"], '
+                            '"max_concurrency": 8, "tenant": "support"}}; a key sees, uses, loads and unloads only '
+                            "the adapters its names or globs match (every key may use the base model); re-read on "
+                            "SIGHUP")
+    group.add_argument("--lora-roots", nargs="+", default=None, metavar="DIR",
+                       help="adapter folders (at start-up and loaded at run time) must resolve, after '..' and "
+                            "symlinks, inside one of these directories (hub ids: from the local cache only); "
+                            "default: any path the process can read")
+    group.add_argument("--allow-lora-bin", action="store_true",
+                       help="let runtime loads read legacy adapter_model.bin (a pickle: loading one can run code); "
+                            "default: safetensors only")
+    for flag, value, doc in (
+            ("--max-body-bytes", limits.max_body_bytes, "largest request body; 413 above"),
+            ("--max-prompts-per-request", limits.max_prompts, "prompts in one /v1/completions request"),
+            ("--max-stop-strings", limits.max_stop, "entries of stop, and of stop_token_ids"),
+            ("--max-stop-length", limits.max_stop_length, "characters of one stop string"),
+            ("--max-prompt-tokens", limits.max_prompt_tokens, "tokens of one prompt (default: the context length)"),
+            ("--max-waiting-requests", limits.max_waiting, "prompts accepted but not yet generating; more are "
+             "answered 503 with Retry-After; 0: no limit"),
+            ("--max-concurrency-per-key", limits.max_concurrency, "requests in flight per API key (a key's own "
+             "max_concurrency overrides it); more are answered 429; default: no limit")):
+        group.add_argument(flag, type=int, default=value, help=f"{doc} (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -57,13 +57,15 @@ class LoRAConfig:
                                                "beside its rank factors", float)
     max_loras_per_mix: int = _option(4, "adapters one weighted mix (LoRAMix, the HTTP 'adapters' field) may "
                                         "combine; each needs a slot, so also at most max_loras", int)
+    max_lora_file_mb: int = _option(4096, "largest adapter file (adapter_config.json, weights) read, in MiB; a "
+                                          "bigger file is refused before any of it is read", int)
     long_lora_scaling_factors: str | tuple[float, ...] | None = _option(
         None, "linear RoPE factors of long-context adapters (adapter_config.json context_length above the "
               "model's), comma-separated, e.g. 4,8; the served context may reach the largest factor times the "
               "model's", str)
 
     def __post_init__(self) -> None:
-        for name in ("max_loras", "max_lora_rank", "max_loras_per_mix"):
+        for name in ("max_loras", "max_lora_rank", "max_loras_per_mix", "max_lora_file_mb"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_lora_saved_mb <= 0:

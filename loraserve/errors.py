@@ -32,9 +32,23 @@ class AdapterNotFoundError(LoRAError):
     """The adapter's folder, hub snapshot or files are missing."""
 
 
+class AdapterSourceError(LoRAError):
+    """The adapter lies where this server may not load it from (outside --lora-roots, or a pickle at runtime);
+    the operator's choice, not the caller's mistake: the server answers 403."""
+
+
 class AdapterRemovedError(AdapterNotFoundError):
     """The adapter was removed (unloaded) before this request could take it."""
 
 
 class EngineDeadError(RuntimeError):
     """The engine's step loop failed or was shut down; nothing more will run."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine could not compute this request: its step raised ("step_error") or the model gave it
+    non-finite logits ("nonfinite_logits"). Only this request failed; the engine serves the others on."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"the engine failed computing this request ({reason})")

@@ -8,12 +8,13 @@ from tqdm.auto import tqdm
 
 from loraserve.config import EngineConfig
 from loraserve.engine.engine import LLMEngine
+from loraserve.engine.prompt import ChatPrompt
 from loraserve.errors import ParamError
 from loraserve.lora_request import LoRAMix, LoRARequest
 from loraserve.outputs import RequestOutput
 from loraserve.sampling_params import SamplingParams
 
-PromptType = str | dict[str, Any]
+PromptType = str | dict[str, Any] | ChatPrompt
 Conversation = list[dict[str, str]]
 
 
@@ -44,11 +45,12 @@ class LLM:
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None, use_tqdm: bool = True,
                  lora_request: LoRARequest | LoRAMix | Seq[LoRARequest | LoRAMix | None] | None = None,
                  ) -> list[RequestOutput]:
-        """Generate for every prompt (a string or {"prompt_token_ids": [...]}); outputs in input order.
+        """Generate for every prompt (a string, {"prompt_token_ids": [...]} or a ChatPrompt); outputs in input
+        order.
 
         `sampling_params` and `lora_request` are one for all prompts or a list parallel to them; an adapter is
         a LoRARequest (with its lora_scale) or a weighted LoRAMix of several."""
-        if isinstance(prompts, (str, dict)):
+        if isinstance(prompts, (str, dict, ChatPrompt)):
             prompts = [prompts]
         prompts = list(prompts)
         params = _per_prompt(sampling_params if sampling_params is not None else SamplingParams(), len(prompts),
@@ -92,13 +94,7 @@ class LLM:
         """Apply the chat template to one conversation or a list of them, then generate (an adapter saved with
         its own tokenizer brings its own template)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        loras = _per_prompt(lora_request, len(conversations), "lora_request", (LoRARequest, LoRAMix))
-        prompts = []
-        for conversation, lora in zip(conversations, loras, strict=True):
-            tokenizer = self.engine.request_tokenizer(lora)  # an adapter's own template and added tokens
-            text = tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
-                                                 tokenize=False)
-            prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
+        prompts = [ChatPrompt(conversation, add_generation_prompt) for conversation in conversations]
         return self.generate(prompts, sampling_params, use_tqdm, lora_request)
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
@@ -130,8 +126,8 @@ def _per_prompt(value, count: int, name: str, kind: type | tuple[type, ...]) -> 
     return values
 
 
-def _split_prompt(prompt: PromptType) -> tuple[str | None, list[int] | None]:
-    if isinstance(prompt, str):
+def _split_prompt(prompt: PromptType) -> tuple[str | ChatPrompt | None, list[int] | None]:
+    if isinstance(prompt, (str, ChatPrompt)):
         return prompt, None
     if isinstance(prompt, dict) and ("prompt_token_ids" in prompt or "prompt" in prompt):
         return prompt.get("prompt"), prompt.get("prompt_token_ids")

@@ -38,8 +38,8 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: float | None = None
     logprobs: SampleLogprobs | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
-    stop_reason: int | str | None = None  # the stop string or token id that ended it
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None while running
+    stop_reason: int | str | None = None  # the stop string or token id that ended it; for "error", why it failed
     # Per token: where in `text` the characters it contributes begin (a token that only starts a multi-byte
     # character points at that character). At most len(text): a stop string may have cut the text short.
     text_offsets: list[int] = field(default_factory=list)
@@ -77,6 +77,7 @@ class RequestOutput:
     finished: bool = False
     lora_request: LoRARequest | None = None
     metrics: RequestMetrics | None = None
+    error: str | None = None  # set when the engine failed this request (RequestFailedError's message)
 
     @property
     def lora_name(self) -> str | None:

@@ -26,7 +26,8 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m loraserve.cli serve *args --port P`; output goes to `log_path` (a pipe could fill up)."""
 
-    def __init__(self, args: list[str], log_path: Path) -> None:
+    def __init__(self, args: list[str], log_path: Path, entry: list[str] | None = None) -> None:
+        """`entry`: what runs instead of `-m loraserve.cli` (a script that plants a fault, then runs the CLI)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -34,7 +35,7 @@ class ServerProcess:
         env.pop("LORASERVE_API_KEY", None)
         with open(log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "loraserve.cli", "serve", *args, "--port", str(self.port)],
+                [sys.executable, *(entry or ["-m", "loraserve.cli"]), "serve", *args, "--port", str(self.port)],
                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
 
     def log(self) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import threading
 import time
 
@@ -255,49 +256,62 @@ def test_bad_startup_adapter_stops_the_server(files):
 
 
 def test_plain_server_and_sigterm(files):
-    proc = ServerProcess([files["model"], *engine_flags(ENGINE_OPTIONS), "--shutdown-timeout", "1"],
+    """SIGTERM drains: no new connections, a stream that can finish within --shutdown-timeout does, one that
+    cannot ends with an error event and [DONE] when it runs out, and the process exits 0."""
+    options = ENGINE_OPTIONS | dict(max_model_len=512, num_kv_blocks=512)
+    proc = ServerProcess([files["model"], *engine_flags(options), "--shutdown-timeout", "0.5"],
                          files["root"] / "plain.log").wait_healthy()
     try:
         url = proc.url
         model = files["model"]  # served under its path when --served-model-name is not given
         assert_openai_error(httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "."}), 404)
         assert_openai_error(httpx.post(f"{url}/v1/completions", json={"model": "a0", "prompt": "x"}), 404, "model")
-        body = {"model": model, "prompt": "x", "max_tokens": 120, "ignore_eos": True, "temperature": 0}
-        whole = httpx.post(f"{url}/v1/completions", json=body, timeout=300)  # the reference; warms up too
+        short = {"model": model, "prompt": "x", "max_tokens": 20, "ignore_eos": True, "temperature": 0}
+        long = short | {"max_tokens": 500}  # cannot finish within the half second the drain allows
+        whole = httpx.post(f"{url}/v1/completions", json=short, timeout=300)  # the reference; warms up too
         assert whole.status_code == 200, whole.text
         expected = whole.json()["choices"][0]["text"]
-        assert whole.json()["usage"]["completion_tokens"] == 120 and expected
+        assert whole.json()["usage"]["completion_tokens"] == 20 and expected
+        lines: dict[str, list[str]] = {"short": [], "long": []}
 
-        lines: list[str] = []
-
-        def stream() -> None:  # the same request streamed, still running when SIGTERM comes
+        def stream(name: str, body: dict) -> None:
             try:
                 with httpx.stream("POST", f"{url}/v1/completions", json=body | {"stream": True},
                                   timeout=30) as response:
                     for line in response.iter_lines():
-                        lines.append(line)
+                        lines[name].append(line)
             except httpx.HTTPError:
-                lines.append("<closed>")
+                lines[name].append("<closed>")
 
-        reader = threading.Thread(target=stream)
-        reader.start()
-        while not lines and reader.is_alive():
+        readers = [threading.Thread(target=stream, args=("long", long))]
+        readers[0].start()
+        while not lines["long"] and readers[0].is_alive():
+            time.sleep(0.01)
+        readers.append(threading.Thread(target=stream, args=("short", short)))
+        readers[1].start()
+        while not lines["short"] and readers[1].is_alive():
             time.sleep(0.01)
         start = time.monotonic()
+        proc.process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        with pytest.raises(httpx.TransportError):  # draining: no new connections
+            httpx.get(f"{url}/health", timeout=2)
         assert proc.stop(timeout=10) == 0, proc.log()[-3000:]
         assert time.monotonic() - start < 8
-        reader.join(10)
-        assert not reader.is_alive()
-        chunks = [json.loads(line.removeprefix("data: "))["choices"][0] for line in lines
-                  if line.startswith("data: {")]
-        streamed = "".join(c["text"] for c in chunks)
-        finish = [c["finish_reason"] for c in chunks if c["finish_reason"] is not None]
-        assert chunks, lines  # generation had started before the signal
-        last = [line for line in lines if line][-1]
-        if last == "data: [DONE]":  # finished within the grace period: the whole answer
-            assert streamed == expected and finish == ["length"] and chunks[-1]["finish_reason"] == "length"
-        else:  # cut off when the grace period ran out: what came is the answer's beginning, unfinished
-            assert last == "<closed>", lines[-3:]
-            assert expected.startswith(streamed) and finish == []
+        for reader in readers:
+            reader.join(10)
+            assert not reader.is_alive()
+
+        def chunks(name: str) -> list[dict]:
+            return [json.loads(line.removeprefix("data: ")) for line in lines[name] if line.startswith("data: {")]
+
+        assert "".join(c["choices"][0]["text"] for c in chunks("short")) == expected
+        assert [line for line in lines["short"] if line][-1] == "data: [DONE]"
+        long_chunks = chunks("long")
+        streamed = "".join(c["choices"][0]["text"] for c in long_chunks if "choices" in c)
+        assert [line for line in lines["long"] if line][-1] == "data: [DONE]", lines["long"][-3:]
+        error = long_chunks[-1]["error"]
+        assert "shutting down" in error["message"] and error["type"] == "server_error", error
+        assert streamed and expected.startswith(streamed[:len(expected)])
     finally:
         proc.stop()

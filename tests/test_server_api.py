@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import re
 import time
 
 import httpx
@@ -404,7 +405,8 @@ def test_bad_requests_get_openai_errors(http, path, body, status, param):
 
 def test_a_bug_is_a_500_not_the_clients_fault(app, http, monkeypatch, caplog):
     """Only parameter and adapter errors are 400s: any other exception, even a ValueError, is logged and
-    answered 500, and the server serves on."""
+    answered 500 "internal error" with an id that matches the log line; the exception's text stays in the log,
+    and the server serves on."""
     tokenizer = app.state.engine.tokenizer
 
     def broken(*args, **kwargs):
@@ -414,10 +416,44 @@ def test_a_bug_is_a_500_not_the_clients_fault(app, http, monkeypatch, caplog):
     with TestClient(app, raise_server_exceptions=False, headers={"Authorization": f"Bearer {KEY}"}) as raw:
         response = raw.post("/v1/completions", json={"model": BASE, "prompt": "text prompts are tokenized"})
     error = assert_openai_error(response, 500)
-    assert error["type"] == "server_error" and "an internal mistake" in error["message"]
-    assert "an internal mistake" in caplog.text
+    assert error["type"] == "server_error" and "an internal mistake" not in error["message"]
+    error_id = re.search(r"internal error \(id ([0-9a-f]+)\)", error["message"]).group(1)
+    logged = [r for r in caplog.records if error_id in r.getMessage()]
+    assert any(r.exc_info and "an internal mistake" in str(r.exc_info[1]) for r in logged)
     monkeypatch.undo()
     assert http.post("/v1/completions", json={"model": BASE, "prompt": "ok", "max_tokens": 2}).status_code == 200
+
+
+def test_a_request_the_engine_fails_is_answered_500_and_the_server_serves_on(app, http, monkeypatch, caplog):
+    """A fault while computing one request (here the model raises from its third step on) fails that request:
+    a 500 error body, or an error event in its stream (it had started), neither holding the exception's text;
+    the engine goes on."""
+    engine = app.state.engine._engine
+    trigger = engine.model.spec.vocab_size - 1
+    layer = engine.model.model.layers[0]
+    forward = layer.forward
+    steps = [0]
+
+    def faulty(x, residual, rotary, batch):
+        steps[0] = 1 if bool((batch.input_ids == trigger).any()) else steps[0] + (steps[0] > 0)
+        if steps[0] > 2:
+            raise RuntimeError("secret-internal-detail")
+        return forward(x, residual, rotary, batch)
+
+    monkeypatch.setattr(layer, "forward", faulty)
+    body = {"model": BASE, "prompt": [1, trigger, 2], "max_tokens": 8, "ignore_eos": True}
+    error = assert_openai_error(http.post("/v1/completions", json=body), 500)
+    assert error["type"] == "server_error" and "secret" not in error["message"]
+    with http.stream("POST", "/v1/completions", json=body | {"stream": True}) as response:
+        assert response.status_code == 200
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and json.loads(lines[-2][6:])["error"]["type"] == "server_error"
+    assert "secret" not in "".join(lines)
+    assert "secret-internal-detail" in caplog.text  # logged for the operator
+    text = http.get("/metrics").text
+    assert metric(text, "loraserve_requests_failed_total", reason="step_error") >= 2
+    monkeypatch.undo()
+    assert http.post("/v1/completions", json=body).status_code == 200
 
 
 def test_api_key_required_on_v1(app):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import threading
 from collections import deque
@@ -26,10 +27,12 @@ from typing import Any, TypeVar
 from loraserve.config import EngineConfig
 from loraserve.engine.engine import LLMEngine
 from loraserve.engine.platform import spare_cores
+from loraserve.engine.prompt import ChatPrompt
 from loraserve.engine.request import Request
 from loraserve.engine.stats import EngineStats
-from loraserve.errors import EngineDeadError
-from loraserve.lora_request import LoRARequest
+from loraserve.errors import EngineDeadError, RequestFailedError
+from loraserve.lora.sources import AdapterSources
+from loraserve.lora_request import LoRAMix, LoRARequest
 from loraserve.outputs import RequestOutput
 from loraserve.sampling_params import SamplingParams
 
@@ -60,6 +63,7 @@ class AsyncLLMEngine:
         self._stopping = False
         self._closed = False  # the step thread has ended; nothing more will be run
         self.error: BaseException | None = None
+        self.stopped = threading.Event()  # set once the step thread has ended, for any reason
         config = engine.config
         self.limits = EngineLimits(engine.max_model_len, config.max_n, config.enable_lora, config.lora.max_loras,
                                    config.lora.max_lora_rank)
@@ -78,13 +82,6 @@ class AsyncLLMEngine:
     def tokenizer(self):
         return self._engine.tokenizer
 
-    async def tokenizer_for(self, lora_request: LoRARequest | None):
-        """The tokenizer a request for this adapter is tokenized with (the adapter's own, saved beside it, or
-        the model's); reads a cold adapter in a worker thread, raising LoRAError as generate would."""
-        if lora_request is None:
-            return self._engine.tokenizer
-        return await asyncio.get_running_loop().run_in_executor(None, self._engine.request_tokenizer, lora_request)
-
     @property
     def model_name(self) -> str:
         """The base model as the user named it (the default model's hub id when none was named)."""
@@ -101,13 +98,16 @@ class AsyncLLMEngine:
 
     # ---- generation -------------------------------------------------------------------------------
 
-    async def generate(self, request_id: str, prompt: str | None, prompt_token_ids: list[int] | None,
-                       params: SamplingParams, lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request_id: str, prompt: str | ChatPrompt | None, prompt_token_ids: list[int] | None,
+                       params: SamplingParams, lora_request: LoRARequest | LoRAMix | None = None,
+                       **options: Any) -> AsyncIterator[RequestOutput]:
         """Yield the request's cumulative output each time it grows; the last one has finished=True.
-        A request that cannot run raises ParamError / LoRAError here, before the first output. Leaving the
-        iteration early (client gone) aborts the request and frees its KV blocks."""
+        A request that cannot run raises ParamError / LoRAError here, before the first output; one whose
+        computation fails (engine/engine.py's fault containment) raises RequestFailedError. Leaving the
+        iteration early (client gone) aborts the request and frees its KV blocks. The prompt is prepared
+        (tokenised, a chat rendered) in a worker thread; `options` are make_request's keywords."""
         self._check_open()
-        request = await self._make(request_id, prompt, prompt_token_ids, params, lora_request)
+        request = await self._make(request_id, prompt, prompt_token_ids, params, lora_request, **options)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -120,7 +120,7 @@ class AsyncLLMEngine:
         with self._cv:
             if self._closed or self._stopping:
                 self._engine.discard(request)
-                raise EngineDeadError(f"the engine has stopped: {self.error!r}")
+                raise EngineDeadError(self._stopped_reason())
             self._streams[request_id] = (loop, queue)
             self._inbox.append(add)
             self._cv.notify()
@@ -139,10 +139,11 @@ class AsyncLLMEngine:
             if not finished:
                 self.abort(request_id)
 
-    async def _make(self, *args: Any) -> Request:
+    async def _make(self, *args: Any, **options: Any) -> Request:
         """LLMEngine.make_request in a worker thread. If the caller is cancelled meanwhile, the request made
         anyway is discarded (it holds an adapter)."""
-        future = asyncio.get_running_loop().run_in_executor(None, self._engine.make_request, *args)
+        make = functools.partial(self._engine.make_request, *args, **options)
+        future = asyncio.get_running_loop().run_in_executor(None, make)
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
@@ -167,6 +168,12 @@ class AsyncLLMEngine:
     def lora_report_blocking(self, lora_request: LoRARequest) -> dict:
         """lora_report for code that is not on an event loop (start-up)."""
         return self._engine.lora_report(lora_request)
+
+    @staticmethod
+    def adapter_sources(roots: tuple[str, ...], allow_bin: bool) -> Callable[[str, bool], str]:
+        """The check a server applies to adapter paths before loading them: `check(path, runtime)` -> the path to
+        load, or AdapterSourceError naming the rule (lora/sources.py). Reads the disk: call it off the loop."""
+        return AdapterSources(tuple(Path(root) for root in roots), allow_bin).check
 
     async def add_lora(self, lora_request: LoRARequest) -> None:
         """Read and validate an adapter into host memory (off the event loop); LoRAError says what is wrong."""
@@ -199,7 +206,7 @@ class AsyncLLMEngine:
 
     def _check_open(self) -> None:
         if self._closed or self._stopping:
-            raise EngineDeadError(f"the engine has stopped: {self.error!r}")
+            raise EngineDeadError(self._stopped_reason())
 
     async def _between_steps(self, fn: Callable[[], T]) -> T:
         return await asyncio.wrap_future(self._submit(fn))
@@ -261,29 +268,43 @@ class AsyncLLMEngine:
                     op()
                 if self._engine.has_unfinished_requests():
                     for output in self._engine.step():
-                        self._deliver(output.request_id, output)
+                        self._deliver(output.request_id, output if output.error is None else _failure(output))
         except BaseException as exc:
             logger.exception("engine step failed")
             self.error = exc
-            reason = f"engine step failed: {exc!r}"
+            reason = self._stopped_reason()
         finally:
             self._close(reason)
 
+    def _stopped_reason(self) -> str:
+        """Why nothing more will run, for clients: never the exception's text (that goes to the log)."""
+        if self.error is None:
+            return "the server is shutting down"
+        return "the engine stopped after an internal error (the server's log has it)"
+
     def _close(self, reason: str) -> None:
         """Run what was posted before the close (so no caller waits forever), fail the open streams,
-        abort what is left in the engine."""
-        with self._cv:
-            self._closed = True
-            ops = list(self._inbox)
-            self._inbox.clear()
-        for op in ops:
-            try:
-                op()
-            except Exception:
-                logger.exception("operation failed while closing the engine")
-        with self._cv:
-            streams = list(self._streams)
-        for request_id in streams:
-            self._deliver(request_id, EngineDeadError(reason))
-        for request_id in list(self._engine.requests):
-            self._engine.abort_request(request_id)
+        abort what is left in the engine; then set `stopped`."""
+        try:
+            with self._cv:
+                self._closed = True
+                ops = list(self._inbox)
+                self._inbox.clear()
+            for op in ops:
+                try:
+                    op()
+                except Exception:
+                    logger.exception("operation failed while closing the engine")
+            with self._cv:
+                streams = list(self._streams)
+            for request_id in streams:
+                self._deliver(request_id, EngineDeadError(reason))
+            for request_id in list(self._engine.requests):
+                self._engine.abort_request(request_id)
+        finally:
+            self.stopped.set()
+
+
+def _failure(output: RequestOutput) -> RequestFailedError:
+    """What the stream of a request the engine failed gets: the reason is its failed samples' stop_reason."""
+    return RequestFailedError(next(c.stop_reason for c in output.outputs if c.finish_reason == "error"))

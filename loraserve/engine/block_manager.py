@@ -44,11 +44,21 @@ class BlockManager:
     def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
         for _ in range(self.blocks_needed(seq, num_new_tokens)):
             block, _ = self.free_blocks.popitem(last=False)
-            key = self.key_of.pop(block, None)
-            if key is not None:  # evicted: its KV is about to be overwritten
-                del self.cached[key]
+            self._unregister(block)  # evicted: its KV is about to be overwritten
             self.ref_counts[block] = 1
             seq.block_table.append(block)
+
+    def forget(self, seq: Sequence) -> list[int]:
+        """Take the sequence's blocks out of the prefix cache (their KV must not be reused: a failed request's
+        may not be finite); returns those only it holds, which the caller may clear before they are freed."""
+        for block in seq.block_table:
+            self._unregister(block)
+        return [block for block in seq.block_table if self.ref_counts[block] == 1]
+
+    def _unregister(self, block: int) -> None:
+        key = self.key_of.pop(block, None)
+        if key is not None:
+            del self.cached[key]
 
     def free(self, seq: Sequence) -> None:
         """Let go of the sequence's blocks; the last block of a sequence is the first to be reused."""

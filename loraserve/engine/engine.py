@@ -9,6 +9,7 @@ step the engine themselves.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import time
@@ -20,14 +21,15 @@ from transformers import GenerationConfig, PretrainedConfig
 from loraserve.config import EngineConfig
 from loraserve.engine.block_manager import BlockManager
 from loraserve.engine.kv_cache import choose_num_blocks
-from loraserve.engine.model_runner import ModelRunner
+from loraserve.engine.model_runner import ModelRunner, StepResult
 from loraserve.engine.output_processor import OutputProcessor
 from loraserve.engine.platform import release_free_memory, resident_bytes, resolve_dtypes
+from loraserve.engine.prompt import ChatPrompt, prompt_tokens
 from loraserve.engine.request import Request
-from loraserve.engine.scheduler import Scheduler
+from loraserve.engine.scheduler import ScheduledSeq, Scheduler
 from loraserve.engine.sequence import Sequence
 from loraserve.engine.stats import EngineStats
-from loraserve.errors import LoRAError, ParamError
+from loraserve.errors import LoRAError, ParamError, RequestFailedError
 from loraserve.lora.adapter import LoRAAdapter
 from loraserve.lora.applied import AppliedLoRA
 from loraserve.lora.manager import LoRAManager
@@ -87,21 +89,25 @@ class LLMEngine:
 
     # ---- making requests: any thread ---------------------------------------------------------------
 
-    def make_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int] | None,
-                     params: SamplingParams, lora_request: LoRARequest | LoRAMix | None = None) -> Request:
-        """A request ready to `add`, holding its adapters. Raises ParamError for a request that cannot run
-        (naming the parameter), LoRAError for its adapters. Hand it to `add` or to `discard`."""
+    def make_request(self, request_id: str, prompt: str | ChatPrompt | None, prompt_token_ids: list[int] | None,
+                     params: SamplingParams, lora_request: LoRARequest | LoRAMix | None = None, *,
+                     fit_max_tokens: bool = False, max_prompt_tokens: int | None = None) -> Request:
+        """A request ready to `add`, holding its adapters, its prompt tokenised (a chat rendered) with its
+        adapter's tokenizer. Raises ParamError for a request that cannot run (naming the parameter), LoRAError
+        for its adapters. Hand it to `add` or to `discard`.
+
+        `fit_max_tokens`: max_tokens is a default the caller did not ask for (OpenAI's 16), lowered to what the
+        context has room for instead of refused. `max_prompt_tokens`: a caller's cap below the context."""
         if prompt_token_ids is None and prompt is None:
             raise ParamError("prompt", "give a {param} or prompt_token_ids")
         arrival = time.time()
-        request = Request(request_id, prompt, [], [], lora_request, None, RequestMetrics(arrival_time=arrival))
+        request = Request(request_id, None, [], [], lora_request, None, RequestMetrics(arrival_time=arrival))
         try:
             applied = request.lora = self._apply(lora_request, request)
             tokenizer = self.tokenizer_of(applied)
-            if prompt_token_ids is None:
-                prompt_token_ids = tokenizer.encode(prompt)
-            request.prompt_token_ids = prompt_token_ids = list(prompt_token_ids)
-            self._check(prompt_token_ids, params, applied)
+            request.prompt, prompt_token_ids = prompt_tokens(prompt, prompt_token_ids, tokenizer)
+            request.prompt_token_ids = prompt_token_ids
+            params = self._check(prompt_token_ids, params, applied, fit_max_tokens, max_prompt_tokens)
             request.seqs = [
                 Sequence(next(self._seq_ids), request_id, index, len(prompt_token_ids), list(prompt_token_ids),
                          params, detokenizer=self.output_processor.detokenizer(prompt_token_ids, params, tokenizer),
@@ -142,17 +148,6 @@ class LLMEngine:
         tokenizer = applied.tokenizer if applied is not None else None
         return tokenizer if tokenizer is not None else self.tokenizer
 
-    def request_tokenizer(self, lora_request: LoRARequest | LoRAMix | None):
-        """The tokenizer a request for `lora_request` will be tokenized with, found before the request is
-        made (to render a chat template or count prompt tokens); looking does not count as a use."""
-        if lora_request is None:
-            return self.tokenizer
-        if self.lora_manager is None:
-            self._acquire(lora_request)  # raises: LoRA is not enabled
-        if isinstance(lora_request, LoRAMix):
-            return self.tokenizer
-        return self.lora_manager.tokenizer(lora_request) or self.tokenizer
-
     def discard(self, request: Request) -> None:
         """Give back what a made request holds, when it will not be added after all."""
         for adapter in request.held:
@@ -160,8 +155,9 @@ class LLMEngine:
         request.held.clear()
         request.lora = None
 
-    def _check(self, prompt_token_ids: list[int], params: SamplingParams, applied: AppliedLoRA | None) -> None:
-        """Every limit of this engine a request must fit, checked once, here."""
+    def _check(self, prompt_token_ids: list[int], params: SamplingParams, applied: AppliedLoRA | None,
+               fit_max_tokens: bool, max_prompt_tokens: int | None) -> SamplingParams:
+        """Every limit of this engine a request must fit, checked once, here; the params it runs with."""
         if not prompt_token_ids:
             raise ParamError("prompt", "the {param} is empty; give at least one token")
         vocab = self.model.spec.vocab_size + (applied.added_tokens if applied is not None else 0)
@@ -171,10 +167,15 @@ class LLMEngine:
         limit = self.max_model_len  # past the model's own context only long-context adapters' requests run
         if applied is None or applied.rope_factor == 1:
             limit = min(limit, self.model.spec.max_position_embeddings)
+        if max_prompt_tokens is not None and length > max_prompt_tokens:
+            raise ParamError("prompt", f"the {{param}} has {length} tokens but this server accepts at most "
+                                       f"{max_prompt_tokens} per prompt (--max-prompt-tokens); shorten the {{param}}")
         room = limit - length
         if room < 1:
             raise ParamError("prompt", f"the {{param}} has {length} tokens but this model's maximum context length "
                                        f"is {limit}; shorten the {{param}}")
+        if fit_max_tokens and params.max_tokens is not None and params.max_tokens > room:
+            params = dataclasses.replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
         if params.max_tokens is not None and params.max_tokens > room:
             raise ParamError("max_tokens", f"this model's maximum context length is {limit} tokens; "
                                            f"the prompt has {length} and {{param}}={params.max_tokens} asks for "
@@ -183,6 +184,7 @@ class LLMEngine:
             raise ParamError("n", f"{{param}}={params.n} exceeds this engine's limit of {self.config.max_n} samples "
                                   f"per request; lower {{param}}, or start the engine with a larger max_n "
                                   f"(server: --max-n)")
+        return params
 
     def _acquire(self, lora_request: LoRARequest | LoRAMix) -> LoRAAdapter:
         if self.lora_manager is None:
@@ -244,33 +246,53 @@ class LLMEngine:
 
     def step(self, finished_only: bool = False) -> list[RequestOutput]:
         """Run one batch; return the outputs of every request that changed (`finished_only`: of those that
-        finished, for a caller that reads only final outputs and need not pay for the others' copies)."""
+        finished, for a caller that reads only final outputs and need not pay for the others' copies).
+
+        A fault stays with its request: if computing the batch raises, each of its requests is computed again on
+        its own (the failed attempt advanced no sequence, and the KV it wrote is written again), and one that
+        fails alone, or whose logits are not finite, ends with RequestOutput.error; the others go on as if
+        nothing had happened."""
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        lora_slots = {}
-        if self.lora_manager is not None:
-            lora_slots = self.lora_manager.activate(adapter for s in scheduled if s.seq.lora is not None
-                                                    for adapter in s.seq.lora.adapters)
         started = time.time()
-        sampled, result = self.runner.run(scheduled, lora_slots)
+        failed: dict[str, str] = {}  # request id -> why the engine failed it (RequestFailedError.reason)
+        try:
+            results = [self._compute(scheduled)]
+        except Exception as exc:  # noqa: BLE001 - the requests that caused it fail on their own below
+            logger.warning("a step of %d sequences failed (%r); computing each of its requests on its own",
+                           len(scheduled), exc)
+            results = []
+            for request_id, entries in _by_request(scheduled).items():
+                try:
+                    results.append(self._compute(entries))
+                except Exception:
+                    logger.exception("request %s failed: the engine could not compute its step", request_id)
+                    failed[request_id] = "step_error"
+        for result in results:
+            for s in result.nonfinite:
+                if s.seq.request_id not in failed:
+                    logger.error("request %s failed: the model gave it non-finite logits", s.seq.request_id)
+                    failed[s.seq.request_id] = "nonfinite_logits"
         for s in scheduled:
-            s.seq.num_computed_tokens += s.num_tokens
-            self.blocks.register_computed(s.seq)
             metrics = self.requests[s.seq.request_id].metrics
             if metrics.first_scheduled_time is None:
                 metrics.first_scheduled_time = started
-        if result is None:
-            return []
-        seqs = [s.seq for s in sampled]
-        self.output_processor.append(seqs, result)
-        now = time.time()
+            if s.seq.request_id not in failed:
+                s.seq.num_computed_tokens += s.num_tokens
+                self.blocks.register_computed(s.seq)
         touched: dict[str, Request] = {}
-        for seq in seqs:
-            if seq.finish_reason is not None:
-                self.scheduler.finish(seq)
-            touched[seq.request_id] = self.requests[seq.request_id]
-        outputs = []
+        for result in results:
+            if result.output is None:
+                continue
+            seqs = [s.seq for s in result.sampled]
+            self.output_processor.append(seqs, result.output)
+            for seq in seqs:
+                if seq.finish_reason is not None:
+                    self.scheduler.finish(seq)
+                touched[seq.request_id] = self.requests[seq.request_id]
+        outputs = [self._fail(self.requests[request_id], reason) for request_id, reason in failed.items()]
+        now = time.time()
         for request in touched.values():
             request.metrics.first_token_time = request.metrics.first_token_time or now
             request.metrics.last_token_time = now
@@ -279,6 +301,33 @@ class LLMEngine:
             elif not finished_only and not request.final_only:
                 outputs.append(request.output())
         return outputs
+
+    def _compute(self, scheduled: list[ScheduledSeq]) -> StepResult:
+        """Put the entries' adapters into slots and run the entries; changes no sequence (ModelRunner.run)."""
+        lora_slots = {}
+        if self.lora_manager is not None:
+            lora_slots = self.lora_manager.activate(adapter for s in scheduled if s.seq.lora is not None
+                                                    for adapter in s.seq.lora.adapters)
+        return self.runner.run(scheduled, lora_slots)
+
+    def _fail(self, request: Request, reason: str) -> RequestOutput:
+        """End a request the engine could not compute, as abort does but with finish_reason "error"; its final
+        output."""
+        for seq in request.seqs:
+            if not seq.finished:
+                seq.finish_reason, seq.stop_reason = "error", reason
+                if reason == "nonfinite_logits":
+                    self._drop_kv(seq)
+                self.scheduler.finish(seq)
+        output = self._end(request)
+        output.error = str(RequestFailedError(reason))
+        return output
+
+    def _drop_kv(self, seq: Sequence) -> None:
+        """Keep the sequence's KV, perhaps not finite, from every later request: its blocks leave the prefix cache
+        (a prefill's first chunks registered theirs before any logits showed it), and those only it holds are
+        zeroed before they are freed."""
+        self.runner.zero_kv(self.blocks.forget(seq))
 
     def _end(self, request: Request) -> RequestOutput:
         """Forget a finished or aborted request and let go of its adapter; its final output."""
@@ -299,6 +348,14 @@ class LLMEngine:
             running_adapters=_adapter_names(self.scheduler.running),
             waiting_adapters=_adapter_names(self.scheduler.waiting),
             block_size=self.blocks.block_size, taken_at=time.time())
+
+
+def _by_request(scheduled: list[ScheduledSeq]) -> dict[str, list[ScheduledSeq]]:
+    """The step's entries by request: a request's n sequences are computed, and fail, together."""
+    groups: dict[str, list[ScheduledSeq]] = {}
+    for s in scheduled:
+        groups.setdefault(s.seq.request_id, []).append(s)
+    return groups
 
 
 def _adapter_names(seqs: Iterable[Sequence]) -> tuple[str, ...]:

@@ -1,12 +1,24 @@
 """Turns a scheduled step into a ForwardBatch, runs the model and samples."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from loraserve.engine.scheduler import ScheduledSeq
 from loraserve.layers.forward_batch import AttentionMetadata, ForwardBatch, Lane, LoRABatch, PrefillSpan
 from loraserve.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 from loraserve.model.causal_lm import CausalLM
+
+
+@dataclass
+class StepResult:
+    """What a step computed: the scheduled entries that sampled a token (in the sampler's row order) with the
+    sampler's output, and the sampling entries of requests that got non-finite logits (not sampled: they fail)."""
+
+    sampled: list[ScheduledSeq]
+    output: SamplerOutput | None
+    nonfinite: list[ScheduledSeq]
 
 
 class ModelRunner:
@@ -19,14 +31,26 @@ class ModelRunner:
         self.device = model.device
         self.sampler = Sampler()
 
-    def run(self, scheduled: list[ScheduledSeq],
-            lora_slots: dict[str, int]) -> tuple[list[ScheduledSeq], SamplerOutput | None]:
+    def run(self, scheduled: list[ScheduledSeq], lora_slots: dict[str, int]) -> StepResult:
         """Run one step. `lora_slots` maps adapter content hash -> slot for the adapters of this step.
-        Returns the scheduled entries that sampled a token (in sampler row order) and the sampler's output."""
+
+        A request with a row of NaN or +inf logits (a broken adapter, an overflow) is not sampled, so it can
+        fail alone while the other rows are sampled as usual. A raise changes no sequence: the KV this step
+        wrote is written again when it is re-run, and the seeded rows' generators are put back."""
         batch, sampled = self.build_batch(scheduled, lora_slots)
         logits = self.model(batch)
         if not sampled:
-            return [], None
+            return StepResult([], None, [])
+        nonfinite: list[ScheduledSeq] = []
+        finite = _finite_rows(logits)
+        if not bool(finite.all()):
+            broken = {s.seq.request_id for s, ok in zip(sampled, finite.tolist(), strict=True) if not ok}
+            keep = [s.seq.request_id not in broken for s in sampled]
+            nonfinite = [s for s, kept in zip(sampled, keep, strict=True) if not kept]
+            sampled = [s for s, kept in zip(sampled, keep, strict=True) if kept]
+            if not sampled:
+                return StepResult([], None, nonfinite)
+            logits = logits[torch.tensor(keep, device=logits.device)]
         seqs = [s.seq for s in sampled]
         history = any(s.params.needs_penalties for s in seqs)  # else no step copies the sequences' tokens
         sampling = SamplingBatch.build(
@@ -35,7 +59,22 @@ class ModelRunner:
             [s.output_token_ids for s in seqs] if history else None, self.eos_token_ids, self.device,
             [s.lora.eos_token_ids if s.lora is not None else frozenset() for s in seqs],
             [s.num_output_tokens for s in seqs])
-        return sampled, self.sampler(logits, sampling)
+        states = [(generator, generator.get_state()) for _, generator in sampling.seeded]
+        try:
+            return StepResult(sampled, self.sampler(logits, sampling), nonfinite)
+        except BaseException:
+            for generator, state in states:
+                generator.set_state(state)
+            raise
+
+    def zero_kv(self, blocks: list[int]) -> None:
+        """Zero these blocks' K and V in every layer, so non-finite KV a failed request left there cannot reach the
+        block's next owner: the PyTorch decode path reads a last block whole, masking its unwritten end."""
+        index = torch.tensor(blocks, dtype=torch.long, device=self.device)
+        for module in self.model.modules():
+            if hasattr(module, "k_cache"):
+                module.k_cache[index] = 0
+                module.v_cache[index] = 0
 
     def build_batch(self, scheduled: list[ScheduledSeq],
                     lora_slots: dict[str, int]) -> tuple[ForwardBatch, list[ScheduledSeq]]:
@@ -88,8 +127,10 @@ class ModelRunner:
                 sampled.append(s)
         decode_tables = decode_lens = None
         if decodes:
+            # padded with the sequence's own last block: the PyTorch decode path reads the padding and masks it,
+            # but a masked NaN still spoils the sum (0 * NaN), so it must never be another sequence's KV
             width = max(len(s.seq.block_table) for s in decodes)
-            decode_tables = torch.tensor([s.seq.block_table + [0] * (width - len(s.seq.block_table))
+            decode_tables = torch.tensor([s.seq.block_table + s.seq.block_table[-1:] * (width - len(s.seq.block_table))
                                           for s in decodes], dtype=torch.long, device=device)
             decode_lens = torch.tensor([s.seq.num_computed_tokens + 1 for s in decodes], dtype=torch.long,
                                        device=device)
@@ -110,3 +151,11 @@ class ModelRunner:
             rope_factors=torch.tensor(token_factors, device=device) if any(token_factors) else None,
         )
         return batch, sampled
+
+
+def _finite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """[B] bool: rows without NaN or +inf, read off one sum per row (either makes the sum NaN or +inf); a
+    fraction of the cost of isfinite().all(). -inf is fine: it fills the columns past a row's vocabulary.
+    float16 sums in float32, so a row of large logits cannot overflow."""
+    totals = logits.sum(dim=-1, dtype=torch.float32 if logits.dtype == torch.float16 else None)
+    return totals.isfinite() | totals.isneginf()

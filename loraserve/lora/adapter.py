@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from loraserve.config import LoRAConfig
 from loraserve.errors import AdapterNotFoundError, LoRAError
 from loraserve.layers.lora_ops import DoRANorms
 from loraserve.lora.adapter_files import (
@@ -92,17 +93,18 @@ class LoRAAdapter:
 
 def load_adapter(request: LoRARequest, spec: LoRATargetSpec, max_lora_rank: int, dtype: torch.dtype,
                  folder: Path | None = None, base: BaseWeights | None = None,
-                 files: AdapterFiles | None = None) -> LoRAAdapter:
+                 files: AdapterFiles | None = None, max_file_mb: int = LoRAConfig.max_lora_file_mb) -> LoRAAdapter:
     """Read and check the PEFT adapter `request` names against the model's modules `spec`.
 
     B comes back multiplied by its module's scaling (computed in float32), every tensor cast to `dtype`;
     raises LoRAError (AdapterNotFoundError for missing files) on anything that could not be served
     exactly as PEFT would apply it. `folder`: the request's path, already resolved; `base`: the base model's
     weights, which serving needs (DoRA's norms; dropping saved copies equal to the base); without it the
-    adapter is read for inspection or merging only; `files`: the folder's bytes, already read."""
+    adapter is read for inspection or merging only; `files`: the folder's bytes, already read; else its files
+    are read, each at most `max_file_mb` MiB."""
     name = request.lora_name
     folder = folder or resolve_adapter_path(request.lora_path)
-    files = files or read_adapter_files(folder, name)
+    files = files or read_adapter_files(folder, name, max_file_mb)
     config_bytes = files.config
     config = parse_config(parse_json(config_bytes, folder / CONFIG_FILE, name), spec, name)
     selected = selected_modules(config, spec, name)

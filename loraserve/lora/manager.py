@@ -25,7 +25,6 @@ from loraserve.lora.adapter_files import read_adapter_files
 from loraserve.lora.host_cache import HostCache, HostCacheStats
 from loraserve.lora.report import adapter_report
 from loraserve.lora.slots import AdapterSlots, SlotStats
-from loraserve.lora.whole_copies import adapter_tokenizer
 from loraserve.lora_request import LoRARequest
 from loraserve.model.causal_lm import CausalLM
 from loraserve.model.lora_targets import enable_lora
@@ -69,20 +68,13 @@ class LoRAManager:
                                               config.lora_extra_vocab_size), config.max_loras)
 
     def _load(self, request: LoRARequest, folder: Path) -> LoRAAdapter:
-        files = read_adapter_files(folder, request.lora_name)
+        files = read_adapter_files(folder, request.lora_name, self.config.max_lora_file_mb)
         return self.run_cpu_work(lambda: load_adapter(request, self.spec, self.config.max_lora_rank, self.dtype,
                                                       folder, base=self.model, files=files))
 
     def acquire(self, request: LoRARequest) -> LoRAAdapter:
         """The request's adapter in host memory, pinned until `release` (reads the disk if it is cold)."""
         return self.host.acquire(request)
-
-    def tokenizer(self, request: LoRARequest):
-        """The tokenizer saved beside the request's adapter, or None (then the model's serves it): the host
-        copy's when it is in memory, else read from the folder alone; neither pins nor counts as a use (the
-        request that follows does)."""
-        adapter, folder = self.host.peek(request)
-        return adapter.tokenizer if adapter is not None else adapter_tokenizer(folder, request.lora_name)
 
     def report(self, request: LoRARequest) -> dict:
         """The adapter's load report (lora/report.py), reading and binding it if it is not in memory."""

@@ -42,6 +42,9 @@ def classify(tensors: dict[str, torch.Tensor], name: str) -> AdapterTensors:
         if not tensor.is_floating_point():
             raise LoRAError(f"adapter {name!r}: tensor {key!r} has dtype {tensor.dtype}; quantized adapter weights "
                             f"are not supported, save the adapter in float")
+        if not torch.isfinite(tensor).all():  # would turn every output of a request using it into NaN
+            raise LoRAError(f"adapter {name!r}: tensor {key!r} holds NaN or infinite values; the training diverged "
+                            f"or the file is damaged, re-train or re-save the adapter")
         parts = key.removeprefix(_PEFT_PREFIX).split(".")
         kind = _kind(parts)
         if kind is None:

@@ -95,7 +95,8 @@ def inspect_adapter(adapter_path: str, model: str | None = None, config: LoRACon
     spec = LoRATargetSpec.of_model(skeleton, str(model or folder), config.lora_extra_vocab_size,
                                    config.long_lora_scaling_factors, config.max_lora_saved_mb)
     name = Path(adapter_path).name or adapter_path
-    adapter = load_adapter(LoRARequest(name, 1, adapter_path), spec, config.max_lora_rank, torch.float32)
+    adapter = load_adapter(LoRARequest(name, 1, adapter_path), spec, config.max_lora_rank, torch.float32,
+                           max_file_mb=config.max_lora_file_mb)
     return adapter_report(adapter, spec)
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Message
 
+from loraserve.server.policy import PRINCIPAL_SCOPE_KEY, Principal
+
 
 @dataclass
 class HTTPRequest:
@@ -25,6 +27,7 @@ class HTTPRequest:
     query: bytes = b""
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     body: bytes = b""
+    principal: Principal | None = None  # who the ingress authenticated; the app takes it instead of a key
 
 
 @dataclass
@@ -59,6 +62,8 @@ async def call(app: ASGIApp, request: HTTPRequest) -> AsyncIterator[ResponseHead
              "scheme": "http", "path": request.path, "raw_path": request.path.encode(),
              "query_string": request.query, "root_path": "", "headers": request.headers,
              "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0)}
+    if request.principal is not None:
+        scope[PRINCIPAL_SCOPE_KEY] = request.principal
 
     async def run() -> None:
         try:

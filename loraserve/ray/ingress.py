@@ -27,13 +27,10 @@ from loraserve.ray.asgi import HTTPRequest, ResponseHead
 from loraserve.ray.catalog import CatalogEntry, CatalogSnapshot
 from loraserve.ray.replica import LOAD_PATH, REPLICA_HEADER, UNLOAD_PATH
 from loraserve.ray.router import Route
-from loraserve.server.api import (
-    ServerSettings,
-    cancel_on_disconnect,
-    check_api_key,
-    install_error_handlers,
-    runtime_updating_disabled,
-)
+from loraserve.server.api import ServerSettings, cancel_on_disconnect, runtime_updating_disabled
+from loraserve.server.error_handlers import ErrorReporter, install_error_handlers
+from loraserve.server.metrics import ServerMetrics
+from loraserve.server.policy import BodyLimit, Tenants
 from loraserve.server.protocol import APIError
 from loraserve.server.streaming import DONE, sse
 from loraserve.version import __version__
@@ -44,7 +41,9 @@ SCRAPE_TIMEOUT_S = 5.0
 CATCH_UP_TIMEOUT_S = 120.0  # a replica may be reading the new adapter from a slow disk
 
 app = FastAPI(title="loraserve on Ray Serve", version=__version__)
-install_error_handlers(app)
+metrics = ServerMetrics()  # this ingress's refusals (401, 413...); /metrics adds them as replica="ingress"
+report_error = ErrorReporter(metrics)
+install_error_handlers(app, report_error)
 
 
 class _Families:
@@ -99,6 +98,8 @@ class Ingress:
         self.snapshot = CatalogSnapshot(0, {m.name: CatalogEntry(m.path, m.base_model_name)
                                             for m in settings.lora_modules})
         self.refreshed = float("-inf")
+        self.tenants = Tenants(settings.api_key, settings.api_keys_file)
+        app.add_middleware(BodyLimit, max_bytes=settings.limits.max_body_bytes, refused=report_error.scope)
 
     @app.get("/version")
     async def version(self) -> dict:
@@ -107,8 +108,9 @@ class Ingress:
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     async def proxy(self, path: str, request: Request) -> Response:
         path = "/" + path
+        principal = None
         if path.startswith("/v1/"):
-            check_api_key(request, self.settings.api_key)
+            principal = request.state.principal = self.tenants.authenticate(request.headers.get("authorization"))
         pin = request.headers.get(REPLICA_HEADER)
         if path == "/metrics" and pin is None:
             return await self._metrics()
@@ -121,7 +123,7 @@ class Ingress:
         adapter = await self._adapter_key(body) if request.method == "POST" else ""
         forwarded = HTTPRequest(request.method, path, request.url.query.encode(),
                                 [(k, v) for k, v in request.headers.raw if k.lower() != REPLICA_HEADER.encode()],
-                                body)
+                                body, principal)
         route = Route(adapter=adapter, replica=pin, version=self.snapshot.version)
         head, rest = await cancel_on_disconnect(request, self._exchange(route, forwarded))
         if head.status == 200 and path in (LOAD_PATH, UNLOAD_PATH):
@@ -208,7 +210,7 @@ class Ingress:
         scraped = await self.replicas.broadcast("scrape").results_async(timeout_s=SCRAPE_TIMEOUT_S,
                                                                          return_exceptions=True)
         families: dict[str, Metric] = {}
-        for result in scraped:
+        for result in [*scraped, ("ingress", generate_latest(metrics.registry))]:
             if isinstance(result, BaseException):
                 logger.warning("a replica's /metrics could not be read: %r", result)
                 continue

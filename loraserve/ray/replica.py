@@ -29,13 +29,13 @@ LOAD_PATH, UNLOAD_PATH = "/v1/load_lora_adapter", "/v1/unload_lora_adapter"
 
 class EngineReplica:
     def __init__(self, config: EngineConfig, settings: ServerSettings, catalog) -> None:
-        """`settings`: the application's; the app here takes no API key (the ingress checks it) and always
-        allows adapter loading (only the ingress and the catalog reach it)."""
+        """`settings`: the application's; the app here takes no API key (the ingress authenticates and hands
+        over the principal) and always allows adapter loading (only the ingress and the catalog reach it)."""
         self.id = serve.get_replica_context().replica_id.unique_id
         self.config = config
         self.catalog = catalog
         self.engine = AsyncLLMEngine.from_config(config)
-        local = dataclasses.replace(settings, api_key=None, allow_runtime_lora_updating=True)
+        local = dataclasses.replace(settings, api_key=None, api_keys_file=None, allow_runtime_lora_updating=True)
         self.app = build_app(self.engine, local)
         self.version = 0  # the catalog version this replica's adapters match
         self.served = {m.name: m.path for m in settings.lora_modules}  # name -> path, as loaded here

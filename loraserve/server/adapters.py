@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from loraserve.lora_request import LoRAMix, LoRARequest
+from loraserve.server.policy import Principal
 from loraserve.server.protocol import APIError, MixEntry, bad_request
 
 
@@ -19,6 +20,10 @@ class LoRAModule:
     name: str
     path: str
     base_model_name: str | None = None
+
+    def at(self, path: str) -> LoRAModule:
+        """The same adapter, read from `path` (where the adapter sources' check resolved it)."""
+        return dataclasses.replace(self, path=path)
 
 
 def parse_lora_module(text: str) -> LoRAModule:
@@ -101,23 +106,33 @@ class AdapterRegistry:
             raise bad_request(f"{name!r} is the base model, not an adapter; it cannot be unloaded", "lora_name")
         adapter = self._adapters.pop(name, None)
         if adapter is None:
-            raise APIError(404, f"no adapter named {name!r} is loaded", "lora_name", "model_not_found")
+            raise self.not_loaded(name)
         return adapter.request
 
-    def resolve(self, model: str) -> LoRARequest | None:
+    @staticmethod
+    def not_loaded(name: str) -> APIError:
+        return APIError(404, f"no adapter named {name!r} is loaded", "lora_name", "model_not_found")
+
+    def _visible(self, name: str, principal: Principal) -> _Adapter | None:
+        """The adapter served under `name` if the principal may use it: another tenant's adapter is, to this
+        caller, exactly as absent as an unknown name."""
+        adapter = self._adapters.get(name)
+        return adapter if adapter is not None and principal.may_use(name) else None
+
+    def resolve(self, model: str, principal: Principal) -> LoRARequest | None:
         """None for the base model, the adapter's request for an adapter name; 404 otherwise."""
         if model in self.base_names:
             return None
-        adapter = self._adapters.get(model)
+        adapter = self._visible(model, principal)
         if adapter is None:
             raise model_not_found(model)
         return adapter.request
 
-    def resolve_request(self, model: str, lora_scale: float | None,
-                        mix: list[MixEntry] | None) -> LoRARequest | LoRAMix | None:
+    def resolve_request(self, model: str, lora_scale: float | None, mix: list[MixEntry] | None,
+                        principal: Principal) -> LoRARequest | LoRAMix | None:
         """What a generation request applies: the adapter `model` names (at `lora_scale`), the base model, or
         the weighted mix of served adapters `mix`, where `model` names the base model or one of the mix."""
-        lora = self.resolve(model)
+        lora = self.resolve(model, principal)
         if mix is None:
             if lora_scale is None:
                 return lora
@@ -127,7 +142,7 @@ class AdapterRegistry:
             return dataclasses.replace(lora, lora_scale=lora_scale)
         entries = []
         for index, entry in enumerate(mix):
-            adapter = self._adapters.get(entry.name)
+            adapter = self._visible(entry.name, principal)
             if adapter is None:
                 raise bad_request(f"adapters[{index}] names {entry.name!r}, which is not a served adapter; GET "
                                   f"/v1/models lists them", "adapters")
@@ -137,16 +152,16 @@ class AdapterRegistry:
                               f"base model or one of the mix in model", "model")
         return LoRAMix(entries)
 
-    def cards(self, max_model_len: int) -> list[dict]:
-        """/v1/models entries: the base names, then each adapter with parent and root, and its load report
-        under "lora" (kinds, ranks, targets, bytes, content hash...)."""
+    def cards(self, max_model_len: int, principal: Principal) -> list[dict]:
+        """/v1/models entries: the base names, then each adapter the principal may use with parent and root,
+        and its load report under "lora" (kinds, ranks, targets, bytes, content hash...)."""
         cards = [{"id": name, "object": "model", "created": self.created, "owned_by": "loraserve",
                   "root": self.base_root, "parent": None, "max_model_len": max_model_len}
                  for name in self.base_names]
         cards += [{"id": name, "object": "model", "created": a.created, "owned_by": "loraserve",
                    "root": a.request.lora_path, "parent": a.parent, "max_model_len": max_model_len,
                    "lora": a.report}
-                  for name, a in self._adapters.items()]
+                  for name, a in self._adapters.items() if principal.may_use(name)]
         return cards
 
 

@@ -139,6 +139,11 @@ class ServerMetrics:
                               ["model"], buckets=TTFT_BUCKETS, registry=r)
         self.itl = Histogram("loraserve_inter_token_latency_seconds", "Between consecutive tokens of a request.",
                              ["model"], buckets=ITL_BUCKETS, registry=r)
+        self.refused = Counter("loraserve_requests_refused", "Requests refused before any work, by reason: "
+                               "unauthorized, invalid_request, model_not_found, adapter_source, body_too_large, "
+                               "a limit's name, concurrency_limit, queue_full...", ["reason"], registry=r)
+        self.failed = Counter("loraserve_requests_failed", "Requests that failed while running, by reason: "
+                              "step_error, nonfinite_logits, engine_stopped, internal_error.", ["reason"], registry=r)
         self._engine = _EngineCollector()
         r.register(self._engine)
         self._adapter_labels: set[str] = set()

@@ -38,13 +38,23 @@ class APIError(Exception):
     """An error the client gets back in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 error_type: str | None = None) -> None:
+                 error_type: str | None = None, reason: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
         self.type = error_type or ("invalid_request_error" if status < 500 else "server_error")
+        self.headers = headers
+        self.error_id: str | None = None  # a 500's id, matching its log line
+        # the metrics' and the log's word for it: a small fixed set, whatever the client sent
+        self.reason = reason or code or ("invalid_request" if status == 400 else f"status_{status}")
+
+    @property
+    def refusal(self) -> bool:
+        """Refused before any work (the client's to change, or the server full), not failed while running."""
+        return self.status < 500 or self.reason == "queue_full"
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

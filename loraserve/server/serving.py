@@ -2,32 +2,24 @@
 outputs become OpenAI responses or server-sent-event chunks."""
 from __future__ import annotations
 
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-import jinja2
-
 from loraserve.engine.async_engine import AsyncLLMEngine
-from loraserve.errors import AdapterRemovedError, EngineDeadError, LoRAError, ParamError
+from loraserve.engine.prompt import ChatPrompt
+from loraserve.errors import AdapterRemovedError, LoRAError, ParamError, RequestFailedError
 from loraserve.lora_request import LoRAMix, LoRARequest
 from loraserve.outputs import CompletionOutput, Logprob, RequestOutput, add_delta
 from loraserve.sampling_params import SamplingParams
 from loraserve.server.adapters import AdapterRegistry, model_not_found
+from loraserve.server.error_handlers import ErrorReporter, as_api_error, internal_error
 from loraserve.server.metrics import ServerMetrics
 from loraserve.server.openai_shapes import chat_logprobs, completion_logprobs, usage
+from loraserve.server.policy import Admission, Limits, Principal
 from loraserve.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, bad_request, param_error
 from loraserve.server.streaming import DONE, merge, sse
-
-logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Prompt:
-    text: str | None
-    token_ids: list[int]
 
 
 @dataclass
@@ -37,6 +29,7 @@ class _Timing:
     tokens: int = 0
     last: float = 0.0
     outcome: str = "aborted"
+    started: bool = False  # has produced an output: no longer waiting
 
 
 @dataclass
@@ -45,9 +38,11 @@ class _Job:
 
     kind: str  # "completion" | "chat"
     request: CompletionRequest | ChatCompletionRequest
+    principal: Principal
     lora: LoRARequest | LoRAMix | None
-    prompts: list[Prompt]
-    params: list[SamplingParams]
+    prompts: list[str | list[int] | ChatPrompt]  # prepared (tokenised, rendered) by the engine, off the loop
+    params: SamplingParams
+    fit_max_tokens: bool  # max_tokens is OpenAI's default, lowered to what fits; an explicit one is checked
     arrival: float
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
@@ -77,62 +72,50 @@ class _Job:
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncLLMEngine, adapters: AdapterRegistry, metrics: ServerMetrics) -> None:
+    def __init__(self, engine: AsyncLLMEngine, adapters: AdapterRegistry, metrics: ServerMetrics, limits: Limits,
+                 admission: Admission, report: ErrorReporter) -> None:
         self.engine = engine
         self.adapters = adapters
         self.metrics = metrics
-        self.max_model_len = engine.limits.max_model_len
+        self.limits = limits
+        self.admission = admission
+        self.report = report
 
     # ---- entry points: a response body, or an SSE stream -------------------------------------------
 
-    async def completions(self, request: CompletionRequest) -> dict | AsyncIterator[str]:
+    async def completions(self, request: CompletionRequest, principal: Principal) -> dict | AsyncIterator[str]:
         arrival = time.monotonic()
-        lora = self.adapters.resolve_request(request.model, request.lora_scale, request.adapters)
-        tokenizer = await self._tokenizer(lora)
-        prompts = [self._completion_prompt(p, tokenizer) for p in request.prompts()]
+        lora = self.adapters.resolve_request(request.model, request.lora_scale, request.adapters, principal)
+        prompts = request.prompts()
+        if len(prompts) > self.limits.max_prompts:
+            raise APIError(400, f"prompt lists {len(prompts)} prompts; this server takes at most "
+                           f"{self.limits.max_prompts} per request (--max-prompts-per-request); split the request",
+                           "prompt", reason="too_many_prompts")
         explicit = "max_tokens" in request.model_fields_set
-        params = [request.sampling_params(self._max_tokens(p, request.max_tokens, explicit)) for p in prompts]
-        return await self._run(_Job("completion", request, lora, prompts, params, arrival))
+        return await self._run(_Job("completion", request, principal, lora, prompts, self._params(request),
+                                    not explicit, arrival))
 
-    async def chat(self, request: ChatCompletionRequest) -> dict | AsyncIterator[str]:
+    async def chat(self, request: ChatCompletionRequest, principal: Principal) -> dict | AsyncIterator[str]:
         arrival = time.monotonic()
-        lora = self.adapters.resolve_request(request.model, request.lora_scale, request.adapters)
-        prompt = self._chat_prompt(request, await self._tokenizer(lora))
-        params = request.sampling_params(request.requested_max_tokens)
-        return await self._run(_Job("chat", request, lora, [prompt], [params], arrival))
+        lora = self.adapters.resolve_request(request.model, request.lora_scale, request.adapters, principal)
+        prompt = ChatPrompt([m.as_template_input() for m in request.messages])
+        return await self._run(_Job("chat", request, principal, lora, [prompt], self._params(request), False,
+                                    arrival))
 
-    # ---- prompts ----------------------------------------------------------------------------------
-
-    async def _tokenizer(self, lora: LoRARequest | LoRAMix | None):
-        """The request's tokenizer: its adapter's own (added tokens, chat template) or the model's."""
-        try:
-            return await self.engine.tokenizer_for(lora)
-        except AdapterRemovedError as e:  # unloaded between name lookup and the engine
-            raise model_not_found(lora.lora_name) from e
-        except LoRAError as e:
-            raise bad_request(str(e), "adapters" if isinstance(lora, LoRAMix) else "model") from e
-
-    @staticmethod
-    def _completion_prompt(prompt: str | list[int], tokenizer) -> Prompt:
-        if isinstance(prompt, str):
-            return Prompt(prompt, tokenizer.encode(prompt))
-        return Prompt(None, list(prompt))
-
-    @staticmethod
-    def _chat_prompt(request: ChatCompletionRequest, tokenizer) -> Prompt:
-        conversation = [m.as_template_input() for m in request.messages]
-        try:
-            text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-        except (jinja2.TemplateError, ValueError) as e:
-            raise bad_request(f"the messages do not fit the model's chat template: {e}", "messages") from e
-        return Prompt(text, tokenizer.encode(text, add_special_tokens=False))
-
-    def _max_tokens(self, prompt: Prompt, requested: int | None, explicit: bool) -> int | None:
-        """OpenAI's default of 16 completion tokens, lowered to what fits the context when the client did not
-        ask for it (an explicit value that does not fit is refused by the engine, naming the parameter)."""
-        if explicit or requested is None:
-            return requested
-        return max(1, min(requested, self.max_model_len - len(prompt.token_ids)))
+    def _params(self, request: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
+        """The request's sampling parameters, within this server's limits on stop strings."""
+        stops = [request.stop] if isinstance(request.stop, str) else request.stop or []
+        for param, values in (("stop", stops), ("stop_token_ids", request.stop_token_ids or [])):
+            if len(values) > self.limits.max_stop:
+                raise APIError(400, f"{param} has {len(values)} entries; this server takes at most "
+                               f"{self.limits.max_stop} (--max-stop-strings)", param, reason="too_many_stops")
+        longest = max(map(len, stops), default=0)
+        if longest > self.limits.max_stop_length:
+            raise APIError(400, f"a stop string has {longest} characters; this server takes at most "
+                           f"{self.limits.max_stop_length} (--max-stop-length)", "stop", reason="stop_too_long")
+        if isinstance(request, ChatCompletionRequest):
+            return request.sampling_params(request.requested_max_tokens)
+        return request.sampling_params(request.max_tokens)
 
     # ---- running --------------------------------------------------------------------------------
 
@@ -154,16 +137,22 @@ class OpenAIServing:
         return self._stream(job, first, outputs)
 
     async def _generate(self, job: _Job) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Merged outputs of the job's engine requests, recorded in the metrics as they come. What the
-        engine refuses becomes the client's 4xx here: a parameter (named as this endpoint names it) or the
-        adapter."""
+        """Merged outputs of the job's engine requests, recorded in the metrics as they come, within the
+        admission limits (a ticket held until the end, whichever way it comes). What the engine refuses becomes
+        the client's 4xx here: a parameter (named as this endpoint names it) or the adapter."""
+        ticket = self.admission.enter(job.principal, len(job.prompts))
         model, adapter = job.request.model, self.metrics.adapter(job.adapter_label)
-        streams = [self.engine.generate(f"{job.request_id}-{i}", p.text, p.token_ids, params, job.lora)
-                   for i, (p, params) in enumerate(zip(job.prompts, job.params, strict=True))]
+        options = {"fit_max_tokens": job.fit_max_tokens, "max_prompt_tokens": self.limits.max_prompt_tokens}
+        streams = [self.engine.generate(f"{job.request_id}-{i}", None if isinstance(p, list) else p,
+                                        p if isinstance(p, list) else None, job.params, job.lora, **options)
+                   for i, p in enumerate(job.prompts)]
         timings = [_Timing(last=job.arrival) for _ in streams]
         try:
             async for index, output in merge(streams):
                 timing = timings[index]
+                if not timing.started:
+                    timing.started = True
+                    ticket.started()
                 self._observe(model, adapter, timing, output)
                 if output.finished:
                     aborted = any(c.finish_reason == "abort" for c in output.outputs)
@@ -178,8 +167,14 @@ class OpenAIServing:
                 raise model_not_found(model) from e
             if isinstance(e, LoRAError):
                 raise bad_request(str(e), job.lora_param) from e
+            if isinstance(e, RequestFailedError):  # the engine logged the fault under the engine request's id
+                error = APIError(500, f"internal error computing this request ({e.reason}); the server's log has "
+                                 f"it under request id {job.request_id}", reason=e.reason)
+                error.error_id = job.request_id
+                raise error from e
             raise
         finally:
+            ticket.close()
             for timing in timings:
                 self.metrics.requests.labels(model, adapter, timing.outcome).inc()
 
@@ -263,16 +258,17 @@ class OpenAIServing:
                 prompt = sum(prompt_tokens.values())
                 yield sse(header | {"choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens":
                                     completion_tokens, "total_tokens": prompt + completion_tokens}})
-        except APIError as e:  # headers are sent: report in the stream
-            yield sse(e.body())
-        except EngineDeadError as e:
-            yield sse(APIError(503, f"generation stopped: {e}").body())
-        except Exception as e:
-            logger.exception("streaming a response failed")
-            yield sse(APIError(500, f"internal server error: {e!r}").body())
+        except Exception as e:  # noqa: BLE001 - headers are sent: every error is reported in the stream
+            error = as_api_error(e) or internal_error(e, f"streaming response {header['id']} failed")
+            self.report(error, job.principal.tenant, "POST", f"/v1/{self._path(job)}")
+            yield sse(error.body())
         finally:
             await outputs.aclose()
         yield DONE
+
+    @staticmethod
+    def _path(job: _Job) -> str:
+        return "chat/completions" if job.kind == "chat" else "completions"
 
     @staticmethod
     def _chat_delta(delta: CompletionOutput) -> dict:
