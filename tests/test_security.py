@@ -189,7 +189,8 @@ def test_waiting_and_concurrency_limits(server):
     with client(server, B) as http:
         body = {"model": "b-2", "prompt": "hello", "max_tokens": 400, "ignore_eos": True, "stream": True}
         with http.stream("POST", "/v1/completions", json=body) as running:
-            next(running.iter_lines())
+            lines = running.iter_lines()  # held: a dropped iterator closes the connection, ending the request
+            assert running.status_code == 200 and next(lines).startswith("data: {")
             error = assert_openai_error(completion(http, "b-2"), 429)
             assert error["type"] == "rate_limit_error" and "max_concurrency" in error["message"]
         deadline = time.monotonic() + 10

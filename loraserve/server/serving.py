@@ -2,6 +2,7 @@
 outputs become OpenAI responses or server-sent-event chunks."""
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -20,6 +21,10 @@ from loraserve.server.openai_shapes import chat_logprobs, completion_logprobs, u
 from loraserve.server.policy import Admission, Limits, Principal
 from loraserve.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, bad_request, param_error
 from loraserve.server.streaming import DONE, merge, sse
+
+
+class _Reloaded(Exception):
+    """A job's adapter was reloaded in place before the engine took it: run it again under the new weights."""
 
 
 @dataclass
@@ -120,6 +125,16 @@ class OpenAIServing:
     # ---- running --------------------------------------------------------------------------------
 
     async def _run(self, job: _Job) -> dict | AsyncIterator[str]:
+        """Run the job; if its adapter was reloaded in place between the name's lookup and the engine taking
+        it (the old weights freed meanwhile), run it once more on what the name serves now."""
+        try:
+            return await self._start(job)
+        except _Reloaded:
+            lora = self.adapters.resolve_request(job.request.model, job.request.lora_scale, job.request.adapters,
+                                                 job.principal)
+            return await self._start(dataclasses.replace(job, lora=lora))
+
+    async def _start(self, job: _Job) -> dict | AsyncIterator[str]:
         outputs = self._generate(job)
         if not job.request.stream:
             try:
@@ -163,7 +178,9 @@ class OpenAIServing:
                 timing.outcome = "finished" if timing.outcome == "finished" else "failed"
             if isinstance(e, ParamError):
                 raise param_error(e, job.param_names) from e
-            if isinstance(e, AdapterRemovedError):  # unloaded between name lookup and the engine
+            if isinstance(e, AdapterRemovedError):  # unloaded (or reloaded) between name lookup and the engine
+                if not any(timing.started for timing in timings) and self._reloaded(job):
+                    raise _Reloaded() from e
                 raise model_not_found(model) from e
             if isinstance(e, LoRAError):
                 raise bad_request(str(e), job.lora_param) from e
@@ -177,6 +194,14 @@ class OpenAIServing:
             ticket.close()
             for timing in timings:
                 self.metrics.requests.labels(model, adapter, timing.outcome).inc()
+
+    def _reloaded(self, job: _Job) -> bool:
+        """Whether the job's adapter names now serve other weights (a reload in place), not nothing."""
+        try:
+            return self.adapters.resolve_request(job.request.model, job.request.lora_scale, job.request.adapters,
+                                                 job.principal) != job.lora
+        except APIError:
+            return False
 
     def _observe(self, model: str, adapter: str, timing: _Timing, output: RequestOutput) -> None:
         new = sum(len(c.token_ids) for c in output.outputs)  # a delta
