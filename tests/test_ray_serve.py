@@ -32,6 +32,7 @@ from loraserve.ray import ScaleOut, application
 from loraserve.ray.app import APP_NAME
 from loraserve.server.adapters import LoRAModule
 from loraserve.server.api import ServerSettings
+from loraserve.server.policy import Limits
 from server_utils import ServerProcess, free_port
 
 DEMO = Path(__file__).resolve().parent.parent / "examples" / "adapters"
@@ -114,20 +115,49 @@ class Cluster:
         return sorted(s.labels["replica"] for s in running.samples) if running else []
 
 
+TENANT_KEY = "tenant-key-0123456789"  # may use the json adapters only
+
+
 @pytest.fixture(scope="module")
-def cluster(default_model_path, adapters):
+def cluster(default_model_path, adapters, tmp_path_factory):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         config = EngineConfig.from_options(model=str(default_model_path), **ENGINE)
         modules = [LoRAModule(name, str(path)) for name, path in adapters.items() if name != "late"]
-        settings = ServerSettings(["base"], modules, api_key=KEY, allow_runtime_lora_updating=True)
+        keys = tmp_path_factory.mktemp("keys") / "keys.json"
+        keys.write_text(json.dumps({TENANT_KEY: {"adapters": ["json*"], "tenant": "json-team"}}))
+        settings = ServerSettings(["base"], modules, api_key=KEY, api_keys_file=str(keys),
+                                  allow_runtime_lora_updating=True, limits=Limits(max_body_bytes=2048))
         serve.run(application(config, settings, ScaleOut(replicas=2)), name=APP_NAME, route_prefix="/")
         yield Cluster(f"http://127.0.0.1:{port}", str(default_model_path), adapters)
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def test_the_ingress_applies_the_keys_and_limits_of_the_single_server(cluster):
+    """The ingress authenticates and hands the principal to the replica: a tenant key sees and uses only its
+    adapters (another's is a 404 like an unknown name, on every replica); a body over the limit is 413."""
+    tenant = {"Authorization": f"Bearer {TENANT_KEY}"}
+    for replica in cluster.replicas():
+        pinned = tenant | {HEADER: replica}
+        cards = httpx.get(f"{cluster.url}/v1/models", headers=pinned, timeout=60).json()["data"]
+        assert {card["id"] for card in cards} == {"base", "json", "json_flip"}
+        body = {"model": "uppercase", "prompt": "x", "max_tokens": 2}
+        hidden = httpx.post(f"{cluster.url}/v1/completions", json=body, headers=pinned, timeout=60)
+        unknown = httpx.post(f"{cluster.url}/v1/completions", json=body | {"model": "nobody"}, headers=pinned,
+                             timeout=60)
+        assert hidden.status_code == unknown.status_code == 404
+        assert hidden.json()["error"]["message"] == unknown.json()["error"]["message"].replace("nobody", "uppercase")
+        assert httpx.post(f"{cluster.url}/v1/completions", json=body | {"model": "json"}, headers=pinned,
+                          timeout=60).status_code == 200
+    assert httpx.get(f"{cluster.url}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    big = httpx.post(f"{cluster.url}/v1/completions", json={"model": "base", "prompt": "x" * 4096}, headers=tenant)
+    assert big.status_code == 413 and "--max-body-bytes" in big.json()["error"]["message"]
+    refused = cluster.metrics()["loraserve_requests_refused"].samples
+    assert any(s.labels == {"reason": "body_too_large", "replica": "ingress"} and s.value >= 1 for s in refused)
 
 
 def test_ray_listens_on_loopback_only(cluster):
