@@ -3,7 +3,9 @@ tests/fault_server.py) fails every open stream with an error event, answers 503 
 non-zero so a supervisor restarts it; no answer carries the exception's text."""
 from __future__ import annotations
 
+import asyncio
 import json
+import shutil
 import threading
 import time
 
@@ -53,3 +55,51 @@ def test_a_dead_engine_fails_its_streams_turns_health_503_and_exits_nonzero(file
         assert SECRET in proc.log()  # the operator's log has it
     finally:
         proc.stop()
+
+
+def test_a_corrupt_file_swapped_under_a_loaded_name_fails_only_its_requests(files):
+    """The files of a served adapter are replaced by a truncated copy after it was evicted from host memory:
+    its requests get a 400 naming the file, a reload in place from them is refused (the name stays registered),
+    every other request equals the offline engine, and restoring the file heals the name."""
+    from fastapi.testclient import TestClient
+
+    from loraserve import LLM, LoRARequest
+    from loraserve.config import EngineConfig
+    from loraserve.engine.async_engine import AsyncLLMEngine
+    from loraserve.server.adapters import LoRAModule
+    from loraserve.server.api import ServerSettings, build_app
+    from server_utils import offline_texts
+
+    folder = files["root"] / "swapped"
+    shutil.copytree(files["adapters"]["a0"], folder)
+    weights = folder / "adapter_model.safetensors"
+    good = weights.read_bytes()
+    options = dict(ENGINE_OPTIONS, enable_lora=True, max_loras=1, max_cpu_loras=1)
+    engine = AsyncLLMEngine.from_config(EngineConfig.from_options(model=files["model"], **options))
+    modules = [LoRAModule("swapped", str(folder)), LoRAModule("a1", files["adapters"]["a1"])]
+    app = build_app(engine, ServerSettings([BASE], modules, allow_runtime_lora_updating=True))
+    offline = LLM(files["model"], **options)
+    loras = {"swapped": LoRARequest("swapped", 1, str(folder)), "a1": LoRARequest("a1", 2, files["adapters"]["a1"])}
+    greedy = dict(temperature=0, max_tokens=8, ignore_eos=True)
+    expected = {name: offline_texts(offline, loras, name, ["Hello, world"], **greedy)[0] for name in (BASE, *loras)}
+    try:
+        with TestClient(app) as http:
+            def answer(model: str) -> httpx.Response:
+                return http.post("/v1/completions", json={"model": model, "prompt": "Hello, world"} | greedy)
+
+            assert answer("swapped").json()["choices"][0]["text"] == expected["swapped"]
+            assert answer("a1").json()["choices"][0]["text"] == expected["a1"]  # evicts swapped from host memory
+            weights.write_bytes(good[: len(good) // 2])
+            error = answer("swapped")
+            assert error.status_code == 400 and "adapter_model.safetensors" in error.json()["error"]["message"]
+            reload = http.post("/v1/load_lora_adapter", json={"lora_name": "swapped", "lora_path": str(folder),
+                                                              "load_inplace": True})
+            assert reload.status_code == 400 and "corrupt or truncated" in reload.json()["error"]["message"]
+            for model in (BASE, "a1"):
+                assert answer(model).json()["choices"][0]["text"] == expected[model]
+            weights.write_bytes(good)
+            assert answer("swapped").json()["choices"][0]["text"] == expected["swapped"]
+            stats = asyncio.run(engine.stats())
+            assert stats.free_blocks == stats.num_blocks and stats.running == stats.waiting == 0
+    finally:
+        engine.shutdown()
