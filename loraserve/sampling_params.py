@@ -1,6 +1,7 @@
 """Per-request sampling settings, validated once when the request is made."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -18,6 +19,8 @@ class RequestOutputKind(IntEnum):
 
 # Seeds are torch generator seeds: 64-bit signed integers, as vLLM accepts them.
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+MIN_TEMPERATURE = 1e-2  # a smaller positive temperature is raised to it (nearly greedy either way)
+MIN_REPETITION_PENALTY = 1e-2  # and at most its inverse: beyond, a logit times the penalty overflows
 
 
 @dataclass
@@ -67,10 +70,15 @@ class SamplingParams:
         def bad(name: str, why: str) -> None:
             raise ParamError(name, f"{{param}} {why}, got {getattr(self, name)!r}")
 
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                bad(name, "must be a finite number")
         if self.n < 1:
             bad("n", "must be at least 1")
         if self.temperature < 0:
             bad("temperature", "must be non-negative (0 means greedy)")
+        if 0 < self.temperature < MIN_TEMPERATURE:  # as vLLM: below this, logits / temperature overflow
+            self.temperature = MIN_TEMPERATURE
         if not 0 < self.top_p <= 1:
             bad("top_p", "must be in (0, 1]")
         if self.top_k < 0:
@@ -89,8 +97,9 @@ class SamplingParams:
             bad("presence_penalty", "must be in [-2, 2]")
         if not -2 <= self.frequency_penalty <= 2:
             bad("frequency_penalty", "must be in [-2, 2]")
-        if self.repetition_penalty <= 0:
-            bad("repetition_penalty", "must be positive (1 disables it)")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= 1 / MIN_REPETITION_PENALTY:
+            bad("repetition_penalty", f"must be in [{MIN_REPETITION_PENALTY}, {1 / MIN_REPETITION_PENALTY:g}] "
+                                      f"(1 disables it)")
         if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
             bad("seed", "must be a 64-bit signed integer (between -2**63 and 2**63 - 1)")
         if any(not s for s in self.stop):

@@ -350,6 +350,16 @@ def test_two_concurrent_loads_of_one_name(app, http, files):
 
 LONG = "x" * 200
 BAD_REQUESTS = [
+    # found by tests/test_fuzz.py, each once a 500
+    ("/v1/chat/completions", {"model": BASE, "messages": [{"role": "user", "content": "\ud800"}]}, 400, "messages"),
+    ("/v1/completions", {"model": BASE, "prompt": "a\ud800b"}, 400, "prompt"),
+    ("/v1/completions", {"model": BASE, "prompt": "x", "temperature": float("nan")}, 400, "temperature"),
+    ("/v1/completions", {"model": BASE, "prompt": "x", "repetition_penalty": 1e-300}, 400, "repetition_penalty"),
+    ("/v1/completions", {"model": BASE, "prompt": "x", "min_tokens": 2, "stop_token_ids": [10**6]}, 400,
+     "stop_token_ids"),
+    ("/v1/completions", {"model": BASE, "prompt": "x", "stop_token_ids": [-1]}, 400, "stop_token_ids"),
+    ("/v1/load_lora_adapter", {"lora_name": "n", "lora_path": "\u0000"}, 400, None),
+    ("/v1/load_lora_adapter", {"lora_name": "n", "lora_path": "a" * 300}, 400, "lora_path"),
     ("/v1/completions", b"{not json", 400, None),
     ("/v1/completions", [1, 2], 400, None),
     ("/v1/completions", {"model": BASE, "prompt": "x", "temperature": "hot"}, 400, "temperature"),
@@ -401,6 +411,21 @@ def test_bad_requests_get_openai_errors(http, path, body, status, param):
     error = assert_openai_error(response, status, param)
     if param is not None:
         assert param.rsplit(".", 1)[-1] in error["message"] or error["code"] == "model_not_found"
+
+
+def test_extreme_sampling_values_sample_sanely(http):
+    """Values that once broke the sampler (found by tests/test_fuzz.py): a top_p that is 0 in float32 keeps the
+    most likely token (greedy), a tiny temperature is raised to 0.01 (nearly greedy), a top_k beyond 64 bits
+    keeps the whole vocabulary."""
+    greedy = http.post("/v1/completions", json={"model": BASE, "prompt": "Hello", "max_tokens": 6,
+                                                "temperature": 0}).json()["choices"][0]["text"]
+    for extra in ({"top_p": 1e-300}, {"temperature": 1e-50, "top_p": 0.5}, {"temperature": 1e-50}):
+        response = http.post("/v1/completions", json={"model": BASE, "prompt": "Hello", "max_tokens": 6,
+                                                      "seed": 1} | extra)
+        assert response.status_code == 200 and response.json()["choices"][0]["text"] == greedy, extra
+    response = http.post("/v1/completions", json={"model": BASE, "prompt": "Hello", "max_tokens": 4,
+                                                  "top_k": 2**63, "seed": 1})
+    assert response.status_code == 200
 
 
 def test_a_bug_is_a_500_not_the_clients_fault(app, http, monkeypatch, caplog):

@@ -163,6 +163,8 @@ class LLMEngine:
         vocab = self.model.spec.vocab_size + (applied.added_tokens if applied is not None else 0)
         if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in prompt_token_ids):
             raise ParamError("prompt", f"{{param}} token ids must be integers in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in params.stop_token_ids or ()):
+            raise ParamError("stop_token_ids", f"{{param}} must be token ids in [0, {vocab})")
         length = len(prompt_token_ids)
         limit = self.max_model_len  # past the model's own context only long-context adapters' requests run
         if applied is None or applied.rope_factor == 1:

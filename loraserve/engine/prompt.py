@@ -30,10 +30,20 @@ def prompt_tokens(prompt: str | ChatPrompt | None, token_ids: list[int] | None,
     if prompt is None:
         raise ParamError("prompt", "give a {param} or prompt_token_ids")
     if isinstance(prompt, str):
-        return prompt, tokenizer.encode(prompt)
+        return prompt, tokenizer.encode(_unicode(prompt))
     try:
         text = tokenizer.apply_chat_template(prompt.messages, add_generation_prompt=prompt.add_generation_prompt,
                                              tokenize=False)
     except (jinja2.TemplateError, ValueError) as e:  # the template's own raise_exception(...) says what is wrong
         raise ParamError("prompt", f"the messages do not fit the model's chat template: {e}") from e
-    return text, tokenizer.encode(text, add_special_tokens=False)
+    return text, tokenizer.encode(_unicode(text), add_special_tokens=False)
+
+
+def _unicode(text: str) -> str:
+    """`text`, if a tokenizer can take it: JSON can carry lone surrogates (\ud800), which are no characters."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ParamError("prompt", f"the {{param}} holds {text[e.start:e.end]!r} at character {e.start}, not a "
+                                   f"Unicode character (a lone surrogate); send valid UTF-16 pairs or UTF-8") from e
+    return text

@@ -82,7 +82,8 @@ class SamplingBatch:
         sampled = [p for p in params if not p.greedy]
         top_k = top_p = min_p = None
         if any(p.top_k > 0 for p in sampled):
-            top_k = torch.tensor([0 if p.greedy else p.top_k for p in params], device=device)
+            # a top_k past the vocabulary keeps it all; capped so the tensor holds it
+            top_k = torch.tensor([0 if p.greedy else min(p.top_k, 2**62) for p in params], device=device)
         if any(p.top_p < 1 for p in sampled):
             top_p = floats([1.0 if p.greedy else p.top_p for p in params])
         if any(p.min_p > 0 for p in sampled):
@@ -213,6 +214,7 @@ def _mask_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: t
         if width < vocab and bool(open_nucleus.any()):
             return _mask_top_k_top_p_by_sort(logits, k, top_p)
         keep &= (cum - probs) < top_p.unsqueeze(1)
+        keep[:, 0] = True  # the most likely token, even for a top_p that rounds to 0 in float32
         bounded |= top_p < 1
     smallest_kept = values.gather(1, keep.sum(dim=-1, keepdim=True) - 1)
     smallest_kept.masked_fill_(~bounded.unsqueeze(1), float("-inf"))

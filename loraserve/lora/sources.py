@@ -11,7 +11,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraserve.errors import AdapterNotFoundError, AdapterSourceError
+from loraserve.errors import AdapterNotFoundError, AdapterSourceError, LoRAError
 from loraserve.lora.adapter_files import BIN_FILE, SAFETENSORS_FILE, resolve_adapter_path, weights_file
 
 
@@ -31,12 +31,18 @@ class AdapterSources:
         path, a hub id in the local cache unchanged. `runtime`: loaded while serving (a request or the
         load API), where a pickle is refused unless allowed; start-up adapters are the operator's own.
         Raises AdapterSourceError (outside the roots, a pickle) or AdapterNotFoundError (nothing there)."""
-        if self.roots:
-            lora_path, folder = self._inside_roots(path_or_hub_id)
-        else:
-            folder = resolve_adapter_path(path_or_hub_id)
-            lora_path = str(folder) if Path(path_or_hub_id).expanduser().is_dir() else path_or_hub_id
-        weights = weights_file(folder)
+        try:
+            if self.roots:
+                lora_path, folder = self._inside_roots(path_or_hub_id)
+            else:
+                folder = resolve_adapter_path(path_or_hub_id)
+                lora_path = str(folder) if Path(path_or_hub_id).expanduser().is_dir() else path_or_hub_id
+            weights = weights_file(folder)
+        except (OSError, ValueError) as e:  # a NUL byte, a name too long for the file system...
+            if isinstance(e, LoRAError):
+                raise
+            raise AdapterNotFoundError(f"lora_path {path_or_hub_id[:300]!r} cannot be used as a path "
+                                       f"({e.strerror if isinstance(e, OSError) else e}); check it") from None
         if runtime and not self.allow_bin and weights is not None and weights.name == BIN_FILE:
             raise AdapterSourceError(
                 f"adapter {path_or_hub_id!r}: its weights are {BIN_FILE}, a pickle, and a pickle can run code when "
