@@ -33,7 +33,13 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=5.0)
     parser.add_argument("--warmup-minutes", type=float, default=1.0, help="RSS slope fitted after this")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "soak.json")
+    parser.add_argument("--plot", type=Path, default=None, metavar="PNG",
+                        help="draw the server's resident memory over the run (needs matplotlib: .[bench])")
+    parser.add_argument("--replot", action="store_true", help="only draw --plot from the existing --out")
     args = parser.parse_args()
+    if args.replot:
+        draw(json.loads(args.out.read_text()), args.plot)
+        return 0
     settings = SoakSettings(clients=args.clients, seconds=args.minutes * 60, warmup_seconds=args.warmup_minutes * 60)
     with tempfile.TemporaryDirectory(prefix="soak-") as root:
         result = run_soak(settings, Path(root))
@@ -44,7 +50,32 @@ def main() -> int:
     print("\n".join(["checks failed:", *found]) if found else "checks: all passed")
     args.out.write_text(json.dumps(result | {"problems": found}, indent=1))
     print(f"wrote {args.out}")
+    if args.plot is not None:
+        draw(result, args.plot)
     return 1 if found else 0
+
+
+def draw(result: dict, png: Path) -> None:
+    """RSS over the run, the warm-up shaded, the fitted post-warm-up slope drawn over it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rss, warmup = result["rss"], result["settings"]["warmup_seconds"]
+    seconds, mib = zip(*rss["samples"], strict=True)
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.plot(seconds, mib, marker=".", lw=1, label="server RSS")
+    ax.axvspan(0, warmup, color="0.9", label="warm-up")
+    ax.set_xlabel("seconds into the run")
+    ax.set_ylabel("MiB")
+    ax.set_ylim(0, max(mib) * 1.15)
+    ax.set_title(f"soak: {result['settings']['clients']} streaming clients, {result['completed']} completed, "
+                 f"slope {rss['slope_mib_per_min']:+.2f} MiB/min after warm-up", fontsize=9)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    print(f"wrote {png}")
 
 
 if __name__ == "__main__":
