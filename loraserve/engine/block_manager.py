@@ -115,4 +115,6 @@ class BlockManager:
         digest = hashlib.blake2b(parent, digest_size=16)
         digest.update(array("q", tokens).tobytes())
         digest.update((seq.lora_key or "").encode())
+        if seq.long_rope_from is not None:  # the RoPE table the KV was rotated with
+            digest.update(seq.long_rope_from.to_bytes(8, "little"))
         return digest.digest()

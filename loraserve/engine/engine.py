@@ -111,13 +111,22 @@ class LLMEngine:
             request.seqs = [
                 Sequence(next(self._seq_ids), request_id, index, len(prompt_token_ids), list(prompt_token_ids),
                          params, detokenizer=self.output_processor.detokenizer(prompt_token_ids, params, tokenizer),
-                         lora=applied, generator=_generator(params.sample_seed(index), self.device))
+                         lora=applied, generator=_generator(params.sample_seed(index), self.device),
+                         long_rope_from=self._long_rope_from(len(prompt_token_ids)))
                 for index in range(params.n)
             ]
         except BaseException:
             self.discard(request)
             raise
         return request
+
+    def _long_rope_from(self, prompt_len: int) -> int | None:
+        """longrope (Phi-3): Sequence.long_rope_from for a prompt of this length: 0 (long factors) for a prompt
+        longer than the original context, else that length (short factors until the sequence outgrows it)."""
+        after = self.model.long_rope_after
+        if after is None:
+            return None
+        return 0 if prompt_len > after else after
 
     def _apply(self, lora_request: LoRARequest | LoRAMix | None, request: Request) -> AppliedLoRA | None:
         """The adapters the request applies, each acquired (held by `request.held` as soon as it is, so a

@@ -118,7 +118,10 @@ class ModelRunner:
                 slot_mapping += range(offset + max(start, block * bs), offset + min(end, (block + 1) * bs))
             lane = lane_of(s)
             lane_spans.append((lanes.setdefault(lane, len(lanes)) if lane else -1, s.num_tokens))
-            token_factors += [self.rope_index[seq.lora.rope_factor] if seq.lora else 0] * s.num_tokens
+            if seq.long_rope_from is not None:  # longrope: table 1 (long factors) once past the original context
+                token_factors += [int(seq.long_rope_from == 0)] * s.num_tokens
+            else:
+                token_factors += [self.rope_index[seq.lora.rope_factor] if seq.lora else 0] * s.num_tokens
             if i < len(prefills):
                 blocks = torch.tensor(table[:-(-end // bs)], dtype=torch.long, device=device)
                 spans.append(PrefillSpan(row, row + s.num_tokens, end, blocks))

@@ -59,6 +59,7 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted below as a victim
                 continue
+            self._switch_long_rope(seq)
             num_tokens = min(seq.num_pending_tokens, budget)
             while not self.blocks.can_allocate(seq, num_tokens):
                 victim = self.running[-1]
@@ -87,6 +88,7 @@ class Scheduler:
                     if waited > MAX_LORA_BYPASS_STEPS:
                         break
                 continue
+            self._switch_long_rope(seq)
             queried = self.blocks.reuse_prefix(seq)
             num_tokens = min(seq.num_pending_tokens, budget)
             if not self.blocks.can_allocate(seq, num_tokens):
@@ -102,6 +104,13 @@ class Scheduler:
             scheduled.append(ScheduledSeq(seq, num_tokens))
             budget -= num_tokens
         return budget
+
+    def _switch_long_rope(self, seq: Sequence) -> None:
+        """longrope (Phi-3): once a sequence outgrows the original context, all of it is rotated with the long
+        factors, as transformers recomputes it then: its KV is dropped and computed again, from the start."""
+        if seq.long_rope_from and len(seq.token_ids) > seq.long_rope_from:
+            seq.long_rope_from = 0
+            self.blocks.free(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         """Drop the sequence's KV and requeue it first in line; its tokens are recomputed later."""

@@ -32,6 +32,9 @@ class Sequence:
     detokenizer: IncrementalDetokenizer | None = None  # None only for sequences that are never sampled
     lora: AppliedLoRA | None = None  # its adapters, held in host memory for as long as the request lives
     generator: torch.Generator | None = None
+    # longrope: the original context length while the sequence fits it (short factors), 0 once it is longer
+    # (long factors for all of it: the scheduler then recomputes its KV, as transformers does); None: one table
+    long_rope_from: int | None = None
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)

@@ -9,8 +9,9 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from loraserve.layers.attention import write_kv
 from loraserve.layers.cpu_kernels import cpu_kernel, fused_ops_module
 
-# RoPE variants whose frequencies do not depend on the running sequence length, so one table serves all.
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# RoPE variants with fixed tables: one for all positions, or Phi-3's longrope, whose two tables (short and long
+# factors) a sequence chooses between by its length (RotaryEmbedding.long_after).
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 
 
 def rope_inverse_frequencies(config: PretrainedConfig, head_dim: int,
@@ -33,21 +34,33 @@ def rope_inverse_frequencies(config: PretrainedConfig, head_dim: int,
 
 
 class RotaryEmbedding(nn.Module):
-    """Holds cos/sin for every position up to max_positions, one table per linear scaling factor tokens may
-    use (`factors[0]` = 1, the model's own; the others for long-context adapters, whose frequencies are the
-    model's divided by the factor: transformers' "linear" RoPE); `lookup` gathers them once per step for all
-    layers that share it."""
+    """Holds cos/sin for every position up to max_positions, in tables a token chooses from by index: one per
+    linear scaling factor tokens may use (`factors[0]` = 1, the model's own; the others for long-context
+    adapters, whose frequencies are the model's divided by the factor: transformers' "linear" RoPE), or for
+    longrope the short-factor table (0) and the long-factor one (1), used by a sequence longer than
+    `long_after` (original_max_position_embeddings). `lookup` gathers them once per step for all layers that
+    share it."""
 
     def __init__(self, config: PretrainedConfig, head_dim: int, max_positions: int,
                  layer_type: str | None = None, factors: tuple[float, ...] = (1.0,)) -> None:
         super().__init__()
+        rope_type = _rope_type(config, layer_type)
         inv_freq, scale = rope_inverse_frequencies(config, head_dim, layer_type)
-        if len(factors) > 1 and _rope_type(config, layer_type) != "default":
+        if len(factors) > 1 and rope_type != "default":
             raise ValueError(f"long-context LoRA (--long-lora-scaling-factors) scales plain RoPE linearly; this "
-                             f"model's RoPE is {_rope_type(config, layer_type)!r}, which it does not compose with")
+                             f"model's RoPE is {rope_type!r}, which it does not compose with")
+        tables = [inv_freq / f for f in factors]
+        self.long_after: int | None = None
+        if rope_type == "longrope":  # inv_freq above is the short table (transformers': no seq_len given)
+            params = config.rope_parameters if layer_type is None else config.rope_parameters[layer_type]
+            self.long_after = params["original_max_position_embeddings"]
+            extra = {} if layer_type is None else {"layer_type": layer_type}
+            long_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"), seq_len=self.long_after + 1,
+                                                          **extra)
+            tables.append(long_freq)
         self.rotary_dim = inv_freq.numel() * 2
         positions = torch.arange(max_positions, dtype=torch.float32)
-        emb = torch.stack([torch.cat([positions[:, None] * (inv_freq / f)[None, :]] * 2, dim=-1) for f in factors])
+        emb = torch.stack([torch.cat([positions[:, None] * t[None, :]] * 2, dim=-1) for t in tables])
         self.register_buffer("cos", emb.cos() * scale, persistent=False)  # [factors, positions, rotary_dim]
         self.register_buffer("sin", emb.sin() * scale, persistent=False)
 

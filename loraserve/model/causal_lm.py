@@ -60,6 +60,11 @@ class CausalLM(nn.Module):
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
 
+    @property
+    def long_rope_after(self) -> int | None:
+        """For longrope models, the length past which a sequence rotates with the long factors; else None."""
+        return None
+
     def lm_head_name(self) -> str:
         return self.embed_name if self.spec.tie_word_embeddings else "lm_head.weight"
 

@@ -149,6 +149,11 @@ class DecoderForCausalLM(CausalLM):
     def embed_tokens(self) -> nn.Embedding:
         return self.model.embed_tokens
 
+    @property
+    def long_rope_after(self) -> int | None:
+        """longrope (Phi-3): a sequence longer than this rotates with the long factors."""
+        return next((table.long_after for table in self.rotary.values() if table.long_after is not None), None)
+
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         h = self.embed(batch)
