@@ -12,6 +12,7 @@ from transformers import AutoConfig, PretrainedConfig
 from loraserve.model.causal_lm import CausalLM
 from loraserve.model.decoder import DecoderForCausalLM
 from loraserve.model.gpt_bigcode import GPTBigCodeForCausalLM
+from loraserve.model.native_configs import native_config
 from loraserve.model.quantization import ON_THE_FLY, checkpoint_weights
 from loraserve.model.registry import ARCHITECTURES, decoder_spec
 
@@ -20,9 +21,13 @@ FAMILIES: dict[str, type[CausalLM]] = {"decoder": DecoderForCausalLM, "gpt_bigco
 
 def load_hf_config(folder: Path) -> PretrainedConfig:
     """The folder's config. A model whose modelling code ships with the checkpoint (config.json's auto_map:
-    Baichuan, the original ChatGLM...) is refused before transformers asks for trust_remote_code: loraserve
-    runs no checkpoint code, and that code could not be fetched here anyway."""
+    the original ChatGLM...) is refused before transformers asks for trust_remote_code: loraserve runs no
+    checkpoint code, and that code could not be fetched here anyway. Those served natively (Baichuan 7B) have
+    their config read from config.json's keys (model/native_configs.py)."""
     raw = json.loads((Path(folder) / "config.json").read_text())
+    native = native_config(raw)
+    if native is not None:
+        return native
     archs = raw.get("architectures") or []
     if raw.get("auto_map") and not any(arch in ARCHITECTURES for arch in archs):
         name = ", ".join(archs) or raw.get("model_type", "this model")

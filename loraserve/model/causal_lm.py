@@ -250,6 +250,8 @@ class CausalLM(nn.Module):
                 name = name.replace(old, new)
             if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.spec.tie_word_embeddings):
                 continue
+            if name == "lm_head.weight" and self.spec.normalized_head:
+                tensor = _normalized_rows(name, tensor)
             module_name, _, param = name.rpartition(".")
             expert = _EXPERT_TENSOR.fullmatch(name)
             if expert is not None and expert["module"] in experts:
@@ -286,3 +288,12 @@ class CausalLM(nn.Module):
             raise ValueError(f"{name}: checkpoint shape {tensor.shape}, model expects {tuple(params[name].shape)}")
         self.quantized[name] = tensor.to(params[name].device)
         params[name].data = torch.empty(0, dtype=params[name].dtype, device=params[name].device)
+
+
+def _normalized_rows(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """Baichuan2's NormHead: its logits use the LM head's rows L2-normalised (F.normalize, as its checkpoint code
+    does once at inference), folded into the weight here, in float32, so the head is a plain one afterwards."""
+    if isinstance(tensor, QuantizedTensor):
+        raise ValueError(f"{name} is quantized, but this model's LM head normalises its rows (Baichuan2's NormHead), "
+                         f"which loraserve folds into a float weight; use a checkpoint with a float LM head")
+    return F.normalize(tensor.float(), dim=-1).to(tensor.dtype)

@@ -1,5 +1,6 @@
 """The generic decoder, driven by a DecoderSpec: Llama (SmolLM2, Llama-3), Mistral, Mixtral, Qwen2,
-Qwen3, Qwen2-MoE, Qwen3-MoE, Gemma, Gemma 2, Gemma 3, Phi-3, GLM and GLM-4 differ only in flags of the spec.
+Qwen3, Qwen2-MoE, Qwen3-MoE, Gemma, Gemma 2, Gemma 3, Phi-3, GLM, GLM-4 and Baichuan 7B differ only in flags of
+the spec.
 Module paths mirror Hugging Face's so checkpoint and adapter names map onto them; q/k/v and gate/up are
 packed into one matmul each."""
 from __future__ import annotations
@@ -26,7 +27,7 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-        parts = {"qkv_proj": q + 2 * kv} if spec.packed_qkv else {"q_proj": q, "k_proj": kv, "v_proj": kv}
+        parts = {spec.packed_qkv: q + 2 * kv} if spec.packed_qkv else {"q_proj": q, "k_proj": kv, "v_proj": kv}
         self.qkv_proj = Linear(spec.hidden_size, parts, bias=spec.qkv_bias)
         self.o_proj = Linear(q, {"o_proj": spec.hidden_size}, bias=spec.o_bias)
         if spec.qk_norm:

@@ -209,10 +209,35 @@ def iter_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def load_tokenizer(folder: Path):
-    """The model's tokenizer (with its chat template, which the chat API renders prompts with)."""
-    from transformers import AutoTokenizer
+    """The model's tokenizer (with its chat template, which the chat API renders prompts with). A tokenizer whose
+    class ships as checkpoint code (tokenizer_config.json's auto_map: Baichuan's tokenization_baichuan.py) is
+    never run: its tokenizer.json is read as a plain fast tokenizer, and without one the folder is refused."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    return AutoTokenizer.from_pretrained(str(folder))
+    folder = Path(folder)
+    code = _tokenizer_code(folder)
+    if code is None:
+        return AutoTokenizer.from_pretrained(str(folder))
+    if not (folder / "tokenizer.json").is_file():
+        raise ValueError(
+            f"{folder}'s tokenizer is checkpoint code ({code}) and the folder has no tokenizer.json; loraserve runs "
+            f"no checkpoint code. Convert its sentencepiece tokenizer.model to tokenizer.json once, e.g. `python -c "
+            f"\"from transformers import LlamaTokenizerFast; LlamaTokenizerFast(vocab_file='{folder}/tokenizer.model', "
+            f"from_slow=True, legacy=True).save_pretrained('converted')\"` (Baichuan's tokenizer "
+            f"is Llama's sentencepiece one; check that a few texts encode to the same ids as the original), then "
+            f"copy converted/tokenizer.json into {folder}")
+    return PreTrainedTokenizerFast.from_pretrained(str(folder))
+
+
+def _tokenizer_code(folder: Path) -> str | None:
+    """The checkpoint code class tokenizer_config.json (or config.json) maps AutoTokenizer to, else None."""
+    for name in ("tokenizer_config.json", "config.json"):
+        path = folder / name
+        if path.is_file():
+            auto = (json.loads(path.read_text()).get("auto_map") or {}).get("AutoTokenizer")
+            if auto:
+                return str(auto[0] if isinstance(auto, list) else auto)
+    return None
 
 
 def _weight_files(folder: Path, index_name: str, single: str) -> list[Path]:

@@ -29,7 +29,7 @@ class DecoderSpec:
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
     norm_offset: bool = False  # Gemma: norms multiply by (1 + w)
     embed_scale: float | None = None  # Gemma: embeddings times sqrt(hidden_size)
-    packed_qkv: bool = False  # Phi-3: the checkpoint stores qkv_proj already packed
+    packed_qkv: str | None = None  # the checkpoint's name for q/k/v stored packed: Phi-3's qkv_proj, Baichuan's W_pack
     packed_gate_up: bool = False  # Phi-3, GLM: the checkpoint stores gate_up_proj already packed
     sliding_window: int | None = None  # tokens a position attends to (itself included) on windowed layers
     # per layer "sliding_attention" / "full_attention" (Gemma 2/3, Qwen2); None: the window, if any, is everywhere
@@ -45,6 +45,7 @@ class DecoderSpec:
     moe: MoESpec | None = None  # Mixtral / Qwen-MoE: routed experts instead of the dense MLP
     family: str = "decoder"  # which module tree: "decoder" (model/decoder.py) or "gpt_bigcode"
     qkv_per_head: bool = False  # GPT-BigCode without multi_query: c_attn rows are [q, k, v] head by head
+    normalized_head: bool = False  # Baichuan2's NormHead: logits use the LM head's rows L2-normalised (done at load)
 
     @property
     def attention_scale(self) -> float:
@@ -141,7 +142,8 @@ def _gemma(config: PretrainedConfig) -> DecoderSpec:
 
 
 def _phi3(config: PretrainedConfig) -> DecoderSpec:
-    return _common(config, packed_qkv=True, packed_gate_up=True, sliding_window=getattr(config, "sliding_window", None))
+    return _common(config, packed_qkv="qkv_proj", packed_gate_up=True,
+                   sliding_window=getattr(config, "sliding_window", None))
 
 
 def _layer_types(config: PretrainedConfig) -> tuple[str, ...] | None:
@@ -197,6 +199,12 @@ def _qwen3_moe(config: PretrainedConfig) -> DecoderSpec:
     return _qwen_moe(config, _qwen3(config), None)
 
 
+def _baichuan(config: PretrainedConfig) -> DecoderSpec:
+    """Baichuan / Baichuan2 7B: Llama with q/k/v packed as W_pack; the LlamaConfig comes from
+    model/native_configs.py, which says whether the head is Baichuan2's NormHead."""
+    return replace(_llama(config), packed_qkv="W_pack", normalized_head=bool(getattr(config, "normalized_head", False)))
+
+
 def _gpt_bigcode(config: PretrainedConfig) -> DecoderSpec:
     heads = config.num_attention_heads
     return _common(config, family="gpt_bigcode", num_kv_heads=1 if config.multi_query else heads,
@@ -221,6 +229,8 @@ ARCHITECTURES: dict[str, Callable[[PretrainedConfig], DecoderSpec]] = {
     "Qwen2MoeForCausalLM": _qwen2_moe,
     "Qwen3MoeForCausalLM": _qwen3_moe,
     "GPTBigCodeForCausalLM": _gpt_bigcode,
+    "BaichuanForCausalLM": _baichuan,  # Baichuan2 7B (and the 13B ALiBi models, refused by native_configs)
+    "BaiChuanForCausalLM": _baichuan,  # Baichuan 7B (its checkpoint code spells the class with a capital C)
 }
 
 
