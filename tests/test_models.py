@@ -228,10 +228,10 @@ def test_unknown_architecture_is_refused_naming_the_supported_ones(tiny, tmp_pat
         assert supported in str(error.value)
 
 
-@pytest.mark.parametrize("model_type, arch", [("internlm", "InternLMForCausalLM"), ("chatglm", "ChatGLMModel")])
+@pytest.mark.parametrize("model_type, arch", [("internlm", "InternLMForCausalLM")])
 def test_remote_code_models_are_refused_naming_the_supported_ones(tmp_path, model_type, arch):
-    """InternLM and the original ChatGLM exist only as checkpoint code (auto_map); no transformers class.
-    (Baichuan, checkpoint code too, is read natively: tests/test_baichuan.py.)"""
+    """InternLM exists only as checkpoint code (auto_map); no transformers class. (Baichuan and ChatGLM2/3,
+    checkpoint code too, are read natively: tests/test_baichuan.py, tests/test_chatglm.py.)"""
     folder = tmp_path / model_type
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({

@@ -115,7 +115,7 @@ def load_adapter(request: LoRARequest, spec: LoRATargetSpec, max_lora_rank: int,
             f"LoRA rank {max_rank} of adapter {name!r} exceeds max_lora_rank={max_lora_rank}; "
             f"restart with --max-lora-rank {max_rank}"
         )
-    found = classify(parse_weights(files, name), name)
+    found = classify(parse_weights(files, name), name, spec.renames)
     modules: dict[str, LoRAModuleWeights] = {}
     token_rows: dict[str, TokenRows] = {}
     for module, held in found.modules.items():

@@ -61,6 +61,8 @@ def merge_adapter(model: str | None, adapter_path: str, out_dir: str | Path, deq
         if isinstance(tensor, QuantizedTensor):
             tensor = tensor.dequantize(torch.float32).to(float_dtype)
         module = name.removesuffix(".weight")
+        for checkpoint_part, model_part in spec.renames:  # ChatGLM's names -> the model's, as the adapter's are
+            module = module.replace(checkpoint_part, model_part)
         weights = adapter.modules.get(module)
         if weights is not None and name.endswith(".weight"):
             tensor = (tensor.float() + weights.lora_b @ weights.lora_a).to(tensor.dtype)

@@ -44,6 +44,9 @@ class LoRATargetSpec:
     context_length: int = 0  # the model's own (max_position_embeddings); 0: not checked
     long_factors: tuple[float, ...] = ()  # RoPE factors long-context adapters may use (--long-lora-scaling-factors)
     max_saved_bytes: float = float("inf")  # whole copies one adapter may bring (--max-lora-saved-mb)
+    # the checkpoint's name fragments -> the model's (ChatGLM's transformer.encoder.layers. -> model.layers.),
+    # rewritten in the adapter's tensor keys
+    renames: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def of_model(cls, model: Any, model_name: str, extra_vocab_size: int = 0, long_factors: tuple[float, ...] = (),
@@ -52,7 +55,7 @@ class LoRATargetSpec:
         shapes = target_shapes(model)
         return cls(shapes.modules, model_name, shapes.parameters, shapes.embeddings, shapes.head, shapes.tensors,
                    shapes.replaceable, extra_vocab_size, model.spec.max_position_embeddings, tuple(long_factors),
-                   max_saved_mb * 2**20)
+                   max_saved_mb * 2**20, model.spec.checkpoint_renames)
 
     def leaf_names(self) -> str:
         """The distinct last name parts ("q_proj, v_proj, ..."), what users write in target_modules."""

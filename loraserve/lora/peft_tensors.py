@@ -35,8 +35,10 @@ class AdapterTensors:
     whole: dict[str, torch.Tensor] = field(default_factory=dict)  # checkpoint name -> tensor saved whole
 
 
-def classify(tensors: dict[str, torch.Tensor], name: str) -> AdapterTensors:
-    """Sort a weights file's tensors by module and kind; a key read twice (two spellings) is refused."""
+def classify(tensors: dict[str, torch.Tensor], name: str,
+             renames: tuple[tuple[str, str], ...] = ()) -> AdapterTensors:
+    """Sort a weights file's tensors by module and kind; a key read twice (two spellings) is refused. `renames`:
+    the checkpoint's name fragments -> the model's (ChatGLM's), applied to every key."""
     found = AdapterTensors()
     for key, tensor in sorted(tensors.items()):  # by name, whatever order the file lists them in
         if not tensor.is_floating_point():
@@ -45,7 +47,10 @@ def classify(tensors: dict[str, torch.Tensor], name: str) -> AdapterTensors:
         if not torch.isfinite(tensor).all():  # would turn every output of a request using it into NaN
             raise LoRAError(f"adapter {name!r}: tensor {key!r} holds NaN or infinite values; the training diverged "
                             f"or the file is damaged, re-train or re-save the adapter")
-        parts = key.removeprefix(_PEFT_PREFIX).split(".")
+        module_key = key.removeprefix(_PEFT_PREFIX)
+        for old, new in renames:
+            module_key = module_key.replace(old, new)
+        parts = module_key.split(".")
         kind = _kind(parts)
         if kind is None:
             if "original_module" in parts:  # save_embedding_layers' copy of a saved module's base: not the adapter's

@@ -21,8 +21,8 @@ FAMILIES: dict[str, type[CausalLM]] = {"decoder": DecoderForCausalLM, "gpt_bigco
 
 def load_hf_config(folder: Path) -> PretrainedConfig:
     """The folder's config. A model whose modelling code ships with the checkpoint (config.json's auto_map:
-    the original ChatGLM...) is refused before transformers asks for trust_remote_code: loraserve runs no
-    checkpoint code, and that code could not be fetched here anyway. Those served natively (Baichuan 7B) have
+    InternLM...) is refused before transformers asks for trust_remote_code: loraserve runs no checkpoint code,
+    and that code could not be fetched here anyway. Those served natively (Baichuan 7B, ChatGLM2/3, GLM-4) have
     their config read from config.json's keys (model/native_configs.py)."""
     raw = json.loads((Path(folder) / "config.json").read_text())
     native = native_config(raw)

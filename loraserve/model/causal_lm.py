@@ -246,7 +246,7 @@ class CausalLM(nn.Module):
         expected = self.checkpoint_names()
         loaded = set()
         for name, tensor in weights:
-            for old, new in _RENAMES:
+            for old, new in _RENAMES + self.spec.checkpoint_renames:
                 name = name.replace(old, new)
             if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.spec.tie_word_embeddings):
                 continue

@@ -1,6 +1,6 @@
 """The generic decoder, driven by a DecoderSpec: Llama (SmolLM2, Llama-3), Mistral, Mixtral, Qwen2,
-Qwen3, Qwen2-MoE, Qwen3-MoE, Gemma, Gemma 2, Gemma 3, Phi-3, GLM, GLM-4 and Baichuan 7B differ only in flags of
-the spec.
+Qwen3, Qwen2-MoE, Qwen3-MoE, Gemma, Gemma 2, Gemma 3, Phi-3, GLM, GLM-4, Baichuan 7B and ChatGLM2/3 differ only in
+flags of the spec.
 Module paths mirror Hugging Face's so checkpoint and adapter names map onto them; q/k/v and gate/up are
 packed into one matmul each."""
 from __future__ import annotations
@@ -29,7 +29,7 @@ class Attention(nn.Module):
         q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
         parts = {spec.packed_qkv: q + 2 * kv} if spec.packed_qkv else {"q_proj": q, "k_proj": kv, "v_proj": kv}
         self.qkv_proj = Linear(spec.hidden_size, parts, bias=spec.qkv_bias)
-        self.o_proj = Linear(q, {"o_proj": spec.hidden_size}, bias=spec.o_bias)
+        self.o_proj = Linear(q, {spec.part_name("o_proj"): spec.hidden_size}, bias=spec.o_bias)
         if spec.qk_norm:
             self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, spec.norm_offset)
             self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, spec.norm_offset)
@@ -57,9 +57,10 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, spec: DecoderSpec, size: int) -> None:
         super().__init__()
-        parts = {"gate_up_proj": 2 * size} if spec.packed_gate_up else {"gate_proj": size, "up_proj": size}
+        gate_up = spec.part_name("gate_up_proj")
+        parts = {gate_up: 2 * size} if spec.packed_gate_up else {"gate_proj": size, "up_proj": size}
         self.gate_up_proj = Linear(spec.hidden_size, parts, bias=spec.mlp_bias)
-        self.down_proj = Linear(size, {"down_proj": spec.hidden_size}, bias=spec.mlp_bias)
+        self.down_proj = Linear(size, {spec.part_name("down_proj"): spec.hidden_size}, bias=spec.mlp_bias)
         self.act = GatedActivation(spec.activation)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:

@@ -210,14 +210,22 @@ def iter_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 def load_tokenizer(folder: Path):
     """The model's tokenizer (with its chat template, which the chat API renders prompts with). A tokenizer whose
-    class ships as checkpoint code (tokenizer_config.json's auto_map: Baichuan's tokenization_baichuan.py) is
-    never run: its tokenizer.json is read as a plain fast tokenizer, and without one the folder is refused."""
+    class ships as checkpoint code (tokenizer_config.json's auto_map: Baichuan's tokenization_baichuan.py,
+    ChatGLM's tokenization_chatglm.py) is never run: its tokenizer.json is read as a plain fast tokenizer, and
+    without one the folder is refused with how to get one."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     folder = Path(folder)
     code = _tokenizer_code(folder)
     if code is None:
         return AutoTokenizer.from_pretrained(str(folder))
+    if not (folder / "tokenizer.json").is_file() and "chatglm" in code.lower():
+        raise ValueError(
+            f"{folder}'s tokenizer is checkpoint code ({code}) and the folder has no tokenizer.json; loraserve runs "
+            f"no checkpoint code. ChatGLM's tokenizer (sentencepiece with ChatGLM's own special tokens for ChatGLM2/3, "
+            f"tiktoken for GLM-4) has no exact automatic conversion: copy tokenizer.json and tokenizer_config.json "
+            f"from the model's transformers-format release (e.g. THUDM/glm-4-9b-chat-hf for glm-4-9b-chat) into "
+            f"{folder}, and check that a few texts and chat prompts encode to the same ids as the original")
     if not (folder / "tokenizer.json").is_file():
         raise ValueError(
             f"{folder}'s tokenizer is checkpoint code ({code}) and the folder has no tokenizer.json; loraserve runs "

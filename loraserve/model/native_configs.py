@@ -3,22 +3,30 @@ for layer, a family loraserve already serves: read from config.json's keys alone
 or run, into the transformers config of that family.
 
 Baichuan / Baichuan2 7B are the Llama decoder with q/k/v packed as `W_pack` (registry._baichuan); Baichuan2's
-LM head is a NormHead (its rows L2-normalised), folded into the weight at load (CausalLM.load_weights)."""
+LM head is a NormHead (its rows L2-normalised), folded into the weight at load (CausalLM.load_weights).
+
+ChatGLM2 / ChatGLM3 / GLM-4 (model_type chatglm) are the GLM decoder (registry._chatglm): RoPE on the first half of
+each head in interleaved pairs, q/k/v packed as `query_key_value`, [gate; up] packed as `dense_h_to_4h`; their
+checkpoint names are rewritten to the model's at load (DecoderSpec.checkpoint_renames), as transformers'
+glm/convert_glm_weights_to_hf.py maps them."""
 from __future__ import annotations
 
-from transformers import LlamaConfig, PretrainedConfig
+from transformers import GlmConfig, LlamaConfig, PretrainedConfig
 
 BAICHUAN_ARCHITECTURES = ("BaichuanForCausalLM", "BaiChuanForCausalLM")
+CHATGLM_ARCHITECTURES = ("ChatGLMModel", "ChatGLMForConditionalGeneration")
 _BAICHUAN2_VOCAB_SIZE = 125696
 _BAICHUAN_13B_SHAPE = (5120, 40)  # hidden_size, num_hidden_layers of Baichuan-13B and Baichuan2-13B
 
 
 def native_config(raw: dict) -> PretrainedConfig | None:
-    """The config of a checkpoint-code model served natively (Baichuan 7B), from config.json's dict `raw`;
-    None for any other model. Raises ValueError for a layout of such a model that is not served."""
+    """The config of a checkpoint-code model served natively (Baichuan 7B, ChatGLM2/3, GLM-4), from config.json's
+    dict `raw`; None for any other model. Raises ValueError for a layout of such a model that is not served."""
     archs = raw.get("architectures") or []
     if raw.get("model_type") == "baichuan" or any(arch in BAICHUAN_ARCHITECTURES for arch in archs):
         return baichuan_config(raw)
+    if raw.get("model_type") == "chatglm" or any(arch in CHATGLM_ARCHITECTURES for arch in archs):
+        return chatglm_config(raw)
     return None
 
 
@@ -80,5 +88,59 @@ def baichuan_config(raw: dict) -> LlamaConfig:
         eos_token_id=raw.get("eos_token_id", 2),
         pad_token_id=raw.get("pad_token_id", 0),
         normalized_head=is_baichuan2(raw),
+        **({"dtype": dtype} if dtype else {}),
+    )
+
+
+def chatglm_config(raw: dict) -> GlmConfig:
+    """ChatGLM2 / ChatGLM3 / GLM-4 (the original checkpoints) as a GlmConfig, keys mapped as transformers'
+    glm/convert_glm_weights_to_hf.py maps them: RoPE over half of each head (partial_rotary_factor 0.5) with theta
+    10000 * rope_ratio, RMSNorm, SiLU-gated MLP, no bias but q/k/v's (add_qkv_bias). The architectures stay
+    ChatGLM's so registry._chatglm gives it ChatGLM's module names.
+
+    Refused by name: the first ChatGLM-6B (same model_type, but 2D RoPE, GELU and LayerNorm; its config.json has no
+    padded_vocab_size), and the layouts ChatGLM's code can build but no release uses (rmsnorm false: LayerNorm;
+    apply_residual_connection_post_layernorm true; add_bias_linear true; post_layer_norm false)."""
+    name = (raw.get("architectures") or ["ChatGLMModel"])[0]
+    if "position_encoding_2d" in raw or "padded_vocab_size" not in raw:
+        raise ValueError(f"{name}: a first-version ChatGLM-6B config (2D RoPE, GELU, LayerNorm; no padded_vocab_size), "
+                         f"which loraserve does not serve; ChatGLM2, ChatGLM3 and GLM-4 (model_type chatglm) are "
+                         f"served")
+    unsupported = {"rmsnorm": (False, "LayerNorm instead of RMSNorm"),
+                   "apply_residual_connection_post_layernorm": (True, "the residual taken after the norm"),
+                   "add_bias_linear": (True, "biases on every linear layer"),
+                   "post_layer_norm": (False, "no final norm")}
+    for key, (value, what) in unsupported.items():
+        if key in raw and bool(raw[key]) == value:
+            raise ValueError(f"{name}: {key}={str(value).lower()} ({what}) is a ChatGLM layout loraserve does not "
+                             f"serve; ChatGLM2, ChatGLM3 and GLM-4 are served as released (rmsnorm true, "
+                             f"apply_residual_connection_post_layernorm false, add_bias_linear false)")
+    required = ("hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads", "seq_length")
+    missing = [key for key in required if key not in raw]
+    if missing:
+        raise ValueError(f"{name}: config.json lacks {', '.join(missing)}; a ChatGLM2/3 or GLM-4 config.json has them")
+    heads = raw["num_attention_heads"]
+    kv_heads = raw.get("multi_query_group_num", heads) if raw.get("multi_query_attention") else heads
+    dtype = raw.get("dtype") or raw.get("torch_dtype")
+    return GlmConfig(
+        architectures=[name],
+        vocab_size=raw["padded_vocab_size"],
+        hidden_size=raw["hidden_size"],
+        intermediate_size=raw["ffn_hidden_size"],
+        num_hidden_layers=raw["num_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=raw.get("kv_channels") or raw["hidden_size"] // heads,
+        hidden_act="silu",
+        max_position_embeddings=raw["seq_length"],
+        rms_norm_eps=raw.get("layernorm_epsilon", 1e-5),
+        attention_bias=bool(raw.get("add_qkv_bias", False)),
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0 * raw.get("rope_ratio", 1),
+                         "partial_rotary_factor": 0.5},
+        partial_rotary_factor=0.5,
+        bos_token_id=raw.get("bos_token_id"),
+        eos_token_id=raw.get("eos_token_id", 2),
+        pad_token_id=raw.get("pad_token_id", 0),
         **({"dtype": dtype} if dtype else {}),
     )

@@ -46,10 +46,20 @@ class DecoderSpec:
     family: str = "decoder"  # which module tree: "decoder" (model/decoder.py) or "gpt_bigcode"
     qkv_per_head: bool = False  # GPT-BigCode without multi_query: c_attn rows are [q, k, v] head by head
     normalized_head: bool = False  # Baichuan2's NormHead: logits use the LM head's rows L2-normalised (done at load)
+    # the checkpoint's names of the o / gate_up / down linears where they are not o_proj, gate_up_proj, down_proj
+    # (ChatGLM's dense, dense_h_to_4h, dense_4h_to_h): adapters' target_modules name them so
+    part_names: tuple[tuple[str, str], ...] = ()
+    # checkpoint name fragments -> the model's, rewritten in the checkpoint's and adapters' tensor names
+    # (ChatGLM's transformer.encoder.layers. -> model.layers.)
+    checkpoint_renames: tuple[tuple[str, str], ...] = ()
 
     @property
     def attention_scale(self) -> float:
         return self.query_scale if self.query_scale is not None else 1.0 / math.sqrt(self.head_dim)
+
+    def part_name(self, part: str) -> str:
+        """The checkpoint's name of the linear part loraserve calls `part` (o_proj, gate_up_proj, down_proj)."""
+        return dict(self.part_names).get(part, part)
 
     def layer_window(self, layer: int) -> int | None:
         """The sliding window of `layer`, None for full attention."""
@@ -205,6 +215,24 @@ def _baichuan(config: PretrainedConfig) -> DecoderSpec:
     return replace(_llama(config), packed_qkv="W_pack", normalized_head=bool(getattr(config, "normalized_head", False)))
 
 
+# ChatGLM2/3, GLM-4's checkpoint names -> the GLM decoder's (transformers' glm/convert_glm_weights_to_hf.py)
+_CHATGLM_RENAMES = (
+    ("transformer.embedding.word_embeddings.", "model.embed_tokens."),
+    ("transformer.encoder.final_layernorm.", "model.norm."),
+    ("transformer.encoder.layers.", "model.layers."),
+    (".self_attention.", ".self_attn."),
+    ("transformer.output_layer.", "lm_head."),
+    ("transformer.rotary_pos_emb.", "model.rotary_emb."),  # its inv_freq buffer, skipped at load
+)
+
+
+def _chatglm(config: PretrainedConfig) -> DecoderSpec:
+    """ChatGLM2 / ChatGLM3 / GLM-4 in their original layout: GLM with ChatGLM's module names; the GlmConfig comes
+    from model/native_configs.py."""
+    return replace(_glm(config), packed_qkv="query_key_value", checkpoint_renames=_CHATGLM_RENAMES,
+                   part_names=(("o_proj", "dense"), ("gate_up_proj", "dense_h_to_4h"), ("down_proj", "dense_4h_to_h")))
+
+
 def _gpt_bigcode(config: PretrainedConfig) -> DecoderSpec:
     heads = config.num_attention_heads
     return _common(config, family="gpt_bigcode", num_kv_heads=1 if config.multi_query else heads,
@@ -231,6 +259,8 @@ ARCHITECTURES: dict[str, Callable[[PretrainedConfig], DecoderSpec]] = {
     "GPTBigCodeForCausalLM": _gpt_bigcode,
     "BaichuanForCausalLM": _baichuan,  # Baichuan2 7B (and the 13B ALiBi models, refused by native_configs)
     "BaiChuanForCausalLM": _baichuan,  # Baichuan 7B (its checkpoint code spells the class with a capital C)
+    "ChatGLMModel": _chatglm,  # ChatGLM2 / ChatGLM3 / GLM-4 (the first ChatGLM-6B refused by native_configs)
+    "ChatGLMForConditionalGeneration": _chatglm,
 }
 
 

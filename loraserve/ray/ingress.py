@@ -207,8 +207,12 @@ class Ingress:
 
     async def _metrics(self) -> Response:
         """Every running replica's /metrics, each series labelled with replica="<id>"."""
-        scraped = await self.replicas.broadcast("scrape").results_async(timeout_s=SCRAPE_TIMEOUT_S,
-                                                                         return_exceptions=True)
+        try:
+            scraped = await self.replicas.broadcast("scrape").results_async(timeout_s=SCRAPE_TIMEOUT_S,
+                                                                             return_exceptions=True)
+        except Exception as e:  # noqa: BLE001 - a busy or lost replica: serve what is known, not a 500
+            logger.warning("the replicas' /metrics could not be gathered: %r", e)
+            scraped = []
         families: dict[str, Metric] = {}
         for result in [*scraped, ("ingress", generate_latest(metrics.registry))]:
             if isinstance(result, BaseException):
