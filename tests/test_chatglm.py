@@ -7,26 +7,29 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import GlmConfig, GlmForCausalLM
 from transformers.models.glm.modeling_glm import apply_rotary_pos_emb
 
-from loraserve import LLM, LoRARequest, SamplingParams
+from loraserve import LLM
 from loraserve.lora.merge import merge_adapter
-from test_lora_fidelity import engine_logits
-from tiny_models import byte_tokenizer
+from native_checkpoints import (
+    ENGINE_ARGS,
+    Served,
+    cached,
+    check_adapter_matches_peft,
+    check_matches_reference,
+    check_mixed_batch,
+    random_sharp,
+    refusal_without_tokenizer_json,
+    write_code_stand_ins,
+    write_packed_adapter,
+)
 
-NEW_TOKENS = 32
-TOLERANCE = 1e-4
-PROMPTS = ["Hello world, this is", "A", "The quick brown fox jumps over the lazy dog; then it",
-           "0123456789 counting: 10 11 12 13 14 15 16 17 18 19 20 21 22"]
-ENGINE_ARGS = dict(dtype="float32", max_model_len=128, num_kv_blocks=96, block_size=4, enable_lora=True, max_loras=2)
 HIDDEN, HEADS, HEAD_DIM, LAYERS = 64, 4, 16, 2
 # config.json's keys as ChatGLM2/3 and GLM-4's configuration class saves them
 CHATGLM_KEYS = dict(padded_vocab_size=272, hidden_size=HIDDEN, ffn_hidden_size=96, num_layers=LAYERS,
@@ -82,17 +85,7 @@ def reference_glm(variant: str, seed: int = 0) -> GlmForCausalLM:
                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0 * raw.get("rope_ratio", 1),
                                         "partial_rotary_factor": 0.5})
     config.architectures = ["GlmForCausalLM"]
-    torch.manual_seed(seed)
-    model = GlmForCausalLM(config).float().eval()
-    with torch.no_grad():  # sharper weights: varied, position-dependent text (tiny_models.make_sharp_tiny_model)
-        for name, param in model.named_parameters():
-            if param.dim() >= 2:
-                param.mul_(10.0)
-            elif "norm" in name:
-                param.add_(torch.randn_like(param) * 0.1)
-            else:  # q/k/v biases
-                param.copy_(torch.randn_like(param))
-    return model
+    return random_sharp(GlmForCausalLM, config, seed)
 
 
 def write_chatglm(model: GlmForCausalLM, variant: str, folder: Path) -> Path:
@@ -112,84 +105,26 @@ def write_chatglm(model: GlmForCausalLM, variant: str, folder: Path) -> Path:
     state["transformer.rotary_pos_emb.inv_freq"] = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2) / rotary_dim))
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(chatglm_config(variant)))
-    for name in CODE_FILES:
-        (folder / name).write_text(f"raise RuntimeError('checkpoint code {name} ran')\n")
-    byte_tokenizer().save_pretrained(folder)
-    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
-    tokenizer_config.update(tokenizer_class="ChatGLMTokenizer",
-                            auto_map={"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]})
-    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    write_code_stand_ins(folder, CODE_FILES, "ChatGLMTokenizer", "tokenization_chatglm")
     return folder
 
 
-def write_adapters(model: GlmForCausalLM, folder: Path, seed: int = 1) -> tuple[Path, Path]:
+def write_adapters(model: GlmForCausalLM, folder: Path) -> tuple[Path, Path]:
     """A PEFT adapter on ChatGLM's modules (query_key_value, dense, dense_h_to_4h, dense_4h_to_h under
-    transformer.encoder.layers.N) and its reference on the converted GLM: a LoRA on query_key_value has one A and
-    one B of q+k+v rows, which on q/k/v is A shared and B split by rows."""
+    transformer.encoder.layers.N) and its reference on the converted GLM."""
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
-    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-        for layer in peft_model.base_model.model.model.layers:
-            attention = layer.self_attn
-            lora_a = torch.randn(4, HIDDEN, generator=generator) * 0.1
-            for part in (attention.q_proj, attention.k_proj, attention.v_proj):
-                part.lora_A["default"].weight.copy_(lora_a)
-    reference = folder / "glm-reference"
-    peft_model.save_pretrained(reference)
-    tensors = load_file(str(reference / "adapter_model.safetensors"))
-    packed = {name: [tensor] for name, tensor in tensors.items() if not any(f".{p}_proj." in name for p in "qkv")}
-    for name in tensors:  # the file's keys are sorted (k before q): stack in q, k, v order
-        if ".q_proj." in name:
-            packed[name.replace("q_proj", "query_key_value")] = [tensors[name.replace("q_proj", f"{p}_proj")]
-                                                                 for p in "qkv"]
-    chatglm = folder / "chatglm"
-    chatglm.mkdir()
-    # query_key_value's A: the shared one (q's, k's and v's are equal); its B: q's, k's and v's rows stacked
-    save_file({to_chatglm(name): (parts[0] if ".lora_A." in name else torch.cat(parts)).contiguous()
-               for name, parts in packed.items()}, str(chatglm / "adapter_model.safetensors"))
-    adapter_config = json.loads((reference / "adapter_config.json").read_text())
-    adapter_config["target_modules"] = ADAPTER_TARGETS
-    (chatglm / "adapter_config.json").write_text(json.dumps(adapter_config))
-    return chatglm, reference
+    return write_packed_adapter(model, folder, targets, "query_key_value", ADAPTER_TARGETS, to_chatglm)
 
 
-class Served:
-    def __init__(self, root: Path, variant: str) -> None:
-        self.hf = reference_glm(variant)
-        self.path = write_chatglm(self.hf, variant, root / "checkpoint")
-        adapter, reference = write_adapters(self.hf, root / "adapters")
-        self.adapter_path = adapter
-        self.lora = LoRARequest("chatglm-adapter", 1, str(adapter))
-        self.hf_lora = PeftModel.from_pretrained(copy.deepcopy(self.hf), str(reference)).eval()
-        self.llm = LLM(str(self.path), **ENGINE_ARGS)
-
-    def ids(self, prompt: str) -> list[int]:
-        return self.llm.get_tokenizer().encode(prompt)
-
-    def greedy(self, model, prompt: str) -> list[int]:
-        out = model.generate(torch.tensor([self.ids(prompt)]), do_sample=False, max_new_tokens=NEW_TOKENS,
-                             min_new_tokens=NEW_TOKENS)
-        return out[0, -NEW_TOKENS:].tolist()
+def build(root: Path, variant: str) -> Served:
+    hf = reference_glm(variant)
+    adapter, reference = write_adapters(hf, root / "adapters")
+    return Served(write_chatglm(hf, variant, root / "checkpoint"), hf, adapter, reference)
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    built: dict[str, Served] = {}
-
-    def get(variant: str) -> Served:
-        if variant not in built:
-            built[variant] = Served(tmp_path_factory.mktemp(variant), variant)
-        return built[variant]
-
-    return get
-
-
-def greedy_params() -> SamplingParams:
-    return SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS)
+    return cached(build, tmp_path_factory)
 
 
 def chatglm_rotary(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
@@ -231,31 +166,12 @@ def test_logits_and_greedy_tokens_match_transformers_glm(served, variant):
     spec = model.llm.engine.model.spec
     assert spec.packed_qkv == "query_key_value" and spec.rope_interleaved
     assert spec.num_kv_heads == model.hf.config.num_key_value_heads and spec.qkv_bias == model.hf.config.attention_bias
-    ids = {prompt: model.ids(prompt) for prompt in PROMPTS}
-    logits = engine_logits(model.llm, ids, {})
-    for prompt, prompt_ids in ids.items():
-        with torch.no_grad():
-            expected = model.hf(torch.tensor([prompt_ids])).logits[0]
-        assert (logits[prompt] - expected).abs().max().item() <= TOLERANCE, f"{variant}: {prompt!r}"
-    outputs = model.llm.generate(PROMPTS, greedy_params(), use_tqdm=False)
-    for prompt, output in zip(PROMPTS, outputs, strict=True):
-        assert output.outputs[0].token_ids == model.greedy(model.hf, prompt), f"{variant}: {prompt!r}"
-    assert len(set(model.greedy(model.hf, PROMPTS[0]))) > NEW_TOKENS // 4  # varied text: the test has power
+    check_matches_reference(model, variant)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_adapter_on_chatglm_modules_matches_peft_on_the_converted_glm(served, variant):
-    model = served(variant)
-    ids = {prompt: model.ids(prompt) for prompt in PROMPTS[:2]}
-    logits = engine_logits(model.llm, ids, {prompt: model.lora for prompt in ids})
-    for prompt, prompt_ids in ids.items():
-        with torch.no_grad():
-            expected = model.hf_lora(input_ids=torch.tensor([prompt_ids])).logits[0]
-            base = model.hf(torch.tensor([prompt_ids])).logits[0]
-        assert (logits[prompt] - expected).abs().max().item() <= TOLERANCE, f"{variant}: {prompt!r}"
-        assert (expected - base).abs().max().item() > 0.1  # the adapter changes the logits
-    output = model.llm.generate(PROMPTS[2], greedy_params(), lora_request=model.lora, use_tqdm=False)[0]
-    assert output.outputs[0].token_ids == model.greedy(model.hf_lora, PROMPTS[2])
+    check_adapter_matches_peft(served(variant), variant)
 
 
 def test_adapter_file_holds_chatglm_names(served):
@@ -266,14 +182,7 @@ def test_adapter_file_holds_chatglm_names(served):
 
 @pytest.mark.parametrize("variant", ["chatglm3"])
 def test_mixed_batch_with_and_without_the_adapter_equals_each_alone(served, variant):
-    model = served(variant)
-    loras = [None, model.lora, model.lora, None]
-    together = model.llm.generate(PROMPTS, greedy_params(), lora_request=loras, use_tqdm=False)
-    for prompt, lora, output in zip(PROMPTS, loras, together, strict=True):
-        alone = model.llm.generate(prompt, greedy_params(), lora_request=lora, use_tqdm=False)[0]
-        assert output.outputs[0].token_ids == alone.outputs[0].token_ids, f"{variant}: {prompt!r}, {lora}"
-    assert together[0].outputs[0].token_ids == model.greedy(model.hf, PROMPTS[0])
-    assert together[1].outputs[0].token_ids == model.greedy(model.hf_lora, PROMPTS[1])
+    check_mixed_batch(served(variant), variant)
 
 
 def test_merge_folds_the_adapter_into_chatglm_tensors(served, tmp_path):
@@ -309,10 +218,6 @@ def test_unserved_layouts_are_refused_by_name(tmp_path, overrides, match):
 
 
 def test_folder_without_tokenizer_json_is_refused(served, tmp_path):
-    folder = shutil.copytree(served("chatglm3").path, tmp_path / "no-tokenizer-json")
-    (folder / "tokenizer.json").unlink()
-    with pytest.raises(ValueError, match=r"no tokenizer\.json") as error:
-        LLM(str(folder), **ENGINE_ARGS)
-    message = str(error.value)
+    message = refusal_without_tokenizer_json(served("chatglm3").path, tmp_path)
     assert "tokenization_chatglm.ChatGLMTokenizer" in message and "runs no checkpoint code" in message
     assert "transformers-format release" in message and "LlamaTokenizerFast" not in message
