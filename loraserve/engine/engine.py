@@ -244,13 +244,7 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free its KV blocks at once; returns its final output, None if unknown."""
         request = self.requests.get(request_id)
-        if request is None:
-            return None
-        for seq in request.seqs:
-            if not seq.finished:
-                seq.finish_reason = "abort"
-                self.scheduler.finish(seq)
-        return self._end(request)
+        return None if request is None else self._stop(request, "abort")
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -323,22 +317,24 @@ class LLMEngine:
 
     def _fail(self, request: Request, reason: str) -> RequestOutput:
         """End a request the engine could not compute, as abort does but with finish_reason "error"; its final
-        output."""
-        for seq in request.seqs:
-            if not seq.finished:
-                seq.finish_reason, seq.stop_reason = "error", reason
-                if reason == "nonfinite_logits":
-                    self._drop_kv(seq)
-                self.scheduler.finish(seq)
-        output = self._end(request)
+        output. Non-finite KV it may have left is kept from every later request: its blocks leave the prefix
+        cache (a prefill's first chunks registered theirs before any logits showed it), and those only it holds
+        are zeroed before they are freed."""
+        if reason == "nonfinite_logits":
+            for seq in request.seqs:
+                if not seq.finished:
+                    self.runner.zero_kv(self.blocks.forget(seq))
+        output = self._stop(request, "error", reason)
         output.error = str(RequestFailedError(reason))
         return output
 
-    def _drop_kv(self, seq: Sequence) -> None:
-        """Keep the sequence's KV, perhaps not finite, from every later request: its blocks leave the prefix cache
-        (a prefill's first chunks registered theirs before any logits showed it), and those only it holds are
-        zeroed before they are freed."""
-        self.runner.zero_kv(self.blocks.forget(seq))
+    def _stop(self, request: Request, finish_reason: str, stop_reason: str | None = None) -> RequestOutput:
+        """Finish every unfinished sequence of the request with this reason, free its blocks, end it."""
+        for seq in request.seqs:
+            if not seq.finished:
+                seq.finish_reason, seq.stop_reason = finish_reason, stop_reason
+                self.scheduler.finish(seq)
+        return self._end(request)
 
     def _end(self, request: Request) -> RequestOutput:
         """Forget a finished or aborted request and let go of its adapter; its final output."""

@@ -62,10 +62,8 @@ def baichuan_config(raw: dict) -> LlamaConfig:
     if signs:
         raise ValueError(f"{name}: a Baichuan / Baichuan2 13B config ({'; '.join(signs)}): the 13B models use ALiBi "
                          f"attention, which loraserve does not serve; Baichuan 7B and Baichuan2 7B (RoPE) are served")
-    required = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
-    missing = [key for key in required if key not in raw]
-    if missing:
-        raise ValueError(f"{name}: config.json lacks {', '.join(missing)}; a Baichuan 7B config.json has them")
+    _require(raw, name, ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
+                         "vocab_size"), "a Baichuan 7B")
     if raw.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{name}: hidden_act {raw['hidden_act']!r}; Baichuan's MLP is SiLU-gated")
     dtype = raw.get("dtype") or raw.get("torch_dtype")
@@ -115,10 +113,8 @@ def chatglm_config(raw: dict) -> GlmConfig:
             raise ValueError(f"{name}: {key}={str(value).lower()} ({what}) is a ChatGLM layout loraserve does not "
                              f"serve; ChatGLM2, ChatGLM3 and GLM-4 are served as released (rmsnorm true, "
                              f"apply_residual_connection_post_layernorm false, add_bias_linear false)")
-    required = ("hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads", "seq_length")
-    missing = [key for key in required if key not in raw]
-    if missing:
-        raise ValueError(f"{name}: config.json lacks {', '.join(missing)}; a ChatGLM2/3 or GLM-4 config.json has them")
+    _require(raw, name, ("hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads", "seq_length"),
+             "a ChatGLM2/3 or GLM-4")
     heads = raw["num_attention_heads"]
     kv_heads = raw.get("multi_query_group_num", heads) if raw.get("multi_query_attention") else heads
     dtype = raw.get("dtype") or raw.get("torch_dtype")
@@ -144,3 +140,9 @@ def chatglm_config(raw: dict) -> GlmConfig:
         pad_token_id=raw.get("pad_token_id", 0),
         **({"dtype": dtype} if dtype else {}),
     )
+
+
+def _require(raw: dict, name: str, keys: tuple[str, ...], release: str) -> None:
+    missing = [key for key in keys if key not in raw]
+    if missing:
+        raise ValueError(f"{name}: config.json lacks {', '.join(missing)}; {release} config.json has them")

@@ -27,7 +27,7 @@ from loraserve.ray.asgi import HTTPRequest, ResponseHead
 from loraserve.ray.catalog import CatalogEntry, CatalogSnapshot
 from loraserve.ray.replica import LOAD_PATH, REPLICA_HEADER, UNLOAD_PATH
 from loraserve.ray.router import Route
-from loraserve.server.api import ServerSettings, cancel_on_disconnect, runtime_updating_disabled
+from loraserve.server.api import ServerSettings, authenticate, cancel_on_disconnect, runtime_updating_disabled
 from loraserve.server.error_handlers import ErrorReporter, install_error_handlers
 from loraserve.server.metrics import ServerMetrics
 from loraserve.server.policy import BodyLimit, Tenants
@@ -110,7 +110,7 @@ class Ingress:
         path = "/" + path
         principal = None
         if path.startswith("/v1/"):
-            principal = request.state.principal = self.tenants.authenticate(request.headers.get("authorization"))
+            principal = authenticate(request, self.tenants)
         pin = request.headers.get(REPLICA_HEADER)
         if path == "/metrics" and pin is None:
             return await self._metrics()

@@ -26,6 +26,10 @@ from loraserve.server.streaming import DONE, merge, sse
 class _Reloaded(Exception):
     """A job's adapter was reloaded in place before the engine took it: run it again under the new weights."""
 
+    def __init__(self, lora: LoRARequest | LoRAMix) -> None:
+        super().__init__()
+        self.lora = lora
+
 
 @dataclass
 class _Timing:
@@ -129,10 +133,8 @@ class OpenAIServing:
         it (the old weights freed meanwhile), run it once more on what the name serves now."""
         try:
             return await self._start(job)
-        except _Reloaded:
-            lora = self.adapters.resolve_request(job.request.model, job.request.lora_scale, job.request.adapters,
-                                                 job.principal)
-            return await self._start(dataclasses.replace(job, lora=lora))
+        except _Reloaded as reloaded:
+            return await self._start(dataclasses.replace(job, lora=reloaded.lora))
 
     async def _start(self, job: _Job) -> dict | AsyncIterator[str]:
         outputs = self._generate(job)
@@ -179,8 +181,9 @@ class OpenAIServing:
             if isinstance(e, ParamError):
                 raise param_error(e, job.param_names) from e
             if isinstance(e, AdapterRemovedError):  # unloaded (or reloaded) between name lookup and the engine
-                if not any(timing.started for timing in timings) and self._reloaded(job):
-                    raise _Reloaded() from e
+                lora = None if any(timing.started for timing in timings) else self._now_served(job)
+                if lora is not None:
+                    raise _Reloaded(lora) from e
                 raise model_not_found(model) from e
             if isinstance(e, LoRAError):
                 raise bad_request(str(e), job.lora_param) from e
@@ -195,13 +198,14 @@ class OpenAIServing:
             for timing in timings:
                 self.metrics.requests.labels(model, adapter, timing.outcome).inc()
 
-    def _reloaded(self, job: _Job) -> bool:
-        """Whether the job's adapter names now serve other weights (a reload in place), not nothing."""
+    def _now_served(self, job: _Job) -> LoRARequest | LoRAMix | None:
+        """What the job's adapter names serve now if that is other weights (a reload in place); else None."""
         try:
-            return self.adapters.resolve_request(job.request.model, job.request.lora_scale, job.request.adapters,
-                                                 job.principal) != job.lora
-        except APIError:
-            return False
+            lora = self.adapters.resolve_request(job.request.model, job.request.lora_scale, job.request.adapters,
+                                                 job.principal)
+        except APIError:  # unloaded: nothing to run again on
+            return None
+        return lora if lora != job.lora else None
 
     def _observe(self, model: str, adapter: str, timing: _Timing, output: RequestOutput) -> None:
         new = sum(len(c.token_ids) for c in output.outputs)  # a delta
